@@ -1,0 +1,88 @@
+"""Build script: the Python package plus the optional native extension ``vmae_fast._C``.
+
+The extension is C++ (``kernels/``) built through CMake against the installed torch. It is
+optional: ``VMAE_FAST_NO_EXT=1`` skips it, and a machine where it cannot build (no torch in the
+build environment, no compiler, no cmake) still installs the package; the ops then fall back to
+Triton / PyTorch and say once how to build it. To build it, torch must be importable at build
+time: ``pip install torch`` first, then ``pip install --no-build-isolation -e .`` (what
+``make test`` does).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str, sourcedir: Path):
+        super().__init__(name, sources=[])
+        self.sourcedir = str(sourcedir)
+
+
+def _skip_reason() -> str | None:
+    if os.environ.get("VMAE_FAST_NO_EXT", "0") not in ("", "0"):
+        return "VMAE_FAST_NO_EXT is set"
+    if not list((ROOT / "kernels").glob("*.cpp")):
+        return "kernels/ has no C++ sources"
+    if shutil.which("cmake") is None:
+        try:
+            import cmake  # noqa: F401  (pip's cmake wheel)
+        except ImportError:
+            return "cmake not found"
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return "torch is not importable in the build environment (use --no-build-isolation)"
+    return None
+
+
+class CMakeBuild(build_ext):
+    def run(self):
+        reason = _skip_reason()
+        if reason is not None:
+            self._warn(f"skipping vmae_fast._C: {reason}")
+            return
+        try:
+            super().run()
+        except Exception as exc:  # a failed optional build must not fail the install
+            self._warn(f"building vmae_fast._C failed ({exc}); installing without it")
+
+    @staticmethod
+    def _warn(msg: str) -> None:
+        print(f"\n*** vmae-fast: {msg}. Ops fall back to Triton/PyTorch; to build the native "
+              "extension run: pip install torch && pip install --no-build-isolation -e .\n",
+              file=sys.stderr)
+
+    def build_extension(self, ext: CMakeExtension) -> None:
+        import torch
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_temp = Path(self.build_temp) / ext.name
+        build_temp.mkdir(parents=True, exist_ok=True)
+        cfg = os.environ.get("VMAE_FAST_BUILD_TYPE", "Release")
+        cmake = shutil.which("cmake") or "cmake"
+        args = [
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DCMAKE_BUILD_TYPE={cfg}",
+            f"-DVMAE_FAST_OUTPUT_DIR={out_dir}",
+            f"-DVMAE_FAST_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+        ]
+        subprocess.run([cmake, ext.sourcedir, *args], cwd=build_temp, check=True)
+        jobs = str(os.cpu_count() or 1)
+        subprocess.run([cmake, "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp, check=True)
+
+
+setup(
+    ext_modules=[CMakeExtension("vmae_fast._C", ROOT)],
+    cmdclass={"build_ext": CMakeBuild},
+)

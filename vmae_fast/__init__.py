@@ -1,0 +1,39 @@
+"""vmae-fast: compute-optimized VideoMAE V2 (dual masking) for PyTorch.
+
+Quick start::
+
+    import vmae_fast
+    model = vmae_fast.create_pretrain_model("vit_base_patch16_224")
+    masks = vmae_fast.DualMask.sample(2, model.grid, encoder_ratio=0.9, decoder_ratio=0.5)
+    out = model(video, masks)      # out.loss, out.pred
+"""
+from . import flops, ops
+from .attention import AttentionBackendError
+from .checkpoint import LoadReport, load_checkpoint_file, save_atomic, unwrap_state_dict
+from .config import ARCHS, IMAGENET_MEAN, IMAGENET_STD, VideoMAEConfig, config_for
+from .masking import DualMask
+from .models import (PretrainOutput, VideoMAEv2Classifier, VideoMAEv2Pretrain, create_model,
+                     create_pretrain_model)
+
+__version__ = "0.1.0"
+
+__all__ = ["ARCHS", "AttentionBackendError", "DualMask", "IMAGENET_MEAN", "IMAGENET_STD", "LoadReport",
+           "PretrainOutput", "VideoMAEConfig", "VideoMAEv2Classifier", "VideoMAEv2Pretrain", "config_for",
+           "create_model", "create_pretrain_model", "flops", "load_checkpoint_file", "ops", "save_atomic",
+           "unwrap_state_dict"]
+
+
+def _register_timm() -> None:
+    try:
+        from .models.timm_registry import register
+    except ImportError:  # timm is a dependency, but a broken torchvision must not break us
+        return
+    try:
+        register()
+    except Exception as exc:  # pragma: no cover - depends on the timm install
+        import warnings
+
+        warnings.warn(f"vmae_fast: could not register models with timm ({exc})", stacklevel=2)
+
+
+_register_timm()

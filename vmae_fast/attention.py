@@ -1,0 +1,132 @@
+"""Attention backends behind one dispatch point.
+
+``attention(qkv, backend)`` takes the packed projection ``(B, N, 3, H, d)`` and returns
+``(B, N, H*d)``. Backends:
+
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (the default). On CUDA it picks
+  FlashAttention / cuDNN / memory-efficient kernels; on CPU its fused flash kernel.
+- ``flash_attn``: the ``flash_attn`` package (CUDA, fp16/bf16) when importable.
+- ``xformers``: ``xformers.ops.memory_efficient_attention`` (CUDA) when importable.
+- ``math``: the naive ``softmax(q*scale @ k^T) @ v`` of the official code; the reference.
+- ``auto``: the first usable of ``AUTO_PRIORITY``.
+
+The environment variable ``VMAE_FAST_ATTN`` overrides the backend a model was built with.
+A backend that is missing or cannot run the given inputs raises ``AttentionBackendError``
+naming every candidate and why it was rejected.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "flash_attn", "xformers", "math")
+# flash_attn first: where it is installed it is the newer FlashAttention build; SDPA covers
+# the rest (its CUDA flash/cuDNN kernels, and its CPU kernel). xformers is never picked by
+# "auto": SDPA already ships the same memory-efficient kernel.
+AUTO_PRIORITY = ("flash_attn", "sdpa")
+ENV_VAR = "VMAE_FAST_ATTN"
+
+
+class AttentionBackendError(RuntimeError):
+    pass
+
+
+def check_backend_name(name: str) -> str:
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS + ('auto',)}")
+    return name
+
+
+def effective_backend(requested: str) -> str:
+    """The backend a module should use: ``$VMAE_FAST_ATTN`` if set, else ``requested``."""
+    return check_backend_name(os.environ.get(ENV_VAR) or requested)
+
+
+@functools.lru_cache(maxsize=None)
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def why_not(backend: str, qkv: torch.Tensor) -> str | None:
+    """``None`` if ``backend`` can run on ``qkv``, else the reason it cannot."""
+    head_dim = qkv.shape[-1]
+    if backend in ("sdpa", "math"):
+        return None
+    if backend == "flash_attn":
+        if not _importable("flash_attn"):
+            return "package flash_attn is not installed"
+        if qkv.device.type != "cuda":
+            return f"needs a CUDA tensor, got device {qkv.device.type}"
+        if qkv.dtype not in (torch.float16, torch.bfloat16):
+            return f"needs fp16/bf16 inputs, got {qkv.dtype} (run under autocast)"
+        if head_dim % 8 or head_dim > 256:
+            return f"needs head_dim a multiple of 8 and <= 256, got {head_dim}"
+        return None
+    if backend == "xformers":
+        if not _importable("xformers"):
+            return "package xformers is not installed"
+        if qkv.device.type != "cuda":
+            return f"needs a CUDA tensor, got device {qkv.device.type}"
+        return None
+    return f"unknown backend {backend!r}"
+
+
+def resolve(requested: str, qkv: torch.Tensor) -> str:
+    candidates = AUTO_PRIORITY if requested == "auto" else (check_backend_name(requested),)
+    reasons = {}
+    for name in candidates:
+        reason = why_not(name, qkv)
+        if reason is None:
+            return name
+        reasons[name] = reason
+    detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+    raise AttentionBackendError(
+        f"attention backend {requested!r} cannot run inputs of shape {tuple(qkv.shape)}, "
+        f"dtype {qkv.dtype}, device {qkv.device.type} ({detail}). Use 'sdpa' or 'math', "
+        f"or set {ENV_VAR}.")
+
+
+def attention(qkv: torch.Tensor, backend: str = "sdpa", scale: float | None = None) -> torch.Tensor:
+    """Multi-head attention of a packed projection.
+
+    Args:
+        qkv: ``(B, N, 3, H, d)``, the ``qkv`` Linear output viewed per head.
+        backend: one of ``BACKENDS`` or ``"auto"``.
+        scale: softmax scale, default ``d ** -0.5``.
+    Returns:
+        ``(B, N, H*d)``.
+
+    Equivalent PyTorch code::
+
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)          # (B, H, N, d) each
+        attn = (q * scale) @ k.transpose(-2, -1)
+        out = attn.softmax(-1) @ v                    # (B, H, N, d)
+        out = out.transpose(1, 2).reshape(B, N, H * d)
+    """
+    B, N, three, H, d = qkv.shape
+    if three != 3:
+        raise ValueError(f"qkv must have shape (B, N, 3, H, d), got {tuple(qkv.shape)}")
+    scale = d ** -0.5 if scale is None else scale
+    name = resolve(backend, qkv)
+    if name == "sdpa":
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return out.transpose(1, 2).reshape(B, N, H * d)
+    if name == "math":
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * scale) @ k.transpose(-2, -1)
+        out = attn.softmax(dim=-1) @ v
+        return out.transpose(1, 2).reshape(B, N, H * d)
+    if name == "flash_attn":
+        from flash_attn import flash_attn_qkvpacked_func
+
+        return flash_attn_qkvpacked_func(qkv, softmax_scale=scale).reshape(B, N, H * d)
+    # xformers
+    from xformers.ops import memory_efficient_attention
+
+    q, k, v = qkv.unbind(2)
+    return memory_efficient_attention(q, k, v, scale=scale).reshape(B, N, H * d)

@@ -1,0 +1,231 @@
+"""Dual masking (SPEC section 2): tube / random encoder masks and running-cell decoder masks.
+
+Convention: ``True`` = masked (dropped). Every mask of a batch has the same number of masked
+tokens, so index tensors have static shapes and neither sampling nor the forward pass needs to
+ask the device how many tokens survived (no host sync).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+Grid = tuple[int, int, int]
+
+ENCODER_MASK_TYPES = ("tube", "random")
+
+
+def _check_grid(grid) -> Grid:
+    if len(grid) != 3 or any((not isinstance(g, int)) or g <= 0 for g in grid):
+        raise ValueError(f"grid must be three positive ints (T/t, H/p, W/p), got {grid!r}")
+    return tuple(grid)
+
+
+def num_encoder_masked(grid: Grid, ratio: float, mask_type: str = "tube") -> int:
+    """Masked tokens per clip, ``int(ratio * n)`` as the official generators round."""
+    t, h, w = _check_grid(grid)
+    if mask_type not in ENCODER_MASK_TYPES:
+        raise ValueError(f"encoder mask type must be one of {ENCODER_MASK_TYPES}, got {mask_type!r}")
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"encoder_ratio must be in [0, 1), got {ratio}")
+    if mask_type == "tube":
+        m = int(ratio * h * w)
+        if m == h * w:
+            raise ValueError(f"encoder_ratio={ratio} masks all {h * w} positions of a frame; "
+                             "at least one token must stay visible")
+        return t * m
+    m = int(ratio * t * h * w)
+    if m == t * h * w:
+        raise ValueError(f"encoder_ratio={ratio} leaves no visible token")
+    return m
+
+
+def cell_masked_slots(ratio: float) -> int:
+    """Masked slots of the 2x2 running cell, ``int(4 * ratio)``; ratio must be .25, .5 or .75."""
+    k = int(4 * ratio)
+    if ratio not in (0.25, 0.5, 0.75):
+        raise ValueError(f"running-cell decoder_ratio must be 0.25, 0.5 or 0.75 "
+                         f"(or 0 for encoder-only masking), got {ratio}")
+    return k
+
+
+@lru_cache(maxsize=32)
+def running_cell_patterns(grid: Grid, ratio: float) -> torch.Tensor:
+    """The four running-cell decoder masks, ``(4, T/t * H/p * W/p)`` bool, one per start
+    pointer ``s``: frame ``f`` uses the queue ``[1]*k + [0]*(4-k)`` rotated by ``s + f + 1``,
+    read as a 2x2 cell and tiled over the frame."""
+    t, h, w = _check_grid(grid)
+    if h % 2 or w % 2:
+        raise ValueError(f"running-cell masking needs an even token grid, got H/p={h}, W/p={w}")
+    k = cell_masked_slots(ratio)
+    queue = torch.tensor([1] * k + [0] * (4 - k), dtype=torch.bool)
+    slot = torch.arange(4)
+    maps = torch.empty(4, t, h, w, dtype=torch.bool)
+    for s in range(4):
+        for f in range(t):
+            cell = queue[(slot + s + f + 1) % 4].view(2, 2)
+            maps[s, f] = cell.repeat(h // 2, w // 2)
+    return maps.view(4, -1)
+
+
+def _sorted_positions(masked: torch.Tensor, count: int) -> torch.Tensor:
+    """Sorted indices of the first ``count`` False entries of each row (a stable sort puts the
+    unmasked positions first, in increasing order): ``(B, count)`` int64, no sync."""
+    return torch.sort(masked.to(torch.uint8), dim=1, stable=True).indices[:, :count]
+
+
+@dataclass(frozen=True)
+class DualMask:
+    """Encoder and decoder masks of a batch, with their index forms.
+
+    Attributes (``N`` tokens, ``True`` = masked):
+        encoder_masked: ``(B, N)`` bool.
+        decoder_masked: ``(B, N)`` bool; positions the decoder reconstructs are the False ones.
+        visible_idx: ``(B, n_visible)`` int64, sorted encoder-visible token indices.
+        decoder_idx: ``(B, n_decoder)`` int64, sorted decoder-visible token indices.
+    """
+
+    encoder_masked: torch.Tensor
+    decoder_masked: torch.Tensor
+    visible_idx: torch.Tensor
+    decoder_idx: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.encoder_masked.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.encoder_masked.shape[1]
+
+    @property
+    def n_visible(self) -> int:
+        return self.visible_idx.shape[1]
+
+    @property
+    def n_decoder(self) -> int:
+        return self.decoder_idx.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.visible_idx.device
+
+    def loss_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(B, n_decoder)``: 1 where a decoder row was masked for the encoder, else 0."""
+        return self.encoder_masked.gather(1, self.decoder_idx).to(dtype)
+
+    def to(self, device, non_blocking: bool = False) -> "DualMask":
+        return DualMask(*(x.to(device, non_blocking=non_blocking) for x in
+                          (self.encoder_masked, self.decoder_masked, self.visible_idx, self.decoder_idx)))
+
+    def pin_memory(self) -> "DualMask":
+        return DualMask(*(x.pin_memory() for x in
+                          (self.encoder_masked, self.decoder_masked, self.visible_idx, self.decoder_idx)))
+
+    # ------------------------------------------------------------------ constructors
+    @staticmethod
+    def sample(batch_size: int, grid: Grid, encoder_ratio: float = 0.9, decoder_ratio: float = 0.5,
+               *, encoder_mask_type: str = "tube", device=None,
+               generator: torch.Generator | None = None) -> "DualMask":
+        """Sample a batch of masks on ``device`` (default: the generator's device, else CPU).
+
+        Encoder: tube masking (one random spatial mask repeated over time, ``int(ratio*H*W)``
+        masked per frame) or ``"random"`` (MAE-ST: ``int(ratio*N)`` masked anywhere).
+        Decoder: running cell at ``decoder_ratio`` (0.25/0.5/0.75), or ``0`` for encoder-only
+        masking, where the decoder reconstructs exactly the encoder-masked tokens.
+        """
+        grid = _check_grid(grid)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if device is None:
+            device = generator.device if generator is not None else torch.device("cpu")
+        device = torch.device(device)
+        t, h, w = grid
+        n = t * h * w
+        n_masked = num_encoder_masked(grid, encoder_ratio, encoder_mask_type)
+        n_vis = n - n_masked
+
+        if encoder_mask_type == "tube":
+            hw = h * w
+            per_frame_masked = n_masked // t
+            noise = torch.rand(batch_size, hw, device=device, generator=generator)
+            order = noise.argsort(dim=1)  # a uniformly random permutation per clip
+            spatial_vis = order[:, per_frame_masked:].sort(dim=1).values  # (B, hw - m)
+            frame_off = torch.arange(t, device=device).mul_(hw)
+            visible_idx = (frame_off[None, :, None] + spatial_vis[:, None, :]).reshape(batch_size, n_vis)
+            spatial_masked = torch.ones(batch_size, hw, dtype=torch.bool, device=device)
+            spatial_masked.scatter_(1, spatial_vis, False)
+            encoder_masked = spatial_masked.repeat(1, t)
+        else:
+            noise = torch.rand(batch_size, n, device=device, generator=generator)
+            order = noise.argsort(dim=1)
+            visible_idx = order[:, n_masked:].sort(dim=1).values
+            encoder_masked = torch.ones(batch_size, n, dtype=torch.bool, device=device)
+            encoder_masked.scatter_(1, visible_idx, False)
+
+        if decoder_ratio == 0:
+            decoder_masked = ~encoder_masked
+            decoder_idx = _sorted_positions(decoder_masked, n_masked)
+        else:
+            patterns = running_cell_patterns(grid, float(decoder_ratio))
+            k = cell_masked_slots(decoder_ratio)
+            n_dec = n * (4 - k) // 4
+            pattern_idx = _sorted_positions(patterns, n_dec)
+            start = torch.randint(0, 4, (batch_size,), device=device, generator=generator)
+            decoder_masked = patterns.to(device)[start]
+            decoder_idx = pattern_idx.to(device)[start]
+        return DualMask(encoder_masked, decoder_masked, visible_idx, decoder_idx)
+
+    @staticmethod
+    def from_bool(encoder_masked: torch.Tensor, decoder_masked: torch.Tensor | None = None) -> "DualMask":
+        """Wrap ``(B, N)`` masks made elsewhere (``True`` = masked; any integer/bool dtype of 0/1).
+
+        ``decoder_masked=None`` means encoder-only masking. Every row must mask the same number
+        of tokens. The counts are checked here once (a host sync if the masks live on a GPU:
+        build them on the CPU, e.g. in the DataLoader, and move the ``DualMask`` with ``.to``).
+        """
+        enc = _as_bool_mask(encoder_masked, "encoder_masked")
+        if decoder_masked is None:
+            dec = ~enc
+        else:
+            dec = _as_bool_mask(decoder_masked, "decoder_masked")
+            if dec.shape != enc.shape:
+                raise ValueError(f"decoder_masked has shape {tuple(dec.shape)}, expected the encoder "
+                                 f"mask's shape {tuple(enc.shape)}")
+            if dec.device != enc.device:
+                raise ValueError(f"masks on different devices: {enc.device} and {dec.device}")
+        n = enc.shape[1]
+        n_vis = _equal_count(~enc, "encoder-visible")
+        n_dec = _equal_count(~dec, "decoder-visible")
+        if n_vis == 0:
+            raise ValueError("encoder_masked masks every token; at least one must stay visible")
+        if n_dec == 0:
+            raise ValueError("decoder_masked masks every token; the decoder has nothing to reconstruct")
+        del n
+        return DualMask(enc, dec, _sorted_positions(enc, n_vis), _sorted_positions(dec, n_dec))
+
+
+def _as_bool_mask(m, name: str) -> torch.Tensor:
+    if not isinstance(m, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
+    if m.dim() == 4:  # (B, T/t, H/p, W/p) grids are accepted and flattened in (t, h, w) order
+        m = m.flatten(1)
+    if m.dim() != 2 or m.shape[0] == 0 or m.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (B, N) with B, N > 0, got {tuple(m.shape)}")
+    if m.dtype == torch.bool:
+        return m
+    if m.is_floating_point() or m.is_complex():
+        raise ValueError(f"{name} must be bool or integer 0/1, got dtype {m.dtype}")
+    if ((m != 0) & (m != 1)).any():
+        raise ValueError(f"{name} holds values other than 0 and 1")
+    return m.bool()
+
+
+def _equal_count(unmasked: torch.Tensor, what: str) -> int:
+    counts = unmasked.sum(dim=1)
+    first = int(counts[0])
+    if bool((counts != first).any()):
+        raise ValueError(f"every sample must have the same number of {what} tokens, got counts "
+                         f"{counts.tolist()}")
+    return first

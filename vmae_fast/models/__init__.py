@@ -1,0 +1,6 @@
+from .classifier import VideoMAEv2Classifier
+from .factory import create_model, create_pretrain_model
+from .pretrain import PretrainOutput, VideoMAEv2Pretrain
+
+__all__ = ["VideoMAEv2Classifier", "VideoMAEv2Pretrain", "PretrainOutput", "create_model",
+           "create_pretrain_model"]

@@ -1,0 +1,54 @@
+"""Shared helpers of the ops: ImageNet constants on a device, cube coordinates, switches."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..config import IMAGENET_MEAN, IMAGENET_STD
+
+
+def kernels_enabled() -> bool:
+    """``VMAE_FAST_KERNELS=0`` sends every op to its pure-PyTorch reference."""
+    return os.environ.get("VMAE_FAST_KERNELS", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device),
+            torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device))
+
+
+def imagenet_stats(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std)`` float32 ``(3,)`` tensors on ``device``, made once per device (no
+    per-step host-to-device copy)."""
+    return _stats(torch.device(device))
+
+
+def check_video(video: torch.Tensor, tubelet: int, patch: int) -> tuple[int, int, int, int, int]:
+    """Validate a clip ``(B, C, T, H, W)`` against the cube size; returns its shape."""
+    if not isinstance(video, torch.Tensor) or video.dim() != 5:
+        shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+        raise ValueError(f"video must be a (B, C, T, H, W) tensor, got {shape}")
+    B, C, T, H, W = video.shape
+    if T % tubelet or H % patch or W % patch:
+        raise ValueError(f"video of shape {tuple(video.shape)} does not divide into cubes of "
+                         f"{tubelet}x{patch}x{patch} (T % {tubelet}, H % {patch}, W % {patch} must be 0)")
+    if not (video.is_floating_point() or video.dtype == torch.uint8):
+        raise ValueError(f"video must be floating point (normalized) or uint8 (0..255), got {video.dtype}")
+    return B, C, T, H, W
+
+
+def check_index(idx: torch.Tensor, batch: int, num_tokens: int, name: str) -> None:
+    """Shape/dtype checks always; value bounds on CPU (free) or with ``VMAE_FAST_DEBUG=1`` (a
+    device sync, so never by default on GPU)."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[0] != batch:
+        shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"{name} must be a ({batch}, n) integer tensor, got {shape}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be int64 or int32, got {idx.dtype}")
+    if idx.numel() and (idx.device.type == "cpu" or os.environ.get("VMAE_FAST_DEBUG", "0") == "1"):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= num_tokens:
+            raise ValueError(f"{name} holds token indices in [{lo}, {hi}], expected [0, {num_tokens})")
