@@ -129,7 +129,8 @@ class Blocks(nn.ModuleList):
 
 
 def make_blocks(dim, depth, num_heads, mlp_hidden, qkv_bias, drop_path_rate, init_values, backend) -> Blocks:
-    dpr = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
+    # float32 linspace as the official code, on the CPU even under a meta-device context
+    dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
     return Blocks(Block(dim, num_heads, mlp_hidden, qkv_bias, dpr[i], init_values, backend)
                   for i in range(depth))
 

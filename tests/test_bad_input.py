@@ -1,0 +1,69 @@
+"""Bad input fails early with a ValueError that says what was expected and what was got."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vmae_fast
+from vmae_fast import DualMask
+
+from conftest import small_pretrain
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_pretrain(depth=1, decoder_depth=1)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 64), (2, 3, 4, 64, 48), (2, 1, 4, 64, 64), (2, 3, 6, 64, 64)])
+def test_wrong_video_shape(model, shape):
+    masks = DualMask.sample(2, model.grid, 0.5, 0.5)
+    with pytest.raises(ValueError, match=r"video must have shape \(B, 3, 4, 64, 64\)"):
+        model(torch.randn(shape), masks)
+
+
+def test_wrong_video_dtype(model):
+    masks = DualMask.sample(2, model.grid, 0.5, 0.5)
+    with pytest.raises(ValueError, match="uint8"):
+        model(torch.zeros(2, 3, 4, 64, 64, dtype=torch.int32), masks)
+
+
+def test_masks_for_another_batch_or_grid(model):
+    video = torch.randn(2, 3, 4, 64, 64)
+    with pytest.raises(ValueError, match=r"expected \(B, N\) = \(2, 32\)"):
+        model(video, DualMask.sample(3, model.grid, 0.5, 0.5))
+    with pytest.raises(ValueError, match=r"expected \(B, N\)"):
+        model(video, DualMask.sample(2, (2, 8, 8), 0.5, 0.5))
+    with pytest.raises(ValueError, match="DualMask"):
+        model(video, torch.zeros(2, 32, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(num_frames=5), "num_frames=5 is not divisible by tubelet_size=2"),
+    (dict(img_size=100), "img_size=100 is not divisible by patch_size=16"),
+    (dict(embed_dim=100), "embed_dim=100 is not divisible"),
+    (dict(depth=0), "depth must be a positive int"),
+    (dict(drop_path_rate=1.5), "drop_path_rate"),
+])
+def test_sizes_that_do_not_divide(kw, match):
+    with pytest.raises(ValueError, match=match):
+        vmae_fast.create_pretrain_model("vit_small_patch16_224", **kw)
+
+
+def test_unknown_arch_option_and_backend():
+    with pytest.raises(ValueError, match="unknown arch"):
+        vmae_fast.create_pretrain_model("vit_tiny")
+    with pytest.raises(TypeError, match="unknown model option"):
+        vmae_fast.create_pretrain_model("vit_small_patch16_224", embed_dims=3)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        vmae_fast.create_pretrain_model("vit_small_patch16_224", attn_backend="flash3")
+    with pytest.raises(ValueError, match="num_classes"):
+        vmae_fast.create_model("vit_small_patch16_224", num_classes=-1)
+
+
+def test_odd_token_grid_rejected_for_running_cell_only():
+    m = vmae_fast.create_pretrain_model("vit_small_patch16_224", num_frames=2, img_size=48)  # 3x3 grid
+    with pytest.raises(ValueError, match="even token grid"):
+        m.sample_masks(1, 0.5, 0.5)
+    masks = m.sample_masks(1, 0.5, 0.0)  # encoder-only masking has no such constraint
+    assert torch.isfinite(m(torch.randn(1, 3, 2, 48, 48), masks).loss)

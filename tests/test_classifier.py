@@ -1,0 +1,58 @@
+"""Fine-tune classifier against the official-semantics reference; timm registration."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import vmae_fast
+from vmae_fast.reference import ReferenceClassifier
+
+from conftest import TOL, rel_err
+
+KW = dict(embed_dim=72, depth=2, num_heads=3, patch_size=8, num_frames=6, img_size=48)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_classifier_matches_reference(ckpt):
+    clf = vmae_fast.create_model("vit_small_patch16_224", num_classes=5, head_init_scale=1.0,
+                                 grad_checkpointing=ckpt, **KW)
+    ref = ReferenceClassifier.from_model(clf)
+    video = torch.randn(3, 3, 6, 48, 48)
+    a, b = clf(video), ref(video)
+    assert a.shape == (3, 5)
+    assert rel_err(a, b) < TOL[torch.float32][0]
+    a.square().sum().backward()
+    b.square().sum().backward()
+    refp = dict(ref.named_parameters())
+    for n, p in clf.named_parameters():
+        assert rel_err(p.grad, refp[n].grad) < TOL[torch.float32][1], n
+
+
+def test_head_init_scale_and_dropout():
+    clf = vmae_fast.create_model("vit_small_patch16_224", num_classes=4, head_drop_rate=0.5, **KW)
+    assert 1e-5 < clf.head.weight.std().item() < 3e-5  # trunc-normal(std .02) scaled by 1e-3
+    clf.eval()
+    x = torch.randn(1, 3, 6, 48, 48)
+    assert torch.equal(clf(x), clf(x))
+
+
+def test_timm_registration():
+    names = timm.list_models("vmae_fast_*")
+    assert "vmae_fast_vit_base_patch16_224" in names and "vmae_fast_pretrain_vit_giant_patch14_224" in names
+    m = timm.create_model("vmae_fast_vit_small_patch16_224", num_classes=3, **KW)
+    assert isinstance(m, vmae_fast.VideoMAEv2Classifier) and m(torch.randn(1, 3, 6, 48, 48)).shape == (1, 3)
+    p = timm.create_model("vmae_fast_pretrain_vit_small_patch16_224", **KW, decoder_depth=1)
+    assert isinstance(p, vmae_fast.VideoMAEv2Pretrain)
+    with pytest.raises(ValueError, match="no hub weights"):
+        timm.create_model("vmae_fast_vit_small_patch16_224", pretrained=True)
+
+
+@pytest.mark.parametrize("arch, params_m", [("vit_small_patch16_224", 21.9), ("vit_base_patch16_224", 86.2),
+                                            ("vit_giant_patch14_224", 1011.6)])
+def test_parameter_counts(arch, params_m):
+    # published encoder sizes: ViT-S 22M, ViT-B 87M, ViT-g 1.01B (+head); meta device: no memory
+    with torch.device("meta"):
+        clf = vmae_fast.create_model(arch, num_classes=0)
+    n = sum(p.numel() for p in clf.parameters()) / 1e6
+    assert abs(n - params_m) / params_m < 0.01, n
