@@ -1,9 +1,18 @@
-"""Cube gather: the cubes at ``idx`` of a clip, flattened for the patch embedding or the target."""
+"""Cube gather: the cubes at ``idx`` of a clip, flattened for the patch embedding or the target.
+
+The fused op reads only the cubes at ``idx`` straight from the clip ``(B, C, T, H, W)`` (any
+strides) into a contiguous ``(B, n, C*t*p*p)``: one Triton program per cube, walking it as
+``C*t*p`` runs of ``p`` pixels contiguous along W (coalesced loads), writing the row in Conv3d
+weight order (``cthw``) or target order (``thwc``). A uint8 clip is normalized in registers.
+No gradient flows to the clip: a clip that requires grad takes the reference.
+"""
 from __future__ import annotations
 
 import torch
 
 from ._common import check_index, check_video, imagenet_stats
+from ._dispatch import (HAS_TRITON, backend, check_device, check_kernel_device, launchable,
+                        native_op, next_pow2)
 
 LAYOUTS = ("cthw", "thwc")
 
@@ -55,7 +64,124 @@ def gather_cubes_raw(video: torch.Tensor, idx: torch.Tensor, *, tubelet: int, pa
     return v[b, :, ti, :, hi, :, wi, :]
 
 
+# --------------------------------------------------------------------------- Triton kernel
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gather_cubes_kernel(video_ptr, idx_ptr, out_ptr, mean_ptr, std_ptr,
+                             n, Hp, Wp,
+                             s_vb, s_vc, s_vt, s_vh, s_vw, s_ib, s_in,
+                             C: tl.constexpr, TUB: tl.constexpr, PATCH: tl.constexpr,
+                             THWC: tl.constexpr, UINT8: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr):
+        # One program per output row (one cube). The cube is walked as (C*t*p) pixel rows of
+        # p pixels: each pixel row is a contiguous run along W, so the loads coalesce.
+        row = tl.program_id(0)
+        b = row // n
+        i = row - b * n
+        b64 = b.to(tl.int64)
+        tok = tl.load(idx_ptr + b64 * s_ib + i.to(tl.int64) * s_in).to(tl.int64)
+        hw = Hp * Wp
+        ti = tok // hw
+        rem = tok - ti * hw
+        hi = rem // Wp
+        wi = rem - hi * Wp
+        base = b64 * s_vb + ti * (TUB * s_vt) + hi * (PATCH * s_vh) + wi * (PATCH * s_vw)
+        R: tl.constexpr = C * TUB * PATCH
+        P: tl.constexpr = R * PATCH
+        out_row = out_ptr + row.to(tl.int64) * P
+        q = tl.arange(0, BLOCK_Q)
+        qmask = q < PATCH
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            rmask = r < R
+            c = r // (TUB * PATCH)
+            tt = (r // PATCH) % TUB
+            hh = r % PATCH
+            src = base + (c * s_vc + tt * s_vt + hh * s_vh)[:, None] + (q * s_vw)[None, :]
+            m = rmask[:, None] & qmask[None, :]
+            x = tl.load(video_ptr + src, mask=m, other=0)
+            if UINT8:
+                mu = tl.load(mean_ptr + c, mask=rmask, other=0.0)
+                sd = tl.load(std_ptr + c, mask=rmask, other=1.0)
+                x = (x.to(tl.float32) / 255.0 - mu[:, None]) / sd[:, None]
+            if THWC:
+                dst = ((tt * PATCH + hh) * (PATCH * C) + c)[:, None] + (q * C)[None, :]
+            else:
+                dst = (r * PATCH)[:, None] + q[None, :]
+            tl.store(out_row + dst, x.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def gather_cubes_triton(video: torch.Tensor, idx: torch.Tensor, *, tubelet: int, patch: int,
+                        layout: str = "cthw") -> torch.Tensor:
+    """Launch the Triton gather (CUDA tensors, or CPU tensors through the interpreter).
+    Same contract as ``gather_cubes_ref``; no autograd."""
+    B, C, T, H, W, n = _validate(video, idx, tubelet, patch, layout)
+    device = video.device
+    check_kernel_device(device)
+    dtype = torch.float32 if video.dtype == torch.uint8 else video.dtype
+    P = C * tubelet * patch * patch
+    out = torch.empty((B, n, P), dtype=dtype, device=device)
+    if B * n == 0:
+        return out
+    mean, std = imagenet_stats(device)
+    block_q = next_pow2(patch)
+    block_r = min(next_pow2(C * tubelet * patch), max(1, 2048 // block_q))
+    kernel = launchable(_gather_cubes_kernel, device)
+    kernel[(B * n,)](
+        video, idx, out, mean, std, n, H // patch, W // patch,
+        *video.stride(), *idx.stride(),
+        C=C, TUB=tubelet, PATCH=patch, THWC=layout == "thwc", UINT8=video.dtype == torch.uint8,
+        BLOCK_R=block_r, BLOCK_Q=block_q, num_warps=4)
+    return out
+
+
+def _validate(video, idx, tubelet, patch, layout):
+    if not (isinstance(tubelet, int) and isinstance(patch, int) and tubelet > 0 and patch > 0):
+        raise ValueError(f"tubelet and patch must be positive ints, got {tubelet!r}, {patch!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    B, C, T, H, W = check_video(video, tubelet, patch)
+    if video.dtype == torch.uint8 and C != 3:
+        raise ValueError(f"a uint8 clip is normalized with the 3-channel ImageNet stats, got C={C}")
+    if not isinstance(idx, torch.Tensor):
+        raise ValueError(f"idx must be a tensor, got {type(idx).__name__}")
+    check_device("idx", idx, video.device)
+    check_index(idx, B, (T // tubelet) * (H // patch) * (W // patch), "idx")
+    return B, C, T, H, W, idx.shape[1]
+
+
+# --------------------------------------------------------------------------- torch.library op
+
+@torch.library.custom_op("vmae_fast::gather_cubes", mutates_args=())
+def _gather_cubes_op(video: torch.Tensor, idx: torch.Tensor, tubelet: int, patch: int,
+                     thwc: bool) -> torch.Tensor:
+    layout = "thwc" if thwc else "cthw"
+    which = backend(video.device, "gather_cubes_cpu")
+    if which == "native":
+        _validate(video, idx, tubelet, patch, layout)
+        return native_op("gather_cubes_cpu")(video, idx, tubelet, patch, thwc)
+    if which == "triton":
+        return gather_cubes_triton(video, idx, tubelet=tubelet, patch=patch, layout=layout)
+    return gather_cubes_ref(video, idx, tubelet=tubelet, patch=patch, layout=layout).contiguous()
+
+
+@_gather_cubes_op.register_fake
+def _(video, idx, tubelet, patch, thwc):
+    B, C = video.shape[:2]
+    dtype = torch.float32 if video.dtype == torch.uint8 else video.dtype
+    return video.new_empty((B, idx.shape[1], C * tubelet * patch * patch), dtype=dtype)
+
+
 def gather_cubes(video: torch.Tensor, idx: torch.Tensor, *, tubelet: int, patch: int,
                  layout: str = "cthw") -> torch.Tensor:
-    """Dispatching cube gather (see ``gather_cubes_ref`` for the contract)."""
-    return gather_cubes_ref(video, idx, tubelet=tubelet, patch=patch, layout=layout)
+    """Cube gather (see ``gather_cubes_ref`` for the contract): ``vmae_fast::gather_cubes``
+    (Triton on CUDA, native/interpreter/reference on CPU, see ``ops._dispatch``), or the
+    reference when the clip needs a gradient or ``VMAE_FAST_KERNELS=0``."""
+    if video.requires_grad or backend(video.device, "gather_cubes_cpu") == "ref":
+        return gather_cubes_ref(video, idx, tubelet=tubelet, patch=patch, layout=layout)
+    _validate(video, idx, tubelet, patch, layout)
+    return torch.ops.vmae_fast.gather_cubes(video, idx, tubelet, patch, layout == "thwc")

@@ -1,0 +1,46 @@
+"""Helpers of the fused-op tests (imported by tests/test_ops_*.py; not a conftest)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vmae_fast.ops import _dispatch
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# Per-dtype tolerances of a kernel against the fp32/fp64 reference: (atol, rtol).
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """Route CPU tensors of the public ops to the Triton kernels through the interpreter,
+    whether or not the native extension is built."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("VMAE_FAST_KERNELS", "1")
+    monkeypatch.setattr(_dispatch, "native_op", lambda name: None)
+    if not _dispatch.HAS_TRITON:
+        pytest.skip("needs triton")
+
+
+def video_clip(B=2, T=4, H=16, W=24, dtype=torch.float32, device="cpu", layout="contiguous"):
+    """A small clip; ``layout='strided'`` gives a non-contiguous view (W-stride != 1)."""
+    if dtype == torch.uint8:
+        v = torch.randint(0, 256, (B, 3, T, H, W), dtype=torch.uint8, device=device)
+    else:
+        v = torch.randn(B, 3, T, H, W, device=device).to(dtype)
+    if layout == "strided":
+        v = v.permute(0, 1, 2, 4, 3).contiguous().permute(0, 1, 2, 4, 3)  # H-fastest storage
+    elif layout == "sliced":
+        big = torch.zeros((B, 3, T, H, 2 * W), dtype=v.dtype, device=device)
+        big[..., ::2] = v
+        v = big[..., ::2]
+    return v
+
+
+def rand_idx(B, n, N, device="cpu", dtype=torch.int64, sort=True):
+    """``(B, n)`` distinct token indices per row (sorted as DualMask gives them)."""
+    idx = torch.stack([torch.randperm(N, device=device)[:n] for _ in range(B)])
+    if sort:
+        idx = idx.sort(dim=1).values
+    return idx.to(dtype)
