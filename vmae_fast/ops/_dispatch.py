@@ -72,15 +72,60 @@ def backend(device: torch.device, native_name: str | None = None) -> Backend:
 _interpreted: dict[Any, Any] = {}
 
 
+class _Interpreted:
+    """A ``@triton.jit`` kernel run through the Triton interpreter although Triton was imported
+    in compile mode. Triton fixes JIT-vs-interpreter when a function is decorated, including its
+    own ``@jit`` library functions (``tl.sum``, ``tl.zeros``, ...); for the length of a launch
+    those are swapped for interpreter copies, so interpreting on CPU tensors does not depend on
+    ``TRITON_INTERPRET`` having been set before the first import of Triton."""
+
+    _lib_swaps: list[tuple[Any, str, Any]] | None = None
+
+    def __init__(self, kernel: Any):
+        self.run = InterpretedFunction(kernel.fn)
+
+    @classmethod
+    def _swaps(cls) -> list[tuple[Any, str, Any]]:
+        if cls._lib_swaps is None:
+            import triton.language as tl
+            from triton.runtime.jit import JITFunction
+            try:  # imported lazily by the launcher; it must see the compile-mode library
+                import triton.experimental.gluon  # noqa: F401
+            except ImportError:  # pragma: no cover - older Triton
+                pass
+
+            copies: dict[int, Any] = {}
+            swaps = []
+            for mod in (tl, tl.standard, tl.math, tl.core):
+                for name, value in list(vars(mod).items()):
+                    if isinstance(value, JITFunction):
+                        copy = copies.setdefault(id(value), InterpretedFunction(value.fn))
+                        swaps.append((mod, name, copy))
+            cls._lib_swaps = swaps
+        return cls._lib_swaps
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            swaps = self._swaps()
+            saved = [(mod, name, getattr(mod, name)) for mod, name, _ in swaps]
+            try:
+                for mod, name, copy in swaps:
+                    setattr(mod, name, copy)
+                return self.run[grid](*args, **kwargs)
+            finally:
+                for mod, name, value in saved:
+                    setattr(mod, name, value)
+        return launch
+
+
 def launchable(kernel: Any, device: torch.device) -> Any:
-    """``kernel`` ready to launch on ``device``: CPU tensors get an interpreter copy of the
-    ``@triton.jit`` function, so interpreting does not depend on ``TRITON_INTERPRET`` having
-    been set before this package was imported (Triton fixes JIT-vs-interpreter at decoration)."""
+    """``kernel`` ready to launch on ``device`` (``launchable(k, dev)[grid](*args)``): CPU
+    tensors get an interpreter copy of the ``@triton.jit`` function (see ``_Interpreted``)."""
     if device.type != "cpu" or isinstance(kernel, InterpretedFunction):
         return kernel
     run = _interpreted.get(kernel)
     if run is None:
-        run = _interpreted[kernel] = InterpretedFunction(kernel.fn)
+        run = _interpreted[kernel] = _Interpreted(kernel)
     return run
 
 
