@@ -1,0 +1,155 @@
+"""What machine a benchmark ran on, its datasheet peak, and its measured ceilings."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .timing import time_fn
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Dense bf16 tensor-core peaks in TFLOP/s (datasheet, no 2:4 sparsity). Matched on the CUDA
+# device name, most specific first.
+BF16_DENSE_PEAK_TFLOPS: list[tuple[str, float]] = [
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM / HBM3
+    ("A100", 312.0),
+]
+
+
+def datasheet_peak_tflops(device_name: str) -> float | None:
+    for key, peak in BF16_DENSE_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+        return getattr(mod, "__version__", "unknown")
+    except Exception:  # a missing or broken optional package
+        return None
+
+
+def native_status() -> str:
+    """'built' if the native extension loads, else why not."""
+    import warnings
+
+    try:
+        from vmae_fast import _native  # type: ignore[attr-defined]
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return "built" if _native.native_ops() is not None else "not built"
+    except Exception as exc:  # absent module, failed build, missing symbol
+        return f"not built ({type(exc).__name__}: {exc})"[:200]
+
+
+def device_info(device: torch.device) -> dict:
+    info = {
+        "device_type": device.type,
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "timm": _version("timm"),
+        "numpy": _version("numpy"),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "git_commit": git_commit(),
+        "native_ext": native_status(),
+        "env": {k: v for k, v in os.environ.items() if k.startswith("VMAE_FAST_")},
+    }
+    try:
+        import vmae_fast
+
+        info["vmae_fast"] = vmae_fast.__version__
+    except Exception:
+        info["vmae_fast"] = None
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(name=p.name, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,
+                    total_memory=p.total_memory, driver=_nvidia_driver())
+        info["bf16_dense_peak_tflops"] = datasheet_peak_tflops(p.name)
+    else:
+        info["name"] = f"CPU {info['cpu_model']} ({torch.get_num_threads()} threads)"
+        info["bf16_dense_peak_tflops"] = None
+    return info
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def device_slug(info: dict) -> str:
+    if info["device_type"] == "cuda":
+        name = info["name"]
+    else:
+        model = info["cpu_model"].split("@")[0].replace("(R)", "").replace("(TM)", "").replace("Processor", "")
+        name = f"{model} {info['torch_threads']}t"
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower())
+    return "-".join(p for p in slug.split("-") if p)[:40]
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int | None = None,
+                   repeats: int = 10) -> dict:
+    """TFLOP/s of one large square matmul on random data (never zeros), timed like the bench:
+    the practical compute ceiling MFU can also be read against."""
+    if n is None:
+        n = 8192 if device.type == "cuda" else 1024
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    st = time_fn(lambda: torch.mm(a, b, out=out), device, warmup=3, repeats=repeats)
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "tflops": 2 * n ** 3 / st.median / 1e12,
+            "seconds": st.to_dict()}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> dict:
+    """GB/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    if nbytes is None:
+        nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    st = time_fn(lambda: dst.copy_(src), device, warmup=3, repeats=repeats)
+    return {"bytes": 2 * src.numel() * 4, "gbps": 2 * src.numel() * 4 / st.median / 1e9,
+            "seconds": st.to_dict()}

@@ -1,0 +1,479 @@
+"""Dual masking vs encoder-only masking, and vmae_fast vs the official computation, on this machine.
+
+    python -m bench.dual_masking                      # --preset auto: what fits this machine
+    python -m bench.dual_masking --preset table2      # ViT-B and ViT-g at 16x224, as the paper's Table 2
+    python -m bench.dual_masking --arch vit_b --batch 8 --frames 16 --img-size 224 --masking enc,0.5
+
+Per cell (setup x masking x implementation): parameters, forward GMACs in both conventions
+(``vmae_fast.flops``), the FLOPs ``torch.utils.flop_counter`` counts for one forward+backward,
+train-step time (median/min/max/IQR), clips/s, achieved TFLOP/s, MFU, peak and per-clip
+activation memory, optionally the largest batch that fits. Prints Markdown tables (one in the
+shape of the paper's Table 2, beside its numbers), writes every raw number to a JSON file under
+``bench/results/`` and a PNG plot beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import vmae_fast
+from vmae_fast.config import ARCHS
+from vmae_fast.flops import count_macs
+from vmae_fast.masking import running_cell_patterns
+
+from . import device as devmod
+from .runner import (DTYPES, IMPL_HELP, IMPLS, CellOptions, Setup, build, make_optimizer,
+                     masking_label, master_state, measure_cell, param_count, short_arch)
+from .timing import free_memory, is_oom
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# SPEC section 6: the paper's Table 2 (forward GMACs per 16x224 clip, fvcore convention),
+# the decoder-ratio ablation, speedups of dual masking, and "Mems" (meaning undefined there).
+PAPER = {
+    ("vit_base_patch16_224", 0.0): {"gmacs": 35.48, "mems": "631M"},
+    ("vit_base_patch16_224", 0.25): {"gmacs": 31.63},
+    ("vit_base_patch16_224", 0.5): {"gmacs": 25.87, "mems": "328M", "speedup": 1.79},
+    ("vit_base_patch16_224", 0.75): {"gmacs": 21.06},
+    ("vit_giant_patch14_224", 0.0): {"gmacs": 263.93, "mems": "1753M"},
+    ("vit_giant_patch14_224", 0.5): {"gmacs": 241.61, "mems": "1050M", "speedup": 1.48},
+}
+GOAL_SPEEDUP_VS_REF = 2.0
+GOAL_MEM_FRACTION = 0.5
+GOAL_MFU_HOPPER = 0.45
+
+ALIASES = {"vit_s": "vit_small_patch16_224", "vit_b": "vit_base_patch16_224", "vit_l": "vit_large_patch16_224",
+           "vit_h": "vit_huge_patch16_224", "vit_g": "vit_giant_patch14_224"}
+
+CPU_IMPLS = ["vmae_fast", "vmae_fast-unfused", "reference"]
+PRESETS = {
+    # ~1-2 minutes on 2 shared CPU cores: a small model at the paper's clip shape is dominated by
+    # the same parts the big ones are (patch embedding of all tokens, decoder, target).
+    "cpu": {"setups": [(Setup("vit_small_patch16_224", 16, 224, 2), [0.0, 0.5])],
+            "impls": CPU_IMPLS, "warmup": 2, "repeats": 5},
+    "gpu": {"setups": [(Setup("vit_base_patch16_224", 16, 224, 32), [0.0, 0.25, 0.5, 0.75]),
+                       (Setup("vit_giant_patch14_224", 16, 224, 8, ckpt=True), [0.0, 0.25, 0.5, 0.75])],
+            "impls": CPU_IMPLS, "warmup": 3, "repeats": 10},
+    # The paper's Table 2 rows: ViT-B (decoder 384) with the decoder-ratio ablation, ViT-g
+    # (decoder 512, activation checkpointing as the official recipe); 16x224, tube 0.9.
+    "table2": {"setups": [(Setup("vit_base_patch16_224", 16, 224, 32), [0.0, 0.25, 0.5, 0.75]),
+                          (Setup("vit_giant_patch14_224", 16, 224, 8, ckpt=True), [0.0, 0.5])],
+               "impls": CPU_IMPLS, "warmup": 3, "repeats": 10},
+}
+
+
+# ------------------------------------------------------------------------------- arguments
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.dual_masking", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="implementations:\n" + "\n".join(f"  {k}: {v}" for k, v in IMPL_HELP.items()))
+    p.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
+                   help="auto: 'gpu' on a CUDA device, else 'cpu' (default: auto)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--arch", action="append",
+                   help=f"model (repeatable): one of {sorted(ARCHS)} or {sorted(ALIASES)}; replaces the preset's")
+    p.add_argument("--batch", type=int, help="clips per step (all setups)")
+    p.add_argument("--frames", type=int, help="frames per clip (multiple of the tubelet, 2)")
+    p.add_argument("--img-size", type=int, help="frame size in pixels (H = W)")
+    p.add_argument("--depth", type=int, help="encoder depth override (for tiny smoke runs)")
+    p.add_argument("--decoder-depth", type=int, help="decoder depth (paper: 4)")
+    p.add_argument("--masking", help="comma list of decoder masks: enc (encoder-only), 0.25, 0.5, 0.75")
+    p.add_argument("--encoder-ratio", type=float, default=0.9, help="tube masking ratio (default 0.9)")
+    p.add_argument("--impl", help=f"comma list of implementations: {', '.join(IMPLS)}")
+    p.add_argument("--compile", action="store_true", help="add reference+compile to the implementations")
+    p.add_argument("--ckpt", choices=["preset", "off", "on", "both"], default="preset",
+                   help="activation checkpointing of every block (default: as the preset)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="autocast dtype (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps before timing")
+    p.add_argument("--repeats", type=int, help="timed steps per cell")
+    p.add_argument("--no-optimizer", action="store_true", help="time forward+backward only (no AdamW step)")
+    p.add_argument("--max-batch", action="store_true", help="find the largest batch that fits (GPU; bisection)")
+    p.add_argument("--max-batch-cap", type=int, default=4096)
+    p.add_argument("--no-flops", action="store_true", help="skip torch.utils.flop_counter")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS_DIR), help="directory for the JSON and PNG")
+    p.add_argument("--name", help="file stem (default: <preset>-<device>-<date>)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _arch(name: str) -> str:
+    key = name.strip().lower().replace("-", "_")
+    if key in ARCHS:
+        return key
+    if key in ALIASES:
+        return ALIASES[key]
+    raise ValueError(f"unknown --arch {name!r}; expected one of {sorted(ARCHS)} or {sorted(ALIASES)}")
+
+
+def _maskings(text: str) -> list[float]:
+    out = []
+    for tok in text.split(","):
+        tok = tok.strip().lower()
+        if tok in ("enc", "encoder", "encoder-only", "0", "0.0", "none"):
+            out.append(0.0)
+            continue
+        try:
+            r = float(tok)
+        except ValueError:
+            r = None
+        if r not in (0.25, 0.5, 0.75):
+            raise ValueError(f"--masking takes 'enc' or a running-cell decoder ratio 0.25, 0.5, 0.75; got {tok!r}")
+        out.append(r)
+    if not out:
+        raise ValueError("--masking is empty")
+    return list(dict.fromkeys(out))
+
+
+def _impls(text: str) -> list[str]:
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in out if t not in IMPLS]
+    if bad or not out:
+        raise ValueError(f"--impl takes a comma list of {list(IMPLS)}; got {text!r}")
+    return list(dict.fromkeys(out))
+
+
+def _device(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {text!r} is not a device ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text!r}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {text!r}")
+    return dev
+
+
+def plan_from_args(ns: argparse.Namespace) -> dict:
+    """Resolve presets and overrides into a plan; bad values raise ``ValueError``."""
+    device = _device(ns.device)
+    preset = ns.preset if ns.preset != "auto" else ("gpu" if device.type == "cuda" else "cpu")
+    base = PRESETS[preset]
+    for name in ("batch", "frames", "img_size", "depth", "decoder_depth", "warmup", "repeats", "max_batch_cap"):
+        v = getattr(ns, name)
+        lo = 0 if name in ("warmup", "decoder_depth") else 1
+        if v is not None and v < lo:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+    if not 0.0 <= ns.encoder_ratio < 1.0:
+        raise ValueError(f"--encoder-ratio must be in [0, 1), got {ns.encoder_ratio}")
+    maskings = _maskings(ns.masking) if ns.masking else None
+    setups = list(base["setups"])
+    if ns.arch:
+        archs = [_arch(a) for a in ns.arch]
+        default_batch = 2 if device.type == "cpu" else 32
+        setups = [(Setup(a, 16, 224, default_batch if "giant" not in a else 8, ckpt="giant" in a
+                         and device.type == "cuda"), maskings or [0.0, 0.5]) for a in archs]
+    out = []
+    for s, m in setups:
+        kw = {k: getattr(ns, a) for k, a in (("batch", "batch"), ("frames", "frames"), ("img_size", "img_size"),
+                                             ("depth", "depth"), ("decoder_depth", "decoder_depth"))
+              if getattr(ns, a) is not None}
+        s = Setup(**{**s.__dict__, **kw})
+        ckpts = {"preset": [s.ckpt], "off": [False], "on": [True], "both": [False, True]}[ns.ckpt]
+        for c in ckpts:
+            out.append((Setup(**{**s.__dict__, "ckpt": c}), maskings or m))
+    for s, m in out:
+        try:
+            cfg = s.config()
+            for r in m:
+                vmae_fast.DualMask.sample(1, cfg.grid, ns.encoder_ratio, r)
+                if r:
+                    running_cell_patterns(cfg.grid, r)
+        except ValueError as exc:
+            raise ValueError(f"setup {s.label()}: {exc}") from None
+    impls = _impls(ns.impl) if ns.impl else list(base["impls"])
+    if ns.compile and "reference+compile" not in impls:
+        impls.append("reference+compile")
+    if ns.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = DTYPES[ns.dtype]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("--dtype fp16 is not supported on CPU; use fp32 or bf16")
+    return {"preset": preset, "device": device, "dtype": dtype, "setups": out, "impls": impls,
+            "warmup": base["warmup"] if ns.warmup is None else ns.warmup,
+            "repeats": base["repeats"] if ns.repeats is None else ns.repeats}
+
+
+# ------------------------------------------------------------------------------------- run
+def _progress(total: int, disable: bool):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, disable=disable, file=sys.stderr, unit="cell", dynamic_ncols=True)
+    except ImportError:
+        class _Plain:
+            def __init__(self):
+                self.n = 0
+
+            def update(self, k=1):
+                self.n += k
+                if not disable:
+                    print(f"[{self.n}/{total}]", file=sys.stderr, flush=True)
+
+            def set_description(self, s):
+                if not disable:
+                    print(s, file=sys.stderr, flush=True)
+
+            def close(self):
+                pass
+        return _Plain()
+
+
+def run(plan: dict, ns: argparse.Namespace) -> dict:
+    device, dtype = plan["device"], plan["dtype"]
+    t_start = time.time()
+    info = devmod.device_info(device)
+    ceiling = devmod.matmul_ceiling(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    opt = CellOptions(device=device, dtype=dtype, warmup=plan["warmup"], repeats=plan["repeats"],
+                      encoder_ratio=ns.encoder_ratio, optimizer=not ns.no_optimizer, max_batch=ns.max_batch,
+                      max_batch_cap=ns.max_batch_cap, count_flops=not ns.no_flops, seed=ns.seed)
+    rows = []
+    n_cells = sum(len(m) for _, m in plan["setups"]) * len(plan["impls"])
+    bar = _progress(n_cells, ns.no_progress)
+    for setup, maskings in plan["setups"]:
+        state = master_state(setup, ns.seed)
+        params = param_count(setup)
+        cfg = setup.config()
+        for impl in plan["impls"]:
+            module = optimizer = None
+            build_error = None
+            try:
+                module = build(impl, setup, state, device)
+                optimizer = make_optimizer(module, device) if opt.optimizer else None
+            except Exception as exc:  # e.g. OOM for the weights, a missing compiler
+                build_error = f"{type(exc).__name__}: {exc}"[:300]
+            for r in maskings:
+                bar.set_description(f"{setup.label()} | {masking_label(r)} | {impl}")
+                row = {"setup": setup.__dict__ | {"label": setup.label()}, "arch": setup.arch,
+                       "decoder_ratio": r, "encoder_ratio": ns.encoder_ratio, "masking": masking_label(r),
+                       "impl": impl, "params": params, "dtype": str(dtype).replace("torch.", ""),
+                       "gmacs_official": count_macs(cfg, ns.encoder_ratio, r, "official")["total"] / 1e9,
+                       "gmacs_vmae_fast": count_macs(cfg, ns.encoder_ratio, r, "vmae_fast")["total"] / 1e9,
+                       "status": "ok"}
+                if build_error:
+                    row.update(status="error", error=build_error)
+                else:
+                    try:
+                        row.update(measure_cell(impl, module, setup, r, opt, optimizer))
+                    except Exception as exc:
+                        row.update(status="oom" if is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}"[:300])
+                        if module is not None:
+                            module.zero_grad(set_to_none=True)
+                        free_memory(device)
+                rows.append(row)
+                bar.update(1)
+            del module, optimizer
+            free_memory(device)
+    bar.close()
+    derive(rows, info, ceiling)
+    return {"schema": 1, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m bench.dual_masking " + " ".join(sys.argv[1:] if ns._argv is None else ns._argv),
+            "preset": plan["preset"], "device": info, "matmul_ceiling": ceiling,
+            "config": {"dtype": str(dtype).replace("torch.", ""), "warmup": plan["warmup"],
+                       "repeats": plan["repeats"], "encoder_ratio": ns.encoder_ratio,
+                       "optimizer": "none (forward+backward)" if ns.no_optimizer else
+                       "AdamW lr=0 (full update cost, weights unchanged)",
+                       "impls": plan["impls"], "seed": ns.seed,
+                       "setups": [{**s.__dict__, "maskings": m} for s, m in plan["setups"]],
+                       "memory": "GPU: torch.cuda.max_memory_allocated; CPU: RSS high-water (VmHWM) after "
+                                 "resetting it via /proc/self/clear_refs; act/clip = (peak - memory in use "
+                                 "before the step) / batch"},
+            "rows": rows, "goals": goals(rows, info), "wall_s": time.time() - t_start}
+
+
+def _find(rows, setup_label, r, impl):
+    for x in rows:
+        if x["setup"]["label"] == setup_label and x["decoder_ratio"] == r and x["impl"] == impl and x["status"] == "ok":
+            return x
+    return None
+
+
+def derive(rows: list[dict], info: dict, ceiling: dict) -> None:
+    """Add achieved TFLOP/s, MFU and the two speedups to every measured row."""
+    peak = info.get("bf16_dense_peak_tflops")
+    for x in rows:
+        if x["status"] != "ok":
+            continue
+        t = x["step_s"]["median"]
+        own = x.get("counted_flops_train_step")
+        x["achieved_tflops"] = own / t / 1e12 if own else None
+        # MFU counts the work the function needs (the vmae_fast row's count, same for every
+        # implementation of the cell), not what an implementation chose to compute.
+        fast = _find(rows, x["setup"]["label"], x["decoder_ratio"], "vmae_fast")
+        model_flops = (fast or {}).get("counted_flops_train_step") or own
+        x["model_flops_train_step"] = model_flops
+        model_tflops = model_flops / t / 1e12 if model_flops else None
+        x["mfu_datasheet"] = model_tflops / peak if (model_tflops and peak and x["dtype"] != "float32") else None
+        x["mfu_measured_ceiling"] = model_tflops / ceiling["tflops"] if model_tflops else None
+        enc = _find(rows, x["setup"]["label"], 0.0, x["impl"])
+        x["speedup_dual_vs_enc"] = enc["step_s"]["median"] / t if (enc and x["decoder_ratio"] != 0) else None
+        ref = _find(rows, x["setup"]["label"], x["decoder_ratio"], "reference")
+        x["speedup_vs_reference"] = ref["step_s"]["median"] / t if ref else None
+        x["mem_vs_reference"] = (x["peak_mem_bytes"] / ref["peak_mem_bytes"]
+                                 if ref and ref.get("peak_mem_bytes") and x.get("peak_mem_bytes") else None)
+
+
+def goals(rows: list[dict], info: dict) -> dict:
+    """The issue's GPU goals (ViT-B 16x224, dual 0.9/0.5, 1 GPU), judged from this run."""
+    cand = [x for x in rows if x["status"] == "ok" and x["impl"] == "vmae_fast" and x["arch"] == "vit_base_patch16_224"
+            and x["setup"]["frames"] == 16 and x["setup"]["img_size"] == 224 and x["decoder_ratio"] == 0.5
+            and x["encoder_ratio"] == 0.9 and x["setup"]["depth"] is None and not x["setup"]["ckpt"]]
+    if info["device_type"] != "cuda":
+        return {"applicable": False, "why": "the goals are for a GPU with bf16; this run is on CPU"}
+    if not cand:
+        return {"applicable": False, "why": "no ok vmae_fast row of ViT-B 16x224 dual 0.9/0.5 without checkpointing"}
+    x = cand[0]
+    hopper = any(k in info.get("name", "") for k in ("H100", "H200"))
+    out = {"applicable": True, "row": x["setup"]["label"],
+           "speedup_vs_reference": x["speedup_vs_reference"], "goal_speedup_vs_reference": GOAL_SPEEDUP_VS_REF,
+           "mem_vs_reference": x["mem_vs_reference"], "goal_mem_vs_reference": GOAL_MEM_FRACTION,
+           "mfu": x["mfu_datasheet"], "goal_mfu": GOAL_MFU_HOPPER if hopper else None,
+           "speedup_dual_vs_enc": x["speedup_dual_vs_enc"], "goal_speedup_dual_vs_enc": PAPER[(x["arch"], 0.5)]["speedup"]}
+    out["pass"] = {
+        "speedup_vs_reference": None if x["speedup_vs_reference"] is None else x["speedup_vs_reference"] >= GOAL_SPEEDUP_VS_REF,
+        "mem_vs_reference": None if x["mem_vs_reference"] is None else x["mem_vs_reference"] <= GOAL_MEM_FRACTION,
+        "mfu": None if (not hopper or x["mfu_datasheet"] is None) else x["mfu_datasheet"] >= GOAL_MFU_HOPPER,
+        "speedup_dual_vs_enc": None if x["speedup_dual_vs_enc"] is None else x["speedup_dual_vs_enc"] >= out["goal_speedup_dual_vs_enc"],
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------------- output
+def _mb(b) -> str:
+    return "n/a" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def _x(v, fmt="{:.2f}x") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def render(result: dict) -> str:
+    rows = result["rows"]
+    info = result["device"]
+    out = [f"## Dual masking benchmark: {info['name']}",
+           f"torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, commit {info['git_commit']}, "
+           f"dtype {result['config']['dtype']}, native ext: {info['native_ext'].split(' (')[0]}, "
+           f"step = {result['config']['optimizer']}, median of {result['config']['repeats']} "
+           f"after {result['config']['warmup']} warm-up",
+           f"matmul ceiling: {result['matmul_ceiling']['tflops']:.2f} TFLOP/s "
+           f"({result['matmul_ceiling']['dtype']} {result['matmul_ceiling']['n']}^3)"
+           + (f"; datasheet bf16 dense peak {info['bf16_dense_peak_tflops']:.0f} TFLOP/s"
+              if info.get("bf16_dense_peak_tflops") else ""), ""]
+    out += ["| setup | masking | impl | params | GMACs official / ours | step ms median (min–max) | clips/s "
+            "| TFLOP/s | MFU peak / ceiling | peak mem | act/clip | max batch | dual÷enc | vs reference |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        head = (f"| {x['setup']['label']} | {x['masking']} | {x['impl']} | {x['params'] / 1e6:.1f}M | "
+                f"{x['gmacs_official']:.2f} / {x['gmacs_vmae_fast']:.2f} | ")
+        if x["status"] != "ok":
+            out.append(head + f"**{x['status']}**: {x.get('error', '')[:80]} |" + " |" * 8)
+            continue
+        s = x["step_s"]
+        mb = x.get("max_batch")
+        mbs = "–" if mb is None else (str(mb["max_batch"]) if mb.get("max_batch") is not None else "n/a")
+        mfu = (f"{_x(x['mfu_datasheet'], '{:.0%}')} / {_x(x['mfu_measured_ceiling'], '{:.0%}')}")
+        out.append(head + f"{s['median'] * 1e3:.1f} ({s['min'] * 1e3:.1f}–{s['max'] * 1e3:.1f}) | "
+                   f"{x['clips_per_s']:.2f} | {_x(x['achieved_tflops'], '{:.2f}')} | {mfu} | "
+                   f"{_mb(x['peak_mem_bytes'])} | {_mb(x['act_mem_per_clip_bytes'])} | {mbs} | "
+                   f"{_x(x['speedup_dual_vs_enc'])} | {_x(x['speedup_vs_reference'])} |")
+    out += ["", "### Beside the paper's Table 2 (forward GMACs per clip; speedup = time ratio of encoder-only "
+            "to dual masking)", "",
+            "| model | masking | paper GFLOPs | ours, official conv. | ours, vmae_fast conv. | paper speedup "
+            "| speedup vmae_fast | speedup reference | paper Mems | peak mem vmae_fast | peak mem reference |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    seen = set()
+    for x in rows:
+        key = (x["setup"]["label"], x["decoder_ratio"])
+        if key in seen:
+            continue
+        seen.add(key)
+        s = x["setup"]
+        paper = PAPER.get((x["arch"], x["decoder_ratio"]), {}) \
+            if (s["frames"], s["img_size"], s["depth"], s["decoder_depth"], x["encoder_ratio"]) == (16, 224, None, 4, 0.9) else {}
+        fast = _find(rows, key[0], key[1], "vmae_fast") or {}
+        ref = _find(rows, key[0], key[1], "reference") or {}
+        out.append(f"| {s['label']} | {x['masking']} | {paper.get('gmacs', '–')} | {x['gmacs_official']:.2f} | "
+                   f"{x['gmacs_vmae_fast']:.2f} | {_x(paper.get('speedup'))} | {_x(fast.get('speedup_dual_vs_enc'))} | "
+                   f"{_x(ref.get('speedup_dual_vs_enc'))} | {paper.get('mems', '–')} | "
+                   f"{_mb(fast.get('peak_mem_bytes'))} | {_mb(ref.get('peak_mem_bytes'))} |")
+    out += ["", "### vmae_fast against the official computation (same weights, masks, dtype)", ""]
+    for x in rows:
+        if x["impl"] == "vmae_fast" and x["status"] == "ok":
+            ref = _find(rows, x["setup"]["label"], x["decoder_ratio"], "reference")
+            if ref:
+                dl = abs(x["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-30)
+                out.append(f"- {x['setup']['label']}, {x['masking']}: reference {ref['step_s']['median'] * 1e3:.1f} ms, "
+                           f"vmae_fast {x['step_s']['median'] * 1e3:.1f} ms -> **{x['speedup_vs_reference']:.2f}x** "
+                           f"(peak mem {_x(x['mem_vs_reference'], '{:.2f}')} of reference; loss rel. diff {dl:.1e})")
+    g = result["goals"]
+    out += ["", "### GPU goals (ViT-B 16x224, dual 0.9/0.5, bf16)", ""]
+    if not g.get("applicable"):
+        out.append(f"- not judged: {g['why']}")
+    else:
+        for k, label, fmt in (("speedup_vs_reference", ">= 2x clips/s of reference", "{:.2f}x"),
+                              ("mem_vs_reference", "<= 0.5 of reference peak memory", "{:.2f}"),
+                              ("mfu", ">= 45% MFU (H100-class)", "{:.1%}"),
+                              ("speedup_dual_vs_enc", ">= 1.79x dual over encoder-only", "{:.2f}x")):
+            ok = g["pass"][k]
+            out.append(f"- {label}: {_x(g[k], fmt)} -> {'PASS' if ok else ('FAIL' if ok is False else 'n/a')}")
+    return "\n".join(out)
+
+
+def write_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    ns._argv = argv
+    try:
+        plan = plan_from_args(ns)
+    except ValueError as exc:
+        parser.error(str(exc))
+    result = run(plan, ns)
+    info = result["device"]
+    date = _dt.date.today().isoformat()
+    stem = ns.name or f"{plan['preset']}-{devmod.device_slug(info)}-{date}"
+    out_dir = Path(ns.out)
+    json_path = out_dir / f"{stem}.json"
+    result["files"] = {"json": str(json_path)}
+    if not ns.no_plot:
+        try:
+            from .plot import plot_dual_masking
+
+            png = out_dir / f"{stem}.png"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            plot_dual_masking(result, png)
+            result["files"]["png"] = str(png)
+        except ImportError as exc:
+            print(f"no plot: {exc} (pip install 'vmae-fast[bench]')", file=sys.stderr)
+    write_json(result, json_path)
+    print(render(result))
+    print(f"\nraw results: {json_path}" + (f", plot: {result['files']['png']}" if "png" in result["files"] else "")
+          + f" ({result['wall_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    res = main()
+    sys.exit(1 if any(x["status"] == "error" for x in res["rows"]) else 0)
