@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -33,16 +34,25 @@ def _skip_reason() -> str | None:
         return "VMAE_FAST_NO_EXT is set"
     if not list((ROOT / "kernels").glob("*.cpp")):
         return "kernels/ has no C++ sources"
-    if shutil.which("cmake") is None:
-        try:
-            import cmake  # noqa: F401  (pip's cmake wheel)
-        except ImportError:
-            return "cmake not found"
+    if _cmake() is None:
+        return "cmake not found"
     try:
         import torch  # noqa: F401
     except ImportError:
         return "torch is not importable in the build environment (use --no-build-isolation)"
     return None
+
+
+def _cmake() -> str | None:
+    found = shutil.which("cmake")
+    if found is None:
+        try:
+            import cmake  # pip's cmake wheel, whose bin/ may not be on PATH
+
+            found = shutil.which("cmake", path=cmake.CMAKE_BIN_DIR)
+        except (ImportError, AttributeError):
+            pass
+    return found
 
 
 class CMakeBuild(build_ext):
@@ -51,8 +61,10 @@ class CMakeBuild(build_ext):
         if reason is not None:
             self._warn(f"skipping vmae_fast._C: {reason}")
             return
+        start = time.perf_counter()
         try:
             super().run()
+            print(f"vmae-fast: built vmae_fast._C in {time.perf_counter() - start:.0f} s", file=sys.stderr)
         except Exception as exc:  # a failed optional build must not fail the install
             self._warn(f"building vmae_fast._C failed ({exc}); installing without it")
 
@@ -69,16 +81,19 @@ class CMakeBuild(build_ext):
         build_temp = Path(self.build_temp) / ext.name
         build_temp.mkdir(parents=True, exist_ok=True)
         cfg = os.environ.get("VMAE_FAST_BUILD_TYPE", "Release")
-        cmake = shutil.which("cmake") or "cmake"
+        cmake = _cmake() or "cmake"
         args = [
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-DVMAE_FAST_OUTPUT_DIR={out_dir}",
             f"-DVMAE_FAST_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
             f"-DPython3_EXECUTABLE={sys.executable}",
+            # saves CMake a second `import torch`
+            f"-DTORCH_ROOT={Path(torch.__file__).resolve().parent}",
+            f"-DTORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         ]
         subprocess.run([cmake, ext.sourcedir, *args], cwd=build_temp, check=True)
-        jobs = str(os.cpu_count() or 1)
+        jobs = str(min(os.cpu_count() or 1, 4))  # one or two translation units
         subprocess.run([cmake, "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp, check=True)
 
 

@@ -1,0 +1,254 @@
+"""The native CPU extension ``vmae_fast._C`` against the pure-PyTorch ``*_ref`` ops.
+
+Skipped as a module only when the extension is really not built; the loader's fallback (one
+warning, ``None``) is tested in any case.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from vmae_fast import _native
+from vmae_fast.ops import cube_targets_ref, decoder_input_ref, gather_cubes_ref, masked_mse_loss_ref
+
+
+def test_no_ext_env_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setenv("VMAE_FAST_NO_EXT", "1")
+    _native.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert _native.native_ops() is None
+            assert _native.native_ops() is None
+            assert not _native.native_available()
+        msgs = [str(w.message) for w in caught]
+        assert len(msgs) == 1, msgs
+        assert "VMAE_FAST_NO_EXT" in msgs[0] and "pip install --no-build-isolation -e ." in msgs[0]
+        assert _native.unavailable_reason() == "VMAE_FAST_NO_EXT is set"
+    finally:
+        monkeypatch.delenv("VMAE_FAST_NO_EXT")
+        _native.cache_clear()
+
+
+def _built() -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _native.native_available()
+
+
+native = pytest.mark.skipif(not _built(), reason="vmae_fast._C not built (VMAE_FAST_NO_EXT or build failure)")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return _native.native_ops()
+
+
+def _clip(B, T, H, W, dtype, *, strided=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.uint8:
+        v = torch.randint(0, 256, (B, 3, T, H, W), generator=g, dtype=torch.uint8)
+    else:
+        v = torch.randn(B, 3, T, H, W, generator=g, dtype=torch.float64).to(dtype)
+    if strided:  # channels-last-3d-like storage plus a stepped W: no unit stride anywhere
+        big = torch.empty(B, T, H, 2 * W, 3, dtype=dtype).permute(0, 4, 1, 2, 3)[..., ::2]
+        big.copy_(v)
+        assert not big.is_contiguous()
+        v = big
+    return v
+
+
+def _idx(B, n, N, seed=0, dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(N, generator=g)[:n].sort().values for _ in range(B)]).to(dtype)
+
+
+# --------------------------------------------------------------------------------- gather_cubes
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("layout", ["cthw", "thwc"])
+def test_gather_cubes_matches_ref(ops, dtype, strided, layout):
+    B, T, H, W, t, p = 3, 6, 12, 20, 2, 4  # grid 3x3x5 = 45 tokens, n = 13
+    v = _clip(B, T, H, W, dtype, strided=strided)
+    idx = _idx(B, 13, 45, dtype=torch.int32 if strided else torch.int64)
+    got = ops.gather_cubes_cpu(v, idx, t, p, layout == "thwc")
+    ref = gather_cubes_ref(v, idx, tubelet=t, patch=p, layout=layout)
+    assert got.dtype == ref.dtype and got.shape == ref.shape == (B, 13, 3 * t * p * p)
+    assert torch.equal(got, ref)  # a copy / the same float32 arithmetic: bit-exact
+
+
+@native
+def test_gather_cubes_empty_and_single(ops):
+    v = _clip(1, 2, 4, 4, torch.float32)
+    assert ops.gather_cubes_cpu(v, torch.zeros(1, 0, dtype=torch.long), 2, 4, False).shape == (1, 0, 96)
+    got = ops.gather_cubes_cpu(v, torch.zeros(1, 1, dtype=torch.long), 2, 4, True)
+    assert torch.equal(got, gather_cubes_ref(v, torch.zeros(1, 1, dtype=torch.long), tubelet=2, patch=4,
+                                             layout="thwc"))
+
+
+# -------------------------------------------------------------------------------- decoder_input
+
+def _decoder_case(B, N, n_vis, n_dec, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
+    vis = perm[:, :n_vis].sort(dim=1).values
+    dec = perm[:, N - n_dec:].sort(dim=1).values  # may overlap vis when n_vis + n_dec > N
+    z = torch.randn(B, n_vis, D, generator=g, dtype=torch.float64).to(dtype)
+    pos = torch.randn(N, D, generator=g, dtype=torch.float64).to(dtype)
+    mask = torch.randn(D, generator=g, dtype=torch.float64).to(dtype)
+    return z, pos, mask, vis, dec
+
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,N,n_vis,n_dec,D", [(1, 30, 7, 11, 72), (2, 45, 13, 40, 100), (3, 9, 0, 9, 72)])
+def test_decoder_input_fwd_bwd_match_autograd(ops, dtype, B, N, n_vis, n_dec, D):
+    z, pos, mask, vis, dec = _decoder_case(B, N, n_vis, n_dec, D, dtype)
+    got = ops.decoder_input_fwd_cpu(z, pos, mask, vis, dec)
+    zr, pr, mr = (x.clone().requires_grad_() for x in (z, pos, mask))
+    ref = decoder_input_ref(zr, pr, mr, vis, dec)
+    assert got.dtype == ref.dtype and torch.equal(got, ref)
+
+    g = torch.randn(ref.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    ref.backward(g)
+    gz, gm, gp = ops.decoder_input_bwd_cpu(g, vis, dec, N, True)
+    torch.testing.assert_close(gz, zr.grad, **TOL[dtype])
+    torch.testing.assert_close(gm, mr.grad, **TOL[dtype])
+    torch.testing.assert_close(gp, pr.grad, **TOL[dtype])
+    assert ops.decoder_input_bwd_cpu(g, vis, dec, N, False)[2].numel() == 0
+
+
+@native
+def test_decoder_input_mixed_dtypes_and_3d_mask_token(ops):
+    z, pos, mask, vis, dec = _decoder_case(2, 20, 5, 9, 72, torch.float32)
+    z16 = z.bfloat16()
+    got = ops.decoder_input_fwd_cpu(z16, pos, mask.view(1, 1, -1), vis, dec)
+    ref = decoder_input_ref(z16, pos, mask.view(1, 1, -1), vis, dec)
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+    got = ops.decoder_input_fwd_cpu(z16, pos.bfloat16(), mask.bfloat16(), vis.int(), dec.int())
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, decoder_input_ref(z16, pos.bfloat16(), mask.bfloat16(), vis, dec))
+
+
+@native
+def test_decoder_input_bwd_is_deterministic(ops):
+    _, _, _, vis, dec = _decoder_case(3, 45, 30, 40, 100, torch.float32)
+    g = torch.randn(3, 70, 100)
+    first = ops.decoder_input_bwd_cpu(g, vis, dec, 45, True)
+    for _ in range(3):
+        again = ops.decoder_input_bwd_cpu(g, vis, dec, 45, True)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+# ----------------------------------------------------------------------------------- masked_mse
+
+def _mse_case(B, n, dtype, video_dtype, *, strided=False, seed=0):
+    T, H, W, t, p = 4, 12, 8, 2, 4  # grid 2x3x2 = 12 tokens
+    v = _clip(B, T, H, W, video_dtype, strided=strided, seed=seed)
+    idx = _idx(B, n, 12, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    pred = torch.randn(B, n, 3 * t * p * p, generator=g, dtype=torch.float64).to(dtype)
+    w = (torch.rand(B, n, generator=g) > 0.3).float()
+    return pred, v, idx, w, t, p
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("video_dtype,strided", [(torch.float32, False), (torch.float64, True),
+                                                 (torch.uint8, False), (torch.uint8, True),
+                                                 (torch.bfloat16, False)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_masked_mse_fwd_bwd_match_autograd(ops, dtype, video_dtype, strided, normalize):
+    B, n = 3, 7
+    pred, v, idx, w, t, p = _mse_case(B, n, dtype, video_dtype, strided=strided)
+    w[0, 1] = 0.0
+    w[1, 2] = 2.5  # non-binary weights
+    pr = pred.clone().requires_grad_()
+    ref = masked_mse_loss_ref(pr, v, idx, w, tubelet=t, patch=p, normalize=normalize, eps=1e-6)
+    got = ops.masked_mse_fwd_cpu(pred, v, idx, w, t, p, normalize, 1e-6)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    torch.testing.assert_close(got, ref, rtol=2e-6, atol=1e-6)
+
+    gl = torch.tensor(0.7)
+    ref.backward(gl)
+    grad = ops.masked_mse_bwd_cpu(gl, pred, v, idx, w, t, p, normalize, 1e-6)
+    assert grad.dtype == dtype and grad.shape == pred.shape
+    torch.testing.assert_close(grad, pr.grad, rtol=1e-4, atol=1e-7)
+    assert torch.all(grad[0, 1] == 0)
+
+
+@native
+def test_masked_mse_targets_odd_cube(ops):
+    # t*p*p = 3*1*1 pixels per cube: checks the unbiased variance against cube_targets_ref directly
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(2, 3, 6, 5, 3, generator=g)
+    idx = _idx(2, 11, 2 * 5 * 3)
+    target = cube_targets_ref(v, idx, tubelet=3, patch=1)
+    w = torch.ones(2, 11)
+    # pred = target + delta  ->  loss = mean(delta^2) exactly when the targets agree
+    delta = torch.randn(target.shape, generator=g) * 0.1
+    got = ops.masked_mse_fwd_cpu(target + delta, v, idx, w, 3, 1, True, 1e-6)
+    torch.testing.assert_close(got, delta.pow(2).mean(), rtol=1e-4, atol=1e-6)
+
+
+@native
+def test_masked_mse_zero_weights(ops):
+    pred, v, idx, w, t, p = _mse_case(2, 5, torch.float32, torch.uint8)
+    w.zero_()
+    loss = ops.masked_mse_fwd_cpu(pred, v, idx, w, t, p, True, 1e-6)
+    assert loss.item() == 0.0
+    assert loss.item() == masked_mse_loss_ref(pred, v, idx, w, tubelet=t, patch=p).item()
+    grad = ops.masked_mse_bwd_cpu(torch.tensor(1.0), pred, v, idx, w, t, p, True, 1e-6)
+    assert torch.count_nonzero(grad) == 0
+    # and no rows at all
+    empty = ops.masked_mse_fwd_cpu(pred[:, :0], v, idx[:, :0], w[:, :0], t, p, True, 1e-6)
+    assert empty.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------- bad inputs
+
+@native
+def test_bad_inputs_raise_clear_errors(ops):
+    v = _clip(2, 4, 8, 8, torch.float32)
+    idx = _idx(2, 3, 8)
+    cases = [
+        (lambda: ops.gather_cubes_cpu(v[0], idx, 2, 4, False), r"video must be \(B, C, T, H, W\), got shape \[3, 4, 8, 8\]"),
+        (lambda: ops.gather_cubes_cpu(v, idx, 3, 4, False), r"does not divide into cubes of 3x4x4"),
+        (lambda: ops.gather_cubes_cpu(v.int(), idx, 2, 4, False), r"floating point .* or uint8 .*, got Int"),
+        (lambda: ops.gather_cubes_cpu(v, idx + 6, 2, 4, False), r"idx holds token indices in \[\d+, 13\], expected \[0, 8\)"),
+        (lambda: ops.gather_cubes_cpu(v, -idx - 1, 2, 4, False), r"expected \[0, 8\)"),
+        (lambda: ops.gather_cubes_cpu(v, idx.float(), 2, 4, False), r"idx must be int64 or int32, got Float"),
+        (lambda: ops.gather_cubes_cpu(v, idx[:1], 2, 4, False), r"idx must have shape \(2, n\), got \[1, 3\]"),
+        (lambda: ops.gather_cubes_cpu(v[:, :2].to(torch.uint8), idx, 2, 4, False), r"3 channels"),
+        (lambda: ops.decoder_input_fwd_cpu(torch.randn(2, 3, 8), torch.randn(8, 9), torch.randn(8), idx, idx),
+         r"pos must be \(N, 8\), got shape \[8, 9\]"),
+        (lambda: ops.decoder_input_fwd_cpu(torch.randn(2, 3, 8), torch.randn(8, 8), torch.randn(7), idx, idx),
+         r"mask_token must be \(8,\)"),
+        (lambda: ops.decoder_input_fwd_cpu(torch.randn(2, 3, 8), torch.randn(5, 8), torch.randn(8), idx, idx),
+         r"visible_idx holds token indices in .*, expected \[0, 5\)"),
+        (lambda: ops.decoder_input_bwd_cpu(torch.randn(2, 5, 8), idx, idx, 8, True),
+         r"grad_out has 5 rows per sample, expected n_vis \+ n_dec = 3 \+ 3 = 6"),
+        (lambda: ops.masked_mse_fwd_cpu(torch.randn(2, 3, 95), v, idx, torch.ones(2, 3), 2, 4, True, 1e-6),
+         r"pred must be \(2, n, 96\)"),
+        (lambda: ops.masked_mse_fwd_cpu(torch.randn(2, 3, 96), v, idx, torch.ones(2, 4), 2, 4, True, 1e-6),
+         r"weight must have shape \(2, 3\), got \[2, 4\]"),
+        (lambda: ops.masked_mse_bwd_cpu(torch.ones(2), torch.randn(2, 3, 96), v, idx, torch.ones(2, 3), 2, 4,
+                                        True, 1e-6), r"grad_loss must be a scalar"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            fn()
+
+
+@native
+def test_ops_reject_non_cpu_tensors(ops):
+    v = _clip(1, 2, 4, 4, torch.float32).to("meta")
+    with pytest.raises((NotImplementedError, RuntimeError, ValueError), match="gather_cubes_cpu"):
+        ops.gather_cubes_cpu(v, torch.zeros(1, 1, dtype=torch.long), 2, 4, False)
