@@ -23,7 +23,7 @@ def render(shape: int, frames: int, height: int, width: int, rng: np.random.Gene
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     theta = rng.uniform(0, 2 * np.pi)
     ramp = (np.cos(theta) * xx / width + np.sin(theta) * yy / height + 1) / 2  # 0..1
-    c0, c1 = rng.uniform(20, 120, 3), rng.uniform(120, 235, 3)
+    c0, c1 = rng.uniform(0, 50, 3), rng.uniform(205, 255, 3)  # strong ramp: clear cube targets
     bg = c0 + ramp[..., None] * (c1 - c0)
     color = rng.uniform(0, 255, 3)
     r = min(height, width) * rng.uniform(0.2, 0.3)
