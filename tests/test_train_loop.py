@@ -155,7 +155,11 @@ def test_torchrun_ddp_and_fsdp_match_single_process(data, tmp_path):
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         got = losses(out)
         assert sorted(got) == sorted(ref)
+        # Step 1 sees the same weights, clips and masks: equal up to float reduction order.
+        assert abs(got[1] - ref[1]) < 1e-5, (engine, got[1], ref[1])
+        # Later steps: gradients all-reduced in another order, amplified by Adam's early
+        # normalized updates (measured ~5e-4 relative at step 2 with DDP).
         for s in ref:
-            assert abs(got[s] - ref[s]) < 1e-5 * max(1, abs(ref[s])), (engine, s, got[s], ref[s])
+            assert abs(got[s] - ref[s]) < 3e-3 * abs(ref[s]), (engine, s, got[s], ref[s])
         sd = torch.load(out / "pretrain_official.pth", weights_only=True)["model"]
         assert "encoder.blocks.1.mlp.fc2.weight" in sd
