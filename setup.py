@@ -91,6 +91,7 @@ class CMakeBuild(build_ext):
             # saves CMake a second `import torch`
             f"-DTORCH_ROOT={Path(torch.__file__).resolve().parent}",
             f"-DTORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            f"-DTORCH_VERSION={torch.__version__}",
         ]
         subprocess.run([cmake, ext.sourcedir, *args], cwd=build_temp, check=True)
         jobs = str(min(os.cpu_count() or 1, 4))  # one or two translation units

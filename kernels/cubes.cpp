@@ -211,7 +211,13 @@ at::Tensor masked_mse_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& pre
 
 }  // namespace
 
+#ifndef VMAE_FAST_TORCH_VERSION
+#define VMAE_FAST_TORCH_VERSION "unknown"
+#endif
+
 TORCH_LIBRARY_FRAGMENT(vmae_fast, m) {
+  // torch.__version__ this library was built against (checked by vmae_fast/_native.py).
+  m.def("native_torch_version() -> str", [] { return std::string(VMAE_FAST_TORCH_VERSION); });
   m.def("gather_cubes_cpu(Tensor video, Tensor idx, int tubelet, int patch, bool thwc) -> Tensor");
   m.def("masked_mse_fwd_cpu(Tensor pred, Tensor video, Tensor decoder_idx, Tensor weight, int tubelet, int patch,"
         " bool normalize, float eps) -> Tensor");

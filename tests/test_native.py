@@ -219,10 +219,12 @@ def test_bad_inputs_raise_clear_errors(ops):
     v = _clip(2, 4, 8, 8, torch.float32)
     idx = _idx(2, 3, 8)
     cases = [
-        (lambda: ops.gather_cubes_cpu(v[0], idx, 2, 4, False), r"video must be \(B, C, T, H, W\), got shape \[3, 4, 8, 8\]"),
+        (lambda: ops.gather_cubes_cpu(v[0], idx, 2, 4, False),
+         r"video must be \(B, C, T, H, W\), got shape \[3, 4, 8, 8\]"),
         (lambda: ops.gather_cubes_cpu(v, idx, 3, 4, False), r"does not divide into cubes of 3x4x4"),
         (lambda: ops.gather_cubes_cpu(v.int(), idx, 2, 4, False), r"floating point .* or uint8 .*, got Int"),
-        (lambda: ops.gather_cubes_cpu(v, idx + 6, 2, 4, False), r"idx holds token indices in \[\d+, 13\], expected \[0, 8\)"),
+        (lambda: ops.gather_cubes_cpu(v, idx + 6, 2, 4, False),
+         r"idx holds token indices in \[\d+, 13\], expected \[0, 8\)"),
         (lambda: ops.gather_cubes_cpu(v, -idx - 1, 2, 4, False), r"expected \[0, 8\)"),
         (lambda: ops.gather_cubes_cpu(v, idx.float(), 2, 4, False), r"idx must be int64 or int32, got Float"),
         (lambda: ops.gather_cubes_cpu(v, idx[:1], 2, 4, False), r"idx must have shape \(2, n\), got \[1, 3\]"),
@@ -252,3 +254,28 @@ def test_ops_reject_non_cpu_tensors(ops):
     v = _clip(1, 2, 4, 4, torch.float32).to("meta")
     with pytest.raises((NotImplementedError, RuntimeError, ValueError), match="gather_cubes_cpu"):
         ops.gather_cubes_cpu(v, torch.zeros(1, 1, dtype=torch.long), 2, 4, False)
+
+
+@native
+def test_library_built_for_another_torch_is_refused(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    _native.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert _native.native_ops() is None
+        assert len(caught) == 1 and "built against torch" in str(caught[0].message)
+    finally:
+        monkeypatch.undo()
+        _native.cache_clear()
+    assert _native.native_available()
+
+
+@native
+def test_masked_mse_bool_weight_matches_float(ops):
+    pred, v, idx, w, t, p = _mse_case(2, 6, torch.float32, torch.float32, seed=5)
+    a = ops.masked_mse_fwd_cpu(pred, v, idx, w.bool(), t, p, True, 1e-6)
+    b = ops.masked_mse_fwd_cpu(pred, v, idx, w, t, p, True, 1e-6)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, masked_mse_loss_ref(pred, v, idx, w.bool(), tubelet=t, patch=p), rtol=2e-6,
+                               atol=1e-6)

@@ -8,9 +8,11 @@ Loading it with ``torch.ops.load_library`` registers, in the ``vmae_fast`` names
     decoder_input_bwd_cpu(grad_out, visible_idx, decoder_idx, num_tokens, need_pos) -> (Tensor, Tensor, Tensor)
     masked_mse_fwd_cpu(pred, video, decoder_idx, weight, tubelet, patch, normalize, eps) -> Tensor
     masked_mse_bwd_cpu(grad_loss, pred, video, decoder_idx, weight, tubelet, patch, normalize, eps) -> Tensor
+    native_torch_version() -> str   (the torch it was built against; another torch is refused)
 
 with the semantics of the ``*_ref`` functions of ``vmae_fast.ops`` (CPU tensors only; bad
-input raises ``ValueError``). The library is loaded lazily on the first call and the result is
+input raises ``ValueError``; rows of zero weight are skipped by the loss, so a NaN ``pred`` there
+does not propagate as it would in the reference). The library is loaded lazily on the first call and the result is
 cached; ``VMAE_FAST_NO_EXT=1`` disables it at runtime.
 """
 from __future__ import annotations
@@ -24,8 +26,8 @@ from pathlib import Path
 import torch
 
 BUILD_COMMAND = "pip install torch && pip install --no-build-isolation -e ."
-OP_NAMES = ("gather_cubes_cpu", "decoder_input_fwd_cpu", "decoder_input_bwd_cpu", "masked_mse_fwd_cpu",
-            "masked_mse_bwd_cpu")
+OP_NAMES = ("native_torch_version", "gather_cubes_cpu", "decoder_input_fwd_cpu", "decoder_input_bwd_cpu",
+            "masked_mse_fwd_cpu", "masked_mse_bwd_cpu")
 
 
 def library_path() -> Path:
@@ -52,6 +54,9 @@ def _load() -> tuple[object | None, str | None]:
             return None, f"loading {path.name} failed ({exc})"
         if not _registered():
             return None, f"{path.name} loaded but did not register torch.ops.vmae_fast.{{{','.join(OP_NAMES)}}}"
+    built_for = torch.ops.vmae_fast.native_torch_version()
+    if built_for != torch.__version__:
+        return None, f"{path.name} was built against torch {built_for}, running torch {torch.__version__}"
     return torch.ops.vmae_fast, None
 
 
