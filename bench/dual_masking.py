@@ -30,8 +30,9 @@ from vmae_fast.masking import running_cell_patterns
 
 from . import device as devmod
 from .runner import (DTYPES, IMPL_HELP, IMPLS, CellOptions, Setup, build, make_optimizer,
-                     masking_label, master_state, measure_cell, param_count, short_arch)
-from .timing import free_memory, is_oom
+                     masking_label, master_state, measure_cell, measure_cells_interleaved, param_count,
+                     short_arch)
+from .timing import free_memory, is_oom, pin_malloc_mmap_threshold
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -54,10 +55,10 @@ ALIASES = {"vit_s": "vit_small_patch16_224", "vit_b": "vit_base_patch16_224", "v
 
 CPU_IMPLS = ["vmae_fast", "vmae_fast-unfused", "reference"]
 PRESETS = {
-    # ~1-2 minutes on 2 shared CPU cores: a small model at the paper's clip shape is dominated by
-    # the same parts the big ones are (patch embedding of all tokens, decoder, target).
-    "cpu": {"setups": [(Setup("vit_small_patch16_224", 16, 224, 2), [0.0, 0.5])],
-            "impls": CPU_IMPLS, "warmup": 2, "repeats": 5},
+    # Well under 5 minutes on 2 CPU cores: ViT-S on 8x128 clips (4x8x8 = 256 tokens, 28
+    # encoder-visible at 0.9), both maskings, the three implementations.
+    "cpu": {"setups": [(Setup("vit_small_patch16_224", 8, 128, 2), [0.0, 0.5])],
+            "impls": CPU_IMPLS, "warmup": 2, "repeats": 10},
     "gpu": {"setups": [(Setup("vit_base_patch16_224", 16, 224, 32), [0.0, 0.25, 0.5, 0.75]),
                        (Setup("vit_giant_patch14_224", 16, 224, 8, ckpt=True), [0.0, 0.25, 0.5, 0.75])],
             "impls": CPU_IMPLS, "warmup": 3, "repeats": 10},
@@ -97,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-optimizer", action="store_true", help="time forward+backward only (no AdamW step)")
     p.add_argument("--max-batch", action="store_true", help="find the largest batch that fits (GPU; bisection)")
     p.add_argument("--max-batch-cap", type=int, default=4096)
+    p.add_argument("--interleave", dest="interleave", action="store_true", default=None,
+                   help="time the implementations of a cell round-robin, all alive at once "
+                        "(default on CPU, where other load would otherwise fall on one row)")
+    p.add_argument("--no-interleave", dest="interleave", action="store_false",
+                   help="one implementation at a time, alone in memory (default on GPU)")
     p.add_argument("--no-flops", action="store_true", help="skip torch.utils.flop_counter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS_DIR), help="directory for the JSON and PNG")
@@ -235,6 +241,8 @@ def _progress(total: int, disable: bool):
 def run(plan: dict, ns: argparse.Namespace) -> dict:
     device, dtype = plan["device"], plan["dtype"]
     t_start = time.time()
+    if device.type == "cpu":
+        pin_malloc_mmap_threshold()  # before any model exists, so RSS tracks live tensors
     info = devmod.device_info(device)
     ceiling = devmod.matmul_ceiling(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     opt = CellOptions(device=device, dtype=dtype, warmup=plan["warmup"], repeats=plan["repeats"],
@@ -243,36 +251,72 @@ def run(plan: dict, ns: argparse.Namespace) -> dict:
     rows = []
     n_cells = sum(len(m) for _, m in plan["setups"]) * len(plan["impls"])
     bar = _progress(n_cells, ns.no_progress)
+    interleave = ns.interleave if ns.interleave is not None else device.type == "cpu"
     for setup, maskings in plan["setups"]:
         state = master_state(setup, ns.seed)
         params = param_count(setup)
         cfg = setup.config()
-        for impl in plan["impls"]:
-            module = optimizer = None
-            build_error = None
+
+        def base_row(impl, r):
+            return {"setup": setup.__dict__ | {"label": setup.label()}, "arch": setup.arch,
+                    "decoder_ratio": r, "encoder_ratio": ns.encoder_ratio, "masking": masking_label(r),
+                    "impl": impl, "params": params, "dtype": str(dtype).replace("torch.", ""),
+                    "gmacs_official": count_macs(cfg, ns.encoder_ratio, r, "official")["total"] / 1e9,
+                    "gmacs_vmae_fast": count_macs(cfg, ns.encoder_ratio, r, "vmae_fast")["total"] / 1e9,
+                    "status": "ok"}
+
+        def built(impl):
             try:
                 module = build(impl, setup, state, device)
-                optimizer = make_optimizer(module, device) if opt.optimizer else None
+                return module, (make_optimizer(module, device) if opt.optimizer else None), None
             except Exception as exc:  # e.g. OOM for the weights, a missing compiler
-                build_error = f"{type(exc).__name__}: {exc}"[:300]
+                return None, None, f"{type(exc).__name__}: {exc}"[:300]
+
+        def failed(row, exc):
+            row.update(status="oom" if is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}"[:300])
+            free_memory(device)
+
+        if interleave:  # every implementation alive at once, timed round-robin
+            mods, errors = {}, {}
+            for impl in plan["impls"]:
+                module, optimizer, err = built(impl)
+                if err:
+                    errors[impl] = err
+                else:
+                    mods[impl] = (module, optimizer)
+            for r in maskings:
+                bar.set_description(f"{setup.label()} | {masking_label(r)} | all (interleaved)")
+                try:
+                    measured = measure_cells_interleaved(mods, setup, r, opt) if mods else {}
+                    exc = None
+                except Exception as e:
+                    measured, exc = {}, e
+                for impl in plan["impls"]:
+                    row = base_row(impl, r)
+                    if impl in errors:
+                        row.update(status="error", error=errors[impl])
+                    elif exc is not None:
+                        failed(row, exc)
+                    else:
+                        row.update(measured[impl])
+                    rows.append(row)
+                    bar.update(1)
+            del mods
+            free_memory(device)
+            continue
+        for impl in plan["impls"]:
+            module, optimizer, build_error = built(impl)
             for r in maskings:
                 bar.set_description(f"{setup.label()} | {masking_label(r)} | {impl}")
-                row = {"setup": setup.__dict__ | {"label": setup.label()}, "arch": setup.arch,
-                       "decoder_ratio": r, "encoder_ratio": ns.encoder_ratio, "masking": masking_label(r),
-                       "impl": impl, "params": params, "dtype": str(dtype).replace("torch.", ""),
-                       "gmacs_official": count_macs(cfg, ns.encoder_ratio, r, "official")["total"] / 1e9,
-                       "gmacs_vmae_fast": count_macs(cfg, ns.encoder_ratio, r, "vmae_fast")["total"] / 1e9,
-                       "status": "ok"}
+                row = base_row(impl, r)
                 if build_error:
                     row.update(status="error", error=build_error)
                 else:
                     try:
                         row.update(measure_cell(impl, module, setup, r, opt, optimizer))
                     except Exception as exc:
-                        row.update(status="oom" if is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}"[:300])
-                        if module is not None:
-                            module.zero_grad(set_to_none=True)
-                        free_memory(device)
+                        module.zero_grad(set_to_none=True)
+                        failed(row, exc)
                 rows.append(row)
                 bar.update(1)
             del module, optimizer
@@ -287,6 +331,9 @@ def run(plan: dict, ns: argparse.Namespace) -> dict:
                        "optimizer": "none (forward+backward)" if ns.no_optimizer else
                        "AdamW lr=0 (full update cost, weights unchanged)",
                        "impls": plan["impls"], "seed": ns.seed,
+                       "timing": "interleaved (round-robin over implementations)" if
+                       (ns.interleave if ns.interleave is not None else device.type == "cpu") else
+                       "sequential (one implementation alive at a time)",
                        "setups": [{**s.__dict__, "maskings": m} for s, m in plan["setups"]],
                        "memory": "GPU: torch.cuda.max_memory_allocated; CPU: RSS high-water (VmHWM) after "
                                  "resetting it via /proc/self/clear_refs; act/clip = (peak - memory in use "
@@ -322,8 +369,11 @@ def derive(rows: list[dict], info: dict, ceiling: dict) -> None:
         x["speedup_dual_vs_enc"] = enc["step_s"]["median"] / t if (enc and x["decoder_ratio"] != 0) else None
         ref = _find(rows, x["setup"]["label"], x["decoder_ratio"], "reference")
         x["speedup_vs_reference"] = ref["step_s"]["median"] / t if ref else None
-        x["mem_vs_reference"] = (x["peak_mem_bytes"] / ref["peak_mem_bytes"]
-                                 if ref and ref.get("peak_mem_bytes") and x.get("peak_mem_bytes") else None)
+        # Interleaved rows share one process, so their peaks are the same number: compare the
+        # memory each step adds instead.
+        key = "act_mem_per_clip_bytes" if x.get("timing") == "interleaved" else "peak_mem_bytes"
+        x["mem_vs_reference_basis"] = key
+        x["mem_vs_reference"] = x[key] / ref[key] if ref and ref.get(key) and x.get(key) else None
 
 
 def goals(rows: list[dict], info: dict) -> dict:
@@ -417,7 +467,8 @@ def render(result: dict) -> str:
                 dl = abs(x["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-30)
                 out.append(f"- {x['setup']['label']}, {x['masking']}: reference {ref['step_s']['median'] * 1e3:.1f} ms, "
                            f"vmae_fast {x['step_s']['median'] * 1e3:.1f} ms -> **{x['speedup_vs_reference']:.2f}x** "
-                           f"(peak mem {_x(x['mem_vs_reference'], '{:.2f}')} of reference; loss rel. diff {dl:.1e})")
+                           f"({'activation' if x['mem_vs_reference_basis'].startswith('act') else 'peak'} memory "
+                           f"{_x(x['mem_vs_reference'], '{:.2f}')} of reference; loss rel. diff {dl:.1e})")
     g = result["goals"]
     out += ["", "### GPU goals (ViT-B 16x224, dual 0.9/0.5, bf16)", ""]
     if not g.get("applicable"):

@@ -20,7 +20,7 @@ import vmae_fast
 from vmae_fast.config import config_for
 from vmae_fast.reference import ReferencePretrain
 
-from .timing import PeakMemory, free_memory, is_oom, time_fn
+from .timing import PeakMemory, Stats, free_memory, is_oom, time_fn
 
 IMPLS = ("vmae_fast", "vmae_fast-unfused", "reference", "reference+compile", "vmae_fast+compile")
 IMPL_HELP = {
@@ -238,40 +238,81 @@ class CellOptions:
     seed: int = 0
 
 
+def _with_kernels(impl: str, fn: Callable) -> Callable:
+    enabled = impl != "vmae_fast-unfused"
+
+    def f():
+        with kernels_env(enabled):
+            return fn()
+    return f
+
+
+def _memory_flops_maxbatch(impl, module, setup, decoder_ratio, opt, optimizer, step, video, masks) -> dict:
+    device, dtype = opt.device, opt.dtype
+    row: dict = {}
+    with PeakMemory(device) as mem:
+        step()
+    row["memory_kind"] = mem.kind
+    row["peak_mem_bytes"] = mem.peak
+    row["base_mem_bytes"] = mem.base
+    row["act_mem_per_clip_bytes"] = None if mem.delta is None else mem.delta / setup.batch
+    if opt.count_flops and "compile" not in impl:
+        nograd = make_step(impl, module, video, masks, decoder_ratio, device, dtype, None)
+        row["counted_flops_train_step"] = counted_flops(_with_kernels(impl, nograd))
+        module.zero_grad(set_to_none=True)
+    else:
+        row["counted_flops_train_step"] = None
+    if opt.max_batch:
+        if device.type != "cuda":
+            row["max_batch"] = {"max_batch": None, "why": "CPU: no OOM recovery (the OS kills the process)"}
+        else:
+            def run_once(b):
+                v, m = make_inputs(setup, b, decoder_ratio, opt.encoder_ratio, device, opt.seed)
+                _with_kernels(impl, make_step(impl, module, v, m, decoder_ratio, device, dtype, optimizer))()
+                torch.cuda.synchronize(device)
+            free_memory(device)
+            row["max_batch"] = max_batch(run_once, setup.batch, device, opt.max_batch_cap)
+    return row
+
+
 def measure_cell(impl: str, module: nn.Module, setup: Setup, decoder_ratio: float,
                  opt: CellOptions, optimizer) -> dict:
     """Time, memory, FLOPs (and optionally the largest batch) of one train-step cell."""
-    device, dtype = opt.device, opt.dtype
-    row: dict = {}
+    device = opt.device
     video, masks = make_inputs(setup, setup.batch, decoder_ratio, opt.encoder_ratio, device, opt.seed)
-    step = make_step(impl, module, video, masks, decoder_ratio, device, dtype, optimizer)
-    with kernels_env(impl != "vmae_fast-unfused"):
-        first = step()  # lr is 0: every step's loss equals this one
-        row["loss"] = float(first.detach().float())
-        stats = time_fn(step, device, warmup=max(0, opt.warmup - 1), repeats=opt.repeats)
-        with PeakMemory(device) as mem:
-            step()
-        row["memory_kind"] = mem.kind
-        row["peak_mem_bytes"] = mem.peak
-        row["base_mem_bytes"] = mem.base
-        row["act_mem_per_clip_bytes"] = None if mem.delta is None else mem.delta / setup.batch
-        if opt.count_flops and "compile" not in impl:
-            nograd = make_step(impl, module, video, masks, decoder_ratio, device, dtype, None)
-            row["counted_flops_train_step"] = counted_flops(nograd)
-            module.zero_grad(set_to_none=True)
-        else:
-            row["counted_flops_train_step"] = None
-        if opt.max_batch:
-            if device.type != "cuda":
-                row["max_batch"] = {"max_batch": None, "why": "CPU: no OOM recovery (the OS kills the process)"}
-            else:
-                def run_once(b):
-                    v, m = make_inputs(setup, b, decoder_ratio, opt.encoder_ratio, device, opt.seed)
-                    make_step(impl, module, v, m, decoder_ratio, device, dtype, optimizer)()
-                    torch.cuda.synchronize(device)
-                del video, masks
-                free_memory(device)
-                row["max_batch"] = max_batch(run_once, setup.batch, device, opt.max_batch_cap)
+    step = _with_kernels(impl, make_step(impl, module, video, masks, decoder_ratio, device, opt.dtype, optimizer))
+    row: dict = {"loss": float(step().detach().float())}  # lr is 0: every step's loss equals this one
+    stats = time_fn(step, device, warmup=max(0, opt.warmup - 1), repeats=opt.repeats)
+    row.update(_memory_flops_maxbatch(impl, module, setup, decoder_ratio, opt, optimizer, step, video, masks))
     row["step_s"] = stats.to_dict()
     row["clips_per_s"] = setup.batch / stats.median
+    row["timing"] = "sequential"
     return row
+
+
+def measure_cells_interleaved(modules: dict[str, tuple[nn.Module, object]], setup: Setup,
+                              decoder_ratio: float, opt: CellOptions) -> dict[str, dict]:
+    """All implementations of one cell, timed round-robin (one step of each per round) so that
+    load from other processes on a shared CPU falls on every implementation alike."""
+    device = opt.device
+    video, masks = make_inputs(setup, setup.batch, decoder_ratio, opt.encoder_ratio, device, opt.seed)
+    steps, rows, samples = {}, {}, {}
+    for impl, (module, optimizer) in modules.items():
+        steps[impl] = _with_kernels(impl, make_step(impl, module, video, masks, decoder_ratio, device,
+                                                    opt.dtype, optimizer))
+        rows[impl] = {"loss": float(steps[impl]().detach().float())}
+        samples[impl] = []
+    for _ in range(max(0, opt.warmup - 1)):
+        for f in steps.values():
+            f()
+    for _ in range(opt.repeats):
+        for impl, f in steps.items():
+            samples[impl].append(time_fn(f, device, warmup=0, repeats=1).samples[0])
+    for impl, (module, optimizer) in modules.items():
+        stats = Stats.of(samples[impl])
+        rows[impl].update(_memory_flops_maxbatch(impl, module, setup, decoder_ratio, opt, optimizer,
+                                                 steps[impl], video, masks))
+        rows[impl]["step_s"] = stats.to_dict()
+        rows[impl]["clips_per_s"] = setup.batch / stats.median
+        rows[impl]["timing"] = "interleaved"
+    return rows

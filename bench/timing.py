@@ -3,9 +3,10 @@
 GPU: CUDA events around each repeat (device time of the region, no host clock), peak memory
 from ``torch.cuda.max_memory_allocated``. CPU: ``time.perf_counter``; peak memory is the
 process's resident high-water mark (``VmHWM`` of ``/proc/self/status``), reset before a
-measurement through ``/proc/self/clear_refs`` (Linux). ``tracemalloc`` cannot see torch's
-allocations, so RSS is the honest CPU number; it includes allocator slack, and is ``None``
-where ``/proc`` is missing.
+measurement through ``/proc/self/clear_refs`` (Linux), with glibc's mmap threshold pinned so
+freed tensors leave the resident set (``pin_malloc_mmap_threshold``). ``tracemalloc`` cannot
+see torch's allocations, so RSS is the honest CPU number; it includes allocator slack and the
+whole process (Python, libraries), and is ``None`` where ``/proc`` is missing.
 """
 from __future__ import annotations
 
@@ -111,6 +112,8 @@ class PeakMemory:
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            pin_malloc_mmap_threshold()
         self.base: int | None = None
         self.peak: int | None = None
         self.kind = "cuda_max_memory_allocated" if self.device.type == "cuda" else "rss_vmhwm"
@@ -137,6 +140,31 @@ class PeakMemory:
     @property
     def delta(self) -> int | None:
         return None if self.peak is None or self.base is None else self.peak - self.base
+
+
+_MALLOC_PINNED = False
+
+
+def pin_malloc_mmap_threshold(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve every block >= ``threshold`` bytes with its own mmap and unmap it on free.
+
+    By default glibc raises its mmap threshold after large frees and then keeps freed tensors'
+    memory in the heap, so after a warm-up step the resident set stops moving and a peak-RSS
+    reading would say a step needs no memory. A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``
+    also turns the dynamic adjustment off) makes RSS follow the live tensors. Returns whether it
+    took effect (glibc only)."""
+    global _MALLOC_PINNED
+    if _MALLOC_PINNED:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        _MALLOC_PINNED = bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        _MALLOC_PINNED = False
+    return _MALLOC_PINNED
 
 
 def is_oom(exc: BaseException) -> bool:

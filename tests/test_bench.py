@@ -15,8 +15,9 @@ TINY = ["--arch", "vit_s", "--frames", "4", "--img-size", "32", "--depth", "1", 
         "--device", "cpu"]
 
 
-def test_cli_tiny_run_writes_json_and_table(tmp_path, capsys):
-    res = dual_masking.main(TINY + ["--out", str(tmp_path), "--name", "smoke"])
+@pytest.mark.parametrize("timing", ["--interleave", "--no-interleave"])
+def test_cli_tiny_run_writes_json_and_table(tmp_path, capsys, timing):
+    dual_masking.main(TINY + [timing, "--out", str(tmp_path), "--name", "smoke"])
     printed = capsys.readouterr().out
     data = json.loads((tmp_path / "smoke.json").read_text())
     assert {"device", "config", "rows", "matmul_ceiling", "goals", "command", "created"} <= data.keys()
@@ -31,7 +32,8 @@ def test_cli_tiny_run_writes_json_and_table(tmp_path, capsys):
         assert len(s["samples"]) == 2 and s["min"] <= s["median"] <= s["max"] and s["min"] > 0
         assert r["clips_per_s"] == pytest.approx(2 / s["median"])
         assert r["counted_flops_train_step"] > 0 and r["gmacs_official"] >= r["gmacs_vmae_fast"] > 0
-        assert r["params"] > 0
+        assert r["params"] > 0 and r["timing"] == timing.strip("-").replace("no-interleave", "sequential") \
+            .replace("interleave", "interleaved")
     # same weights, masks and dtype: every implementation computes the same loss
     for ratio in (0.0, 0.5):
         losses = [r["loss"] for r in rows if r["decoder_ratio"] == ratio]
