@@ -92,7 +92,7 @@ def test_finetune_from_pretrain_learns_above_chance(data, pretrained, tmp_path):
     res = finetune.main(["--train-list", str(data / "train.txt"), "--val-list", str(data / "val.txt"),
                          "--num-classes", "4", "--finetune", str(pretrained / "pretrain_official.pth"),
                          "--data-root", str(data), "--output-dir", str(tmp_path), *TINY_CLF, *QUIET,
-                         "--batch-size", "8", "--steps", "150", "--warmup-steps", "10", "--lr", "3e-3",
+                         "--batch-size", "8", "--steps", "80", "--warmup-steps", "10", "--lr", "3e-3",
                          "--min-scale", "0.5", "--drop-path", "0", "--log-every", "50", "--save-every", "1000",
                          "--test-num-segment", "2", "--test-num-crop", "1"])
     acc = res["eval"]
