@@ -134,7 +134,7 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int | None = Non
     """TFLOP/s of one large square matmul on random data (never zeros), timed like the bench:
     the practical compute ceiling MFU can also be read against."""
     if n is None:
-        n = 8192 if device.type == "cuda" else 1024
+        n = 8192 if device.type == "cuda" else 2048
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)

@@ -139,7 +139,12 @@ class PeakMemory:
 
     @property
     def delta(self) -> int | None:
-        return None if self.peak is None or self.base is None else self.peak - self.base
+        """Bytes the region added at its peak; ``None`` where unknown (an RSS reading below the
+        entry value, possible when pages were released, counts as unknown too)."""
+        if self.peak is None or self.base is None:
+            return None
+        d = self.peak - self.base
+        return d if d > 0 or self.device.type == "cuda" else None
 
 
 _MALLOC_PINNED = False
