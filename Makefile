@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard kernels/*)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip "setuptools>=68" wheel
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel
 	# torch first, from PyPI's normal resolution, so setup.py can find it to build vmae_fast._C
 	$(PIP) install -q "torch>=2.6"
 	$(PIP) install -q --no-build-isolation -e ".[test,bench,train]"
