@@ -374,8 +374,8 @@ def derive(rows: list[dict], info: dict, ceiling: dict) -> None:
         ref = _find(rows, x["setup"]["label"], x["decoder_ratio"], "reference")
         x["speedup_vs_reference"] = ref["step_s"]["median"] / t if ref else None
         # Interleaved rows share one process, so their peaks are the same number: compare the
-        # memory each step adds instead.
-        key = "act_mem_per_clip_bytes" if x.get("timing") == "interleaved" else "peak_mem_bytes"
+        # activations each step saves for backward instead (exact, unlike an RSS delta).
+        key = "saved_act_per_clip_bytes" if x.get("timing") == "interleaved" else "peak_mem_bytes"
         x["mem_vs_reference_basis"] = key
         ok = ref and (ref.get(key) or 0) > 0 and (x.get(key) or 0) > 0  # RSS deltas can read <= 0
         x["mem_vs_reference"] = x[key] / ref[key] if ok else None
@@ -437,16 +437,17 @@ def render(result: dict) -> str:
            f"({info.get('cpu_count')} CPUs)"]
     if any(x.get("timing") == "interleaved" for x in rows):
         out.append("CPU memory: peak = the process's RSS high-water mark (all implementations alive), "
-                   "act/clip = what one train step adds to it, per clip")
+                   "act/clip = what one train step adds to it, per clip (rough); saved/clip = bytes autograd "
+                   "saves for backward per clip (exact)")
     out.append("")
     out += ["| setup | masking | impl | params | GMACs official / ours | step ms median (min–max) | clips/s "
-            "| TFLOP/s | MFU peak / ceiling | peak mem | act/clip | max batch | dual÷enc | vs reference |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| TFLOP/s | MFU peak / ceiling | peak mem | act/clip | saved/clip | max batch | dual÷enc | vs reference |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         head = (f"| {x['setup']['label']} | {x['masking']} | {x['impl']} | {x['params'] / 1e6:.1f}M | "
                 f"{x['gmacs_official']:.2f} / {x['gmacs_vmae_fast']:.2f} | ")
         if x["status"] != "ok":
-            out.append(head + f"**{x['status']}**: {x.get('error', '')[:80]} |" + " |" * 8)
+            out.append(head + f"**{x['status']}**: {x.get('error', '')[:80]} |" + " |" * 9)
             continue
         s = x["step_s"]
         mb = x.get("max_batch")
@@ -454,7 +455,8 @@ def render(result: dict) -> str:
         mfu = (f"{_x(x['mfu_datasheet'], '{:.0%}')} / {_x(x['mfu_measured_ceiling'], '{:.0%}')}")
         out.append(head + f"{s['median'] * 1e3:.1f} ({s['min'] * 1e3:.1f}–{s['max'] * 1e3:.1f}) | "
                    f"{x['clips_per_s']:.2f} | {_x(x['achieved_tflops'], '{:.2f}')} | {mfu} | "
-                   f"{_mb(x['peak_mem_bytes'])} | {_mb(x['act_mem_per_clip_bytes'])} | {mbs} | "
+                   f"{_mb(x['peak_mem_bytes'])} | {_mb(x['act_mem_per_clip_bytes'])} | "
+                   f"{_mb(x.get('saved_act_per_clip_bytes'))} | {mbs} | "
                    f"{_x(x['speedup_dual_vs_enc'])} | {_x(x['speedup_vs_reference'])} |")
     out += ["", "### Beside the paper's Table 2 (forward GMACs per clip; speedup = time ratio of encoder-only "
             "to dual masking)", "",
@@ -486,7 +488,7 @@ def render(result: dict) -> str:
                            f"vmae_fast {x['step_s']['median'] * 1e3:.1f} ms -> **{x['speedup_vs_reference']:.2f}x** "
                            f"on medians, {x['speedup_vs_reference_min']:.2f}x on the fastest steps "
                            f"({ref['step_s']['min'] * 1e3:.1f} / {x['step_s']['min'] * 1e3:.1f} ms) "
-                           f"({'activation' if x['mem_vs_reference_basis'].startswith('act') else 'peak'} memory "
+                           f"({'saved activation' if x['mem_vs_reference_basis'].startswith('saved') else 'peak'} memory "
                            f"{_x(x['mem_vs_reference'], '{:.2f}')} of reference; loss rel. diff {dl:.1e})")
     g = result["goals"]
     out += ["", "### GPU goals (ViT-B 16x224, dual 0.9/0.5, bf16)", ""]

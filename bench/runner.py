@@ -20,7 +20,7 @@ import vmae_fast
 from vmae_fast.config import config_for
 from vmae_fast.reference import ReferencePretrain
 
-from .timing import PeakMemory, Stats, free_memory, is_oom, time_fn
+from .timing import PeakMemory, SavedActivations, Stats, free_memory, is_oom, time_fn
 
 IMPLS = ("vmae_fast", "vmae_fast-unfused", "reference", "reference+compile", "vmae_fast+compile")
 IMPL_HELP = {
@@ -256,6 +256,10 @@ def _memory_flops_maxbatch(impl, module, setup, decoder_ratio, opt, optimizer, s
     row["peak_mem_bytes"] = mem.peak
     row["base_mem_bytes"] = mem.base
     row["act_mem_per_clip_bytes"] = None if mem.delta is None else mem.delta / setup.batch
+    mask_tensors = [getattr(masks, f) for f in ("encoder_masked", "decoder_masked", "visible_idx", "decoder_idx")]
+    with SavedActivations(exclude=[*module.parameters(), video, *mask_tensors]) as saved:
+        step()
+    row["saved_act_per_clip_bytes"] = saved.bytes / setup.batch
     if opt.count_flops and "compile" not in impl:
         nograd = make_step(impl, module, video, masks, decoder_ratio, device, dtype, None)
         row["counted_flops_train_step"] = counted_flops(_with_kernels(impl, nograd))
