@@ -17,6 +17,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -107,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flops", action="store_true", help="skip torch.utils.flop_counter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS_DIR), help="directory for the JSON and PNG")
-    p.add_argument("--name", help="file stem (default: <preset>-<device>-<date>)")
+    p.add_argument("--name", help="file stem (default: <preset or custom-setups>-<device>-<date>)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -504,6 +505,17 @@ def render(result: dict) -> str:
     return "\n".join(out)
 
 
+def _plan_slug(plan: dict, ns: argparse.Namespace) -> str:
+    """The preset's name, or for a customized grid its setups (so that runs of one day don't
+    overwrite each other's files)."""
+    custom = any(getattr(ns, k) is not None for k in ("arch", "batch", "frames", "img_size", "depth",
+                                                      "decoder_depth", "masking", "impl"))
+    if not custom:
+        return plan["preset"]
+    labels = sorted({s.label() for s, _ in plan["setups"]})
+    return "custom-" + "_".join(re.sub(r"[^A-Za-z0-9]+", "-", x).strip("-").lower() for x in labels)
+
+
 def write_json(result: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
@@ -525,7 +537,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(plan, ns)
     info = result["device"]
     date = _dt.date.today().isoformat()
-    stem = ns.name or f"{plan['preset']}-{devmod.device_slug(info)}-{date}"
+    stem = ns.name or f"{_plan_slug(plan, ns)}-{devmod.device_slug(info)}-{date}"
     out_dir = Path(ns.out)
     json_path = out_dir / f"{stem}.json"
     result["files"] = {"json": str(json_path)}
