@@ -18,8 +18,8 @@ import torch.nn as nn
 
 WRAPPER_KEYS = ("model", "module", "state_dict")
 PREFIXES = ("module.", "_orig_mod.", "backbone.")
-# Top-level parts of a pretrain file that are not the encoder.
-PRETRAIN_ONLY = ("decoder.", "encoder_to_decoder.", "mask_token", "pos_embed")
+# Top-level keys of a pretrain file that belong to the decoder side, not the encoder.
+DECODER_SIDE = ("decoder.", "encoder_to_decoder.", "mask_token")
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _adapt_keys(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[dict[str
     if isinstance(model, VideoMAEv2Pretrain):
         if not any(k.startswith("encoder.") for k in sd) and any(k.startswith("blocks.") for k in sd):
             # encoder-only file stored without the "encoder." prefix
-            sd = {("encoder." + k if not k.startswith(PRETRAIN_ONLY[:3]) else k): v for k, v in sd.items()}
+            sd = {(k if k.startswith(DECODER_SIDE) else "encoder." + k): v for k, v in sd.items()}
         return sd, dropped
     if isinstance(model, VideoMAEv2Classifier):
         if not any(k.startswith("encoder.") for k in sd):

@@ -195,14 +195,12 @@ class DualMask:
                                  f"mask's shape {tuple(enc.shape)}")
             if dec.device != enc.device:
                 raise ValueError(f"masks on different devices: {enc.device} and {dec.device}")
-        n = enc.shape[1]
         n_vis = _equal_count(~enc, "encoder-visible")
         n_dec = _equal_count(~dec, "decoder-visible")
         if n_vis == 0:
             raise ValueError("encoder_masked masks every token; at least one must stay visible")
         if n_dec == 0:
             raise ValueError("decoder_masked masks every token; the decoder has nothing to reconstruct")
-        del n
         return DualMask(enc, dec, _sorted_positions(enc, n_vis), _sorted_positions(dec, n_dec))
 
 
