@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench install clean
+.PHONY: test bench bench-micro install clean
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard kernels/*)
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.dual_masking $(BENCH_ARGS)
+
+# pytest-benchmark microbenchmarks of the CPU ops (kept out of `make test`)
+bench-micro: $(STAMP)
+	$(PY) -m pytest bench/micro --benchmark-only -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info vmae_fast/_C*.so
