@@ -67,3 +67,41 @@ def test_odd_token_grid_rejected_for_running_cell_only():
         m.sample_masks(1, 0.5, 0.5)
     masks = m.sample_masks(1, 0.5, 0.0)  # encoder-only masking has no such constraint
     assert torch.isfinite(m(torch.randn(1, 3, 2, 48, 48), masks).loss)
+
+
+def test_float_clip_of_another_dtype_than_the_weights(model):
+    masks = DualMask.sample(2, model.grid, 0.5, 0.5)
+    with pytest.raises(ValueError, match="video is torch.float64 but the model's weights are torch.float32"):
+        model(torch.randn(2, 3, 4, 64, 64, dtype=torch.float64), masks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast fp32 and bf16 clips are fine
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.isfinite(model(torch.randn(2, 3, 4, 64, 64, dtype=dtype), masks).loss)
+        with pytest.raises(ValueError, match="video is torch.float64"):
+            model(torch.randn(2, 3, 4, 64, 64, dtype=torch.float64), masks)
+
+
+def test_pretraining_needs_rgb():
+    with pytest.raises(ValueError, match="in_chans=3"):
+        vmae_fast.create_pretrain_model("vit_small_patch16_224", in_chans=1)
+
+
+def test_mask_arguments_of_the_wrong_kind():
+    with pytest.raises(ValueError, match="decoder_ratio must be a number, got '0.5'"):
+        DualMask.sample(2, (2, 4, 4), 0.5, "0.5")
+    with pytest.raises(ValueError, match="encoder_ratio must be a number"):
+        DualMask.sample(2, (2, 4, 4), None, 0.5)
+    with pytest.raises(ValueError, match="leaves the decoder nothing to reconstruct"):
+        DualMask.sample(2, (2, 4, 4), 0.0, 0.0)
+    import numpy as np
+    m = DualMask.sample(np.int64(2), tuple(np.int64(x) for x in (2, 4, 4)), 0.5, 0.5)
+    assert m.visible_idx.shape == (2, 16)
+
+
+def test_dual_mask_built_by_hand_is_checked():
+    good = DualMask.sample(2, (2, 4, 4), 0.5, 0.5)
+    with pytest.raises(ValueError, match="bool tensors"):
+        DualMask(good.encoder_masked.int(), good.decoder_masked, good.visible_idx, good.decoder_idx)
+    with pytest.raises(ValueError, match="visible_idx must be a"):
+        DualMask(good.encoder_masked, good.decoder_masked, good.visible_idx[:1], good.decoder_idx)
+    with pytest.raises(ValueError, match="decoder_idx must be a"):
+        DualMask(good.encoder_masked, good.decoder_masked, good.visible_idx, good.decoder_idx.int())

@@ -143,6 +143,9 @@ def test_bad_files(tmp_path):
 def test_save_atomic_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
     path = tmp_path / "ck.pth"
     save_atomic({"step": 1}, path)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask, oct(path.stat().st_mode)
 
     def boom(*a, **k):
         raise KeyboardInterrupt

@@ -54,3 +54,9 @@ def test_against_flop_counter(ratio):
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model_sdpa(video, masks)
     assert fc.get_total_flops() // 2 == norm_free(count_macs(model.cfg, 0.6, ratio, "vmae_fast"))
+
+
+def test_running_cell_needs_an_even_grid():
+    with pytest.raises(ValueError, match="even token grid"):
+        pretrain_macs("vit_small_patch16_224", img_size=48, decoder_ratio=0.5)
+    assert pretrain_macs("vit_small_patch16_224", img_size=48, decoder_ratio=0.0)["total"] > 0

@@ -123,3 +123,28 @@ def test_eval_mode_no_grad_and_determinism():
         a = model(video, masks)
         b = model(video, masks)
     assert torch.equal(a.pred, b.pred) and torch.equal(a.loss, b.loss)
+
+
+def test_bf16_autocast_keeps_official_dtypes_and_matches_reference():
+    # Official: the encoder adds the table ``type_as(x)`` (a bf16 residual stream under
+    # autocast) while the decoder input is promoted to fp32 by the fp32 table.
+    model = small_pretrain(depth=2, decoder_depth=1)
+    ref = ReferencePretrain.from_model(model)
+    video = torch.randn(2, 3, 4, 64, 64)
+    masks = vmae_fast.DualMask.sample(2, model.grid, 0.75, 0.5)
+    seen = {}
+
+    def record(key):
+        def hook(module, args):
+            seen[key] = args[0].dtype  # returns None: the input is left as it is
+        return hook
+
+    model.encoder.blocks[0].register_forward_pre_hook(record("enc"))
+    model.decoder.blocks[0].register_forward_pre_hook(record("dec"))
+    ref.encoder.blocks[0].register_forward_pre_hook(record("ref_enc"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(video, masks)
+        loss_ref, _ = ref(video, masks.encoder_masked, masks.decoder_masked)
+    assert seen == {"enc": torch.bfloat16, "ref_enc": torch.bfloat16, "dec": torch.float32}
+    assert out.loss.dtype == torch.float32
+    assert rel_err(out.loss, loss_ref) < TOL[torch.bfloat16][0]

@@ -279,3 +279,32 @@ def test_masked_mse_bool_weight_matches_float(ops):
     assert torch.equal(a, b)
     torch.testing.assert_close(a, masked_mse_loss_ref(pred, v, idx, w.bool(), tubelet=t, patch=p), rtol=2e-6,
                                atol=1e-6)
+
+
+@native
+def test_registered_ops_pass_opcheck_on_the_native_path(monkeypatch):
+    """The ``vmae_fast::*`` ops (fake functions, autograd registration, schemas) with their CPU
+    implementation dispatching to the extension, not to Triton or the reference."""
+    from vmae_fast.ops import _dispatch
+
+    monkeypatch.setenv("VMAE_FAST_KERNELS", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _dispatch.backend(torch.device("cpu"), "gather_cubes_cpu") == "native"
+    g = torch.Generator().manual_seed(0)
+
+    def idx(B, n, N):
+        return torch.stack([torch.randperm(N, generator=g)[:n].sort().values for _ in range(B)])
+
+    ops = torch.ops.vmae_fast
+    for video in (torch.randn(2, 3, 4, 16, 24), torch.randint(0, 256, (2, 3, 4, 16, 24), dtype=torch.uint8)):
+        torch.library.opcheck(ops.gather_cubes.default, (video, idx(2, 3, 12), 2, 8, True))
+    z, pos = torch.randn(2, 3, 24, requires_grad=True), torch.randn(10, 24, requires_grad=True)
+    mt = torch.randn(24, requires_grad=True)
+    vis, dec = idx(2, 3, 10), idx(2, 4, 10)
+    torch.library.opcheck(ops.decoder_input.default, (z, pos, mt, vis, dec))
+    torch.library.opcheck(ops.decoder_input_backward.default, (torch.randn(2, 7, 24), vis, dec, 10, True))
+    video, didx = torch.randn(2, 3, 4, 16, 24), idx(2, 5, 12)
+    pred, w = torch.randn(2, 5, 384, requires_grad=True), torch.rand(2, 5)
+    torch.library.opcheck(ops.masked_mse_loss.default, (pred, video, didx, w, 2, 8, True, 1e-6))
+    torch.library.opcheck(ops.masked_mse_loss_backward.default,
+                          (torch.tensor(0.7), pred.detach(), video, didx, w, 2, 8, True, 1e-6))

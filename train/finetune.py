@@ -120,9 +120,10 @@ def main(argv=None, on_step=None) -> dict:
         raise ValueError("--model-ema is not supported with --dist fsdp (the EMA copy would be unsharded)")
     precision = C.resolve_precision(args, d)
 
-    model = vmae_fast.create_model(args.model, args.num_classes, num_frames=args.num_frames,
-                                   img_size=args.img_size, drop_path_rate=args.drop_path,
-                                   head_drop_rate=args.head_drop, **C.parse_overrides(args.model_overrides))
+    options = dict(num_frames=args.num_frames, img_size=args.img_size, drop_path_rate=args.drop_path,
+                   head_drop_rate=args.head_drop)
+    model = vmae_fast.create_model(args.model, args.num_classes,
+                                   **{**options, **C.parse_overrides(args.model_overrides)})
     log = C.Logger(args.output_dir, d, 0, 0, progress=False)  # messages before the bar exists
     if args.finetune:
         report = model.load_official_state_dict(vmae_fast.load_checkpoint_file(args.finetune), exclude=("head.",))

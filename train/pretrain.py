@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--decoder-ratio", type=float, default=0.5, help="running-cell ratio, 0 = encoder-only")
     ap.add_argument("--encoder-mask-type", choices=("tube", "random"), default="tube")
     ap.add_argument("--decoder-depth", type=int, default=4)
-    C.add_common_args(ap, base_lr=1e-3, epochs=800, warmup_epochs=40, batch_size=32)
+    C.add_common_args(ap, base_lr=1e-3, epochs=800, warmup_epochs=20, batch_size=32)  # SPEC 7: ViT-B
     return ap.parse_args(argv)
 
 
@@ -46,9 +46,10 @@ def main(argv=None, on_step=None) -> dict:
     fsdp = d.enabled and args.dist == "fsdp"
     precision = C.resolve_precision(args, d)
 
+    options = dict(num_frames=args.num_frames, img_size=args.img_size, decoder_depth=args.decoder_depth,
+                   drop_path_rate=args.drop_path)
     model = vmae_fast.create_pretrain_model(
-        args.model, num_frames=args.num_frames, img_size=args.img_size, decoder_depth=args.decoder_depth,
-        drop_path_rate=args.drop_path, **C.parse_overrides(args.model_overrides)).to(d.device)
+        args.model, **{**options, **C.parse_overrides(args.model_overrides)}).to(d.device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     cfg = model.cfg

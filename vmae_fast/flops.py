@@ -9,7 +9,7 @@ embedding only on encoder-visible cubes.
 from __future__ import annotations
 
 from .config import VideoMAEConfig, config_for
-from .masking import cell_masked_slots, num_encoder_masked
+from .masking import num_encoder_masked, running_cell_patterns
 
 CONVENTIONS = ("official", "vmae_fast")
 LN_MACS_PER_ELEMENT = 5
@@ -32,7 +32,7 @@ def count_macs(cfg: VideoMAEConfig, encoder_ratio: float = 0.9, decoder_ratio: f
     if decoder_ratio == 0:
         n_dec = n_masked
     else:
-        n_dec = n * (4 - cell_masked_slots(decoder_ratio)) // 4
+        n_dec = int((~running_cell_patterns(cfg.grid, float(decoder_ratio))[0]).sum())  # checks the grid too
     D, Dd, P = cfg.embed_dim, cfg.decoder_embed_dim, cfg.cube_numel
     enc = _blocks(n_vis, D, cfg.mlp_hidden, cfg.depth)
     dec = _blocks(n_vis + n_dec, Dd, cfg.decoder_mlp_hidden, cfg.decoder_depth)

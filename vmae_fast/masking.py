@@ -6,6 +6,8 @@ ask the device how many tokens survived (no host sync).
 """
 from __future__ import annotations
 
+import numbers
+import operator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -17,14 +19,25 @@ ENCODER_MASK_TYPES = ("tube", "random")
 
 
 def _check_grid(grid) -> Grid:
-    if len(grid) != 3 or any((not isinstance(g, int)) or g <= 0 for g in grid):
+    try:
+        g = tuple(operator.index(x) for x in grid)
+    except TypeError:
+        g = ()
+    if len(g) != 3 or any(x <= 0 for x in g):
         raise ValueError(f"grid must be three positive ints (T/t, H/p, W/p), got {grid!r}")
-    return tuple(grid)
+    return g
+
+
+def _check_ratio(name: str, ratio) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {ratio!r}")
+    return float(ratio)
 
 
 def num_encoder_masked(grid: Grid, ratio: float, mask_type: str = "tube") -> int:
     """Masked tokens per clip, ``int(ratio * n)`` as the official generators round."""
     t, h, w = _check_grid(grid)
+    ratio = _check_ratio("encoder_ratio", ratio)
     if mask_type not in ENCODER_MASK_TYPES:
         raise ValueError(f"encoder mask type must be one of {ENCODER_MASK_TYPES}, got {mask_type!r}")
     if not 0.0 <= ratio < 1.0:
@@ -43,11 +56,10 @@ def num_encoder_masked(grid: Grid, ratio: float, mask_type: str = "tube") -> int
 
 def cell_masked_slots(ratio: float) -> int:
     """Masked slots of the 2x2 running cell, ``int(4 * ratio)``; ratio must be .25, .5 or .75."""
-    k = int(4 * ratio)
-    if ratio not in (0.25, 0.5, 0.75):
+    if _check_ratio("decoder_ratio", ratio) not in (0.25, 0.5, 0.75):
         raise ValueError(f"running-cell decoder_ratio must be 0.25, 0.5 or 0.75 "
                          f"(or 0 for encoder-only masking), got {ratio}")
-    return k
+    return int(4 * ratio)
 
 
 @lru_cache(maxsize=32)
@@ -67,6 +79,15 @@ def running_cell_patterns(grid: Grid, ratio: float) -> torch.Tensor:
             cell = queue[(slot + s + f + 1) % 4].view(2, 2)
             maps[s, f] = cell.repeat(h // 2, w // 2)
     return maps.view(4, -1)
+
+
+@lru_cache(maxsize=64)
+def _running_cell_on(grid: Grid, ratio: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(patterns, sorted decoder-visible indices)`` on ``device``, made once per device: a
+    per-step copy of the table would be a host-to-device transfer, i.e. a sync."""
+    patterns = running_cell_patterns(grid, ratio)
+    n_dec = int((~patterns[0]).sum())
+    return patterns.to(device), _sorted_positions(patterns, n_dec).to(device)
 
 
 def _sorted_positions(masked: torch.Tensor, count: int) -> torch.Tensor:
@@ -90,6 +111,22 @@ class DualMask:
     decoder_masked: torch.Tensor
     visible_idx: torch.Tensor
     decoder_idx: torch.Tensor
+
+    def __post_init__(self):
+        # Metadata checks only (no device sync): that the index counts agree with the boolean
+        # masks is what ``sample``/``from_bool`` guarantee; direct construction trusts the caller.
+        em, dm, vi, di = self.encoder_masked, self.decoder_masked, self.visible_idx, self.decoder_idx
+        if not all(isinstance(x, torch.Tensor) for x in (em, dm, vi, di)):
+            raise ValueError("DualMask fields must be tensors; build one with DualMask.sample or from_bool")
+        if em.dtype != torch.bool or dm.dtype != torch.bool or em.dim() != 2 or dm.shape != em.shape:
+            raise ValueError(f"encoder_masked/decoder_masked must be (B, N) bool tensors of one shape, got "
+                             f"{tuple(em.shape)} {em.dtype} and {tuple(dm.shape)} {dm.dtype}")
+        for name, x in (("visible_idx", vi), ("decoder_idx", di)):
+            if x.dtype != torch.int64 or x.dim() != 2 or x.shape[0] != em.shape[0] or x.shape[1] > em.shape[1]:
+                raise ValueError(f"{name} must be a (B={em.shape[0]}, n <= N={em.shape[1]}) int64 tensor, "
+                                 f"got {tuple(x.shape)} {x.dtype}")
+        if len({em.device, dm.device, vi.device, di.device}) != 1:
+            raise ValueError("DualMask tensors must live on one device")
 
     @property
     def batch_size(self) -> int:
@@ -136,11 +173,19 @@ class DualMask:
         masking, where the decoder reconstructs exactly the encoder-masked tokens.
         """
         grid = _check_grid(grid)
-        if not isinstance(batch_size, int) or batch_size < 1:
+        try:
+            batch_size = operator.index(batch_size)
+        except TypeError:
+            batch_size = 0
+        if batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        decoder_ratio = _check_ratio("decoder_ratio", decoder_ratio)
         if device is None:
             device = generator.device if generator is not None else torch.device("cpu")
         device = torch.device(device)
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"the generator lives on {generator.device} but masks are sampled on {device}; "
+                             "pass a generator of the same device type")
         t, h, w = grid
         n = t * h * w
         n_masked = num_encoder_masked(grid, encoder_ratio, encoder_mask_type)
@@ -165,16 +210,17 @@ class DualMask:
             encoder_masked.scatter_(1, visible_idx, False)
 
         if decoder_ratio == 0:
+            if n_masked == 0:
+                raise ValueError(f"encoder_ratio={encoder_ratio} masks no token, so encoder-only masking "
+                                 "leaves the decoder nothing to reconstruct")
             decoder_masked = ~encoder_masked
             decoder_idx = _sorted_positions(decoder_masked, n_masked)
         else:
-            patterns = running_cell_patterns(grid, float(decoder_ratio))
-            k = cell_masked_slots(decoder_ratio)
-            n_dec = n * (4 - k) // 4
-            pattern_idx = _sorted_positions(patterns, n_dec)
+            cell_masked_slots(decoder_ratio)  # validates the ratio
+            patterns, pattern_idx = _running_cell_on(grid, decoder_ratio, device)
             start = torch.randint(0, 4, (batch_size,), device=device, generator=generator)
-            decoder_masked = patterns.to(device)[start]
-            decoder_idx = pattern_idx.to(device)[start]
+            decoder_masked = patterns[start]
+            decoder_idx = pattern_idx[start]
         return DualMask(encoder_masked, decoder_masked, visible_idx, decoder_idx)
 
     @staticmethod

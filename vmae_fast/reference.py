@@ -6,6 +6,9 @@ the positional table expanded and cloned per batch, boolean-mask indexing, the q
 with a fresh ``cat`` of zeros, naive softmax attention, and the normalized target materialized
 for every token before the decoder rows are picked. Module names equal the official keys, so
 ``ReferencePretrain.from_model(model)`` shares weights by ``load_state_dict``.
+
+One deliberate departure: with ``learnable_pos_embed`` the tables here receive gradients, as in
+our model (the official code detaches them, so its learnable option never learns).
 """
 from __future__ import annotations
 

@@ -45,12 +45,12 @@ class VideoMAEv2Classifier(nn.Module):
 
     def forward_features(self, video: torch.Tensor) -> torch.Tensor:
         """Pooled features ``(B, D)``."""
-        check_video_shape(video, self.cfg)
+        check_video_shape(video, self.cfg, self.patch_embed.proj.weight.dtype)
         if video.dtype == torch.uint8:
             mean, std = imagenet_stats(video.device)
             video = (video.float() / 255 - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)
-        x = self.patch_embed(video) + self.pos_embed
-        x = self.blocks(x)
+        x = self.patch_embed(video)
+        x = self.blocks(x + self.pos_embed.to(x.dtype))  # official type_as(x): bf16 stream under autocast
         if self.fc_norm is not None:
             return self.fc_norm(x.mean(1))
         return self.norm(x)[:, 0]

@@ -40,7 +40,7 @@ def make_pos_embed(module: nn.Module, name: str, num_tokens: int, dim: int, lear
         module.register_buffer(name, table.unsqueeze(0), persistent=False)
 
 
-def check_video_shape(video: torch.Tensor, cfg: VideoMAEConfig) -> None:
+def check_video_shape(video: torch.Tensor, cfg: VideoMAEConfig, param_dtype: torch.dtype) -> None:
     expected = (cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size)
     if not isinstance(video, torch.Tensor) or video.dim() != 5 or tuple(video.shape[1:]) != expected:
         got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
@@ -48,3 +48,11 @@ def check_video_shape(video: torch.Tensor, cfg: VideoMAEConfig) -> None:
                          f"(B, C, T, H, W), got {got}")
     if not (video.is_floating_point() or video.dtype == torch.uint8):
         raise ValueError(f"video must be a normalized float clip or a uint8 clip, got {video.dtype}")
+    if video.is_floating_point():
+        allowed = {param_dtype}
+        dev = video.device.type
+        if torch.is_autocast_enabled(dev):  # autocast casts fp32 inputs of its op lists
+            allowed |= {torch.float32, torch.get_autocast_dtype(dev)}
+        if video.dtype not in allowed:
+            raise ValueError(f"video is {video.dtype} but the model's weights are {param_dtype}: cast the "
+                             f"clip (or the model){' or use an fp32 clip under autocast' if len(allowed) > 1 else ''}")

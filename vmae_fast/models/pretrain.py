@@ -39,7 +39,10 @@ class PretrainEncoder(nn.Module):
         """``(B, C, T, H, W)``, ``(B, n_vis)`` -> ``(B, n_vis, D)``."""
         cubes = ops.gather_cubes(video, visible_idx, tubelet=self.cfg.tubelet_size,
                                  patch=self.cfg.patch_size, layout="cthw")
-        x = self.patch_embed.embed_cubes(cubes) + self.pos_embed[0][visible_idx]
+        x = self.patch_embed.embed_cubes(cubes)
+        # The table is cast to the embedding's dtype first, as the official ``type_as(x)``: under
+        # autocast the encoder's residual stream stays in bf16/fp16.
+        x = x + self.pos_embed[0].to(x.dtype)[visible_idx]
         return self.norm(self.blocks(x))
 
 
@@ -54,6 +57,8 @@ class PretrainDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor, n_return: int) -> torch.Tensor:
         """``(B, n_vis + n_dec, D_dec)`` -> predictions of the last ``n_return`` rows."""
+        if n_return <= 0:  # x[:, -0:] would silently be every row
+            raise ValueError(f"the decoder must reconstruct at least one token, got n_return={n_return}")
         x = self.blocks(x)
         return self.head(self.norm(x[:, -n_return:]))
 
@@ -68,6 +73,9 @@ class VideoMAEv2Pretrain(nn.Module):
 
     def __init__(self, cfg: VideoMAEConfig):
         super().__init__()
+        if cfg.in_chans != 3:
+            raise ValueError(f"pretraining needs RGB clips (in_chans=3): the target is un-normalized with "
+                             f"the 3-channel ImageNet mean/std; got in_chans={cfg.in_chans}")
         self.cfg = cfg
         self.encoder = PretrainEncoder(cfg)
         self.encoder_to_decoder = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim, bias=False)
@@ -75,7 +83,8 @@ class VideoMAEv2Pretrain(nn.Module):
         make_pos_embed(self, "pos_embed", cfg.num_tokens, cfg.decoder_embed_dim, cfg.learnable_pos_embed)
         self.decoder = PretrainDecoder(cfg)
         self.apply(init_weights_pretrain)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        # truncated at +-1 std, as the VideoMAE pretraining code's own trunc_normal_
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -105,7 +114,7 @@ class VideoMAEv2Pretrain(nn.Module):
 
     def forward_features(self, video: torch.Tensor, masks: DualMask) -> torch.Tensor:
         """Predictions ``(B, n_decoder, C*t*p*p)``."""
-        check_video_shape(video, self.cfg)
+        check_video_shape(video, self.cfg, self.mask_token.dtype)
         self._check_masks(video, masks)
         z = self.encoder_to_decoder(self.encoder(video, masks.visible_idx))
         x = ops.decoder_input(z, self.pos_embed[0], self.mask_token, masks.visible_idx, masks.decoder_idx)
