@@ -31,8 +31,7 @@ from vmae_fast.masking import running_cell_patterns
 
 from . import device as devmod
 from .runner import (DTYPES, IMPL_HELP, IMPLS, CellOptions, Setup, build, make_optimizer,
-                     masking_label, master_state, measure_cell, measure_cells_interleaved, param_count,
-                     short_arch)
+                     masking_label, master_state, measure_cell, measure_cells_interleaved, param_count)
 from .timing import free_memory, is_oom, pin_malloc_mmap_threshold
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

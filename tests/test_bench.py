@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench import dual_masking
-from bench.runner import Setup, max_batch
+from bench.runner import max_batch
 from bench.timing import Stats, time_fn
 
 TINY = ["--arch", "vit_s", "--frames", "4", "--img-size", "32", "--depth", "1", "--decoder-depth", "1",

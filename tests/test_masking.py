@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import vmae_fast
 from vmae_fast import DualMask
 from vmae_fast.masking import running_cell_patterns
 

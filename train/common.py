@@ -22,6 +22,8 @@ import torch.nn as nn
 import vmae_fast
 from vmae_fast.layers import Block
 
+from .data import StepSampler, collate
+
 CHECKPOINT = "checkpoint-last.pt"     # single process and DDP: one file, replaced atomically
 DCP_LATEST = "checkpoint-latest.txt"  # FSDP: names the newest complete sharded checkpoint folder
 
@@ -461,3 +463,45 @@ class Logger:
 def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
     with open(Path(out_dir) / "metrics.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------- shared loop set-up
+def batch_plan(args, d, n_videos: int) -> tuple[int, int, float, int, int]:
+    """``(clips per rank micro-batch, clips per optimizer step, peak lr, total steps, warmup
+    steps)``; the lr is ``base_lr * global batch / 256`` unless ``--lr`` is given."""
+    clips_micro = args.batch_size * args.num_sample
+    global_clips = clips_micro * d.world * args.accum_steps
+    lr = args.lr if args.lr is not None else args.base_lr * global_clips / 256
+    probe = StepSampler(n_videos, args.batch_size, args.accum_steps, d.world, d.rank, args.seed, 0, 1)
+    total, warmup = schedule_lengths(args, probe.steps_per_epoch)
+    return clips_micro, global_clips, lr, total, warmup
+
+
+def make_loader(dataset, args, d, start: int, total: int):
+    """``(sampler, loader)`` yielding this rank's micro-batches from optimizer step ``start``."""
+    sampler = StepSampler(len(dataset), args.batch_size, args.accum_steps, d.world, d.rank, args.seed, start, total)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, collate_fn=collate,
+                                         pin_memory=d.device.type == "cuda",
+                                         prefetch_factor=4 if args.num_workers else None)
+    return sampler, loader
+
+
+def restore(ck, path, model, opt, scaler, d, generator=None) -> dict:
+    """Load a checkpoint written by ``Checkpointer.save`` (model, optimizer, scaler, this rank's
+    RNG states); returns its extra entries (step, data position, ...)."""
+    extra = ck.load(path, model, opt)
+    scaler.load_state_dict(extra["scaler"])
+    rngs = extra["rng"]
+    set_rng_state(rngs[d.rank] if len(rngs) == d.world else rngs[0], generator)
+    return extra
+
+
+def export_official(model, d, fsdp: bool, path: str) -> str | None:
+    """Weights in the official key names, ``{'model': state_dict}``, written atomically by rank 0
+    (every rank takes part in gathering them under FSDP). Returns the path on rank 0."""
+    sd = full_state_dict(model, d, fsdp)
+    if not d.main:
+        return None
+    vmae_fast.save_atomic({"model": sd}, path)
+    return path

@@ -22,7 +22,7 @@ from vmae_fast.flops import encoder_macs
 from vmae_fast.ops._common import imagenet_stats
 
 from . import common as C
-from .data import StepSampler, VideoDataset, collate, read_list
+from .data import VideoDataset, collate, read_list
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -136,11 +136,7 @@ def main(argv=None, on_step=None) -> dict:
     dataset = VideoDataset(read_list(args.train_list, args.data_root, "finetune"), "finetune", args.num_frames,
                            args.sampling_rate, args.img_size, num_sample=args.num_sample, seed=args.seed,
                            min_scale=args.min_scale)
-    clips_micro = args.batch_size * args.num_sample
-    global_clips = clips_micro * d.world * args.accum_steps
-    lr = args.lr if args.lr is not None else args.base_lr * global_clips / 256
-    probe = StepSampler(len(dataset), args.batch_size, args.accum_steps, d.world, d.rank, args.seed, 0, 1)
-    total, warmup = C.schedule_lengths(args, probe.steps_per_epoch)
+    _, global_clips, lr, total, warmup = C.batch_plan(args, d, len(dataset))
 
     model = C.wrap(model, args, d)
     opt = C.make_optimizer(model, args, d, layer_decay=args.layer_decay)
@@ -155,19 +151,12 @@ def main(argv=None, on_step=None) -> dict:
     start, skipped_total, best = 0, 0, None
     path = C.resume_path(args, ck)
     if path is not None:
-        extra = ck.load(path, model, opt)
+        extra = C.restore(ck, path, model, opt, scaler, d)
         start, skipped_total = extra["step"], extra.get("skipped_total", 0)
-        scaler.load_state_dict(extra["scaler"])
         if ema is not None and extra.get("ema") is not None:
             ema.module.load_state_dict(extra["ema"])
-        rngs = extra["rng"]
-        C.set_rng_state(rngs[d.rank] if len(rngs) == d.world else rngs[0], None)
 
-    sampler = StepSampler(len(dataset), args.batch_size, args.accum_steps, d.world, d.rank, args.seed, start, total)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=args.num_workers, collate_fn=collate,
-                                         pin_memory=d.device.type == "cuda",
-                                         prefetch_factor=4 if args.num_workers else None)
+    sampler, loader = C.make_loader(dataset, args, d, start, total)
     log.close()
     log = C.Logger(args.output_dir, d, total, start, progress=not args.no_progress)
     step_flops = 3 * 2 * (encoder_macs(cfg) + cfg.embed_dim * args.num_classes) * global_clips
@@ -242,11 +231,8 @@ def main(argv=None, on_step=None) -> dict:
                 "rng": C.gather_rng(None, d), "args": vars(args), "config": cfg.to_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None,
                 "data": {"epoch": sampler.position(done)[0], "micro_in_epoch": sampler.position(done)[1]}})
-    sd = C.full_state_dict(model, d, fsdp)
-    export = None
+    export = C.export_official(model, d, fsdp, f"{args.output_dir}/finetune_official.pth")
     if d.main:
-        export = f"{args.output_dir}/finetune_official.pth"
-        vmae_fast.save_atomic({"model": sd}, export)
         log.write(f"done: {total} steps; weights in {export}")
     log.close()
     C.teardown(d)

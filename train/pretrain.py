@@ -18,7 +18,7 @@ import vmae_fast
 from vmae_fast.flops import count_macs
 
 from . import common as C
-from .data import StepSampler, VideoDataset, collate, decoder_name, read_list
+from .data import VideoDataset, decoder_name, read_list
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,11 +56,7 @@ def main(argv=None, on_step=None) -> dict:
 
     dataset = VideoDataset(read_list(args.data_list, args.data_root, "pretrain"), "pretrain", args.num_frames,
                            args.sampling_rate, args.img_size, num_sample=args.num_sample, seed=args.seed)
-    clips_micro = args.batch_size * args.num_sample            # per rank, per micro-batch
-    global_clips = clips_micro * d.world * args.accum_steps    # per optimizer step
-    lr = args.lr if args.lr is not None else args.base_lr * global_clips / 256
-    probe = StepSampler(len(dataset), args.batch_size, args.accum_steps, d.world, d.rank, args.seed, 0, 1)
-    total, warmup = C.schedule_lengths(args, probe.steps_per_epoch)
+    clips_micro, global_clips, lr, total, warmup = C.batch_plan(args, d, len(dataset))
 
     model = C.wrap(model, args, d)
     opt = C.make_optimizer(model, args, d)
@@ -70,17 +66,10 @@ def main(argv=None, on_step=None) -> dict:
     start, skipped_total = 0, 0
     path = C.resume_path(args, ck)
     if path is not None:
-        extra = ck.load(path, model, opt)
+        extra = C.restore(ck, path, model, opt, scaler, d, mask_gen)
         start, skipped_total = extra["step"], extra.get("skipped_total", 0)
-        scaler.load_state_dict(extra["scaler"])
-        rngs = extra["rng"]
-        C.set_rng_state(rngs[d.rank] if len(rngs) == d.world else rngs[0], mask_gen)
 
-    sampler = StepSampler(len(dataset), args.batch_size, args.accum_steps, d.world, d.rank, args.seed, start, total)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=args.num_workers, collate_fn=collate,
-                                         pin_memory=d.device.type == "cuda",
-                                         persistent_workers=False, prefetch_factor=4 if args.num_workers else None)
+    sampler, loader = C.make_loader(dataset, args, d, start, total)
     log = C.Logger(args.output_dir, d, total, start, progress=not args.no_progress)
     macs = count_macs(cfg, args.encoder_ratio, args.decoder_ratio, "vmae_fast", args.encoder_mask_type)["total"]
     step_flops = 3 * 2 * macs * global_clips  # forward + backward (2x) MACs, 2 FLOPs per MAC
@@ -152,11 +141,8 @@ def main(argv=None, on_step=None) -> dict:
                          "seed": args.seed}})
     # export the weights in the official key names, loadable by the official code
     skipped_total += C.all_sum_int(skipped_local, d)
-    sd = C.full_state_dict(model, d, fsdp)
-    export = None
+    export = C.export_official(model, d, fsdp, f"{args.output_dir}/pretrain_official.pth")
     if d.main:
-        export = f"{args.output_dir}/pretrain_official.pth"
-        vmae_fast.save_atomic({"model": sd}, export)
         log.write(f"done: {total} steps, {skipped_total} videos skipped; weights in {export}")
     log.close()
     C.teardown(d)

@@ -7,7 +7,7 @@ Quick start::
     masks = vmae_fast.DualMask.sample(2, model.grid, encoder_ratio=0.9, decoder_ratio=0.5)
     out = model(video, masks)      # out.loss, out.pred
 """
-from . import _native, flops, ops
+from . import _native, flops, ops  # noqa: F401  (_native: lazy loader of vmae_fast._C)
 from .attention import AttentionBackendError
 from .checkpoint import LoadReport, load_checkpoint_file, save_atomic, unwrap_state_dict
 from .config import ARCHS, IMAGENET_MEAN, IMAGENET_STD, VideoMAEConfig, config_for
