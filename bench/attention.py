@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from vmae_fast.masking import cell_masked_slots, num_encoder_masked
 
 from . import device as devmod
 from .dual_masking import ALIASES, _arch
+from .output import result_path, write_json
 from .runner import short_arch
 from .timing import PeakMemory, time_fn
 
@@ -137,10 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
               "command": "python -m bench.attention " + " ".join(sys.argv[1:] if argv is None else argv),
               "device": info, "config": {"repeats": repeats, "warmup": ns.warmup, "dtype": str(dtype)},
               "rows": rows}
-    date = _dt.date.today().isoformat()
-    path = Path(ns.out) / f"{ns.name or 'attention-' + devmod.device_slug(info) + '-' + date}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=str))
+    path = result_path(ns.out, ns.name, "attention", info)
+    write_json(result, path)
     print(f"\nraw results: {path}")
     return result
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import re
 import sys
@@ -30,6 +29,7 @@ from vmae_fast.flops import count_macs
 from vmae_fast.masking import running_cell_patterns
 
 from . import device as devmod
+from .output import result_path, write_json
 from .runner import (DTYPES, IMPL_HELP, IMPLS, CellOptions, Setup, build, make_optimizer,
                      masking_label, master_state, measure_cell, measure_cells_interleaved, param_count)
 from .timing import free_memory, is_oom, pin_malloc_mmap_threshold
@@ -515,16 +515,6 @@ def _plan_slug(plan: dict, ns: argparse.Namespace) -> str:
     return "custom-" + "_".join(re.sub(r"[^A-Za-z0-9]+", "-", x).strip("-").lower() for x in labels)
 
 
-def write_json(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = _parser()
     ns = parser.parse_args(argv)
@@ -535,10 +525,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(exc))
     result = run(plan, ns)
     info = result["device"]
-    date = _dt.date.today().isoformat()
-    stem = ns.name or f"{_plan_slug(plan, ns)}-{devmod.device_slug(info)}-{date}"
-    out_dir = Path(ns.out)
-    json_path = out_dir / f"{stem}.json"
+    json_path = result_path(ns.out, ns.name, _plan_slug(plan, ns), info)
+    out_dir, stem = json_path.parent, json_path.stem
     result["files"] = {"json": str(json_path)}
     if not ns.no_plot:
         try:

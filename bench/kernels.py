@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from vmae_fast.config import config_for
 from vmae_fast.masking import DualMask
 
 from . import device as devmod
+from .output import result_path, write_json
 from .runner import kernels_env
 from .timing import time_fn
 
@@ -243,10 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
                      f"({s['min'] * 1e3:.3f}–{s['max'] * 1e3:.3f}) | {r['gbps']:.1f} | {r['pct_copy_bw']:.0%} | "
                      f"{ref['seconds']['median'] / s['median']:.2f}x |")
     print("\n".join(lines))
-    date = _dt.date.today().isoformat()
-    path = Path(ns.out) / f"{ns.name or 'kernels-' + devmod.device_slug(info) + '-' + date}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=str))
+    path = result_path(ns.out, ns.name, "kernels", info)
+    write_json(result, path)
     print(f"\nraw results: {path}")
     return result
 
