@@ -505,3 +505,33 @@ def export_official(model, d, fsdp: bool, path: str) -> str | None:
         return None
     vmae_fast.save_atomic({"model": sd}, path)
     return path
+
+
+# ----------------------------------------------------------------------------- shared step pieces
+def optimizer_step(model, opt, scaler, clip_grad: float | None) -> None:
+    """Unscale and clip (when asked), step, update the loss scale, clear the grads."""
+    if clip_grad is not None:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
+def check_finite(mean_loss: float, first: int, last: int, last_saved, log) -> None:
+    """Stop with ``NonFiniteLoss`` before anything is saved over the last good checkpoint."""
+    if math.isfinite(mean_loss):
+        return
+    log.close()
+    raise NonFiniteLoss(
+        f"loss became {mean_loss} between steps {first} and {last}; stopping. "
+        f"The last good checkpoint is {last_saved or '(none yet)'} and was left as it was. "
+        "Lower the lr, use bf16 instead of fp16, or set --clip-grad.")
+
+
+def throughput(global_clips: int, steps: int, seconds: float, step_flops: float, peak: float | None,
+               world: int) -> tuple[float, float | None]:
+    """``(clips/s, MFU)``; MFU is None where the device's peak is unknown (CPU)."""
+    clips_s = global_clips * steps / seconds
+    mfu = clips_s * step_flops / global_clips / (peak * world) if peak else None
+    return clips_s, mfu

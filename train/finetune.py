@@ -189,12 +189,7 @@ def main(argv=None, on_step=None) -> dict:
                 loss = F.cross_entropy(logits.float(), label, label_smoothing=args.smoothing)
             scaler.scale(loss / args.accum_steps).backward()
             loss_sum += loss.detach() / args.accum_steps
-        if args.clip_grad is not None:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        C.optimizer_step(model, opt, scaler, args.clip_grad)
         if ema is not None:
             ema.update(C.unwrap(model), step=step)
         n_logged += 1
@@ -205,14 +200,9 @@ def main(argv=None, on_step=None) -> dict:
         save_now = done % args.save_every == 0 or done == total
         if done % args.log_every == 0 or save_now:
             mean_loss = C.all_mean(loss_sum, d).item() / n_logged
-            if not math.isfinite(mean_loss):
-                log.close()
-                raise C.NonFiniteLoss(
-                    f"loss became {mean_loss} between steps {done - n_logged + 1} and {done}; stopping. "
-                    f"The last good checkpoint is {last_saved or '(none yet)'} and was left as it was.")
-            dt = time.perf_counter() - t0
-            clips_s = global_clips * n_logged / dt
-            mfu = clips_s * step_flops / global_clips / (peak * d.world) if peak else None
+            C.check_finite(mean_loss, done - n_logged + 1, done, last_saved, log)
+            clips_s, mfu = C.throughput(global_clips, n_logged, time.perf_counter() - t0, step_flops, peak,
+                                        d.world)
             skipped = skipped_total + C.all_sum_int(skipped_local, d)
             log.log(done, {"loss": mean_loss, "lr": cur_lr, "clips_per_s": clips_s, "mfu": mfu,
                            "skipped_videos": skipped})

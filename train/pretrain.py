@@ -105,12 +105,7 @@ def main(argv=None, on_step=None) -> dict:
                 loss = model(video, masks).loss
             scaler.scale(loss / args.accum_steps).backward()
             loss_sum += loss.detach().float() / args.accum_steps
-        if args.clip_grad is not None:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        C.optimizer_step(model, opt, scaler, args.clip_grad)
         n_logged += 1
         done = step + 1
         log.tick()
@@ -120,15 +115,9 @@ def main(argv=None, on_step=None) -> dict:
         if done % args.log_every == 0 or save_now:
             mean_loss = C.all_mean(loss_sum, d).item() / n_logged
             skipped = skipped_total + C.all_sum_int(skipped_local, d)
-            if not torch.isfinite(torch.tensor(mean_loss)):
-                log.close()
-                raise C.NonFiniteLoss(
-                    f"loss became {mean_loss} between steps {done - n_logged + 1} and {done}; stopping. "
-                    f"The last good checkpoint is {last_saved or '(none yet)'} and was left as it was. "
-                    "Lower the lr, use bf16 instead of fp16, or set --clip-grad.")
-            dt = time.perf_counter() - t0
-            clips_s = global_clips * n_logged / dt
-            mfu = clips_s * step_flops / global_clips / (peak * d.world) if peak else None
+            C.check_finite(mean_loss, done - n_logged + 1, done, last_saved, log)
+            clips_s, mfu = C.throughput(global_clips, n_logged, time.perf_counter() - t0, step_flops, peak,
+                                        d.world)
             log.log(done, {"loss": mean_loss, "lr": cur_lr, "clips_per_s": clips_s, "mfu": mfu,
                            "skipped_videos": skipped, "epoch": sampler.position(step)[0]})
             loss_sum.zero_()

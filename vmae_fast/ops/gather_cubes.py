@@ -161,8 +161,7 @@ def _gather_cubes_op(video: torch.Tensor, idx: torch.Tensor, tubelet: int, patch
                      thwc: bool) -> torch.Tensor:
     layout = "thwc" if thwc else "cthw"
     which = backend(video.device, "gather_cubes_cpu")
-    if which == "native":
-        _validate(video, idx, tubelet, patch, layout)
+    if which == "native":  # the C++ op checks its inputs itself (ValueError with expected vs got)
         return native_op("gather_cubes_cpu")(video, idx, tubelet, patch, thwc)
     if which == "triton":
         return gather_cubes_triton(video, idx, tubelet=tubelet, patch=patch, layout=layout)
