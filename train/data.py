@@ -1,4 +1,4 @@
-"""Video lists, decoding, augmentation and a resumable sampler (SPEC section 7).
+"""Video lists, decoding, augmentation and a resumable sampler (docs/semantics.md §9).
 
 Lists, paths relative to ``--data-root``:
     pretraining  ``path start_idx total_frames``  (``total_frames`` -1 for a video file)

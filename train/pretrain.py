@@ -3,7 +3,7 @@
     python -m train.pretrain --data-list LIST --data-root ROOT --output-dir OUT [--resume auto]
     torchrun --nproc_per_node 8 -m train.pretrain ... [--dist fsdp]
 
-Defaults follow the official ViT-B recipe (SPEC section 7) except the batch geometry, which
+Defaults follow the official ViT-B recipe (docs/semantics.md §9) except the batch geometry, which
 you set: --batch-size videos per GPU, --num-sample clips per video, --accum-steps.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--decoder-ratio", type=float, default=0.5, help="running-cell ratio, 0 = encoder-only")
     ap.add_argument("--encoder-mask-type", choices=("tube", "random"), default="tube")
     ap.add_argument("--decoder-depth", type=int, default=4)
-    C.add_common_args(ap, base_lr=1e-3, epochs=800, warmup_epochs=20, batch_size=32)  # SPEC 7: ViT-B
+    C.add_common_args(ap, base_lr=1e-3, epochs=800, warmup_epochs=20, batch_size=32)  # docs/semantics.md §9: ViT-B
     return ap.parse_args(argv)
 
 

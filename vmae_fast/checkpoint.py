@@ -1,4 +1,4 @@
-"""Official checkpoint interop (SPEC section 5) and atomic saving.
+"""Official checkpoint interop (docs/semantics.md §7) and atomic saving.
 
 Our modules are named as the official ones, so ``state_dict()`` already uses the official keys;
 this module handles what files in the wild add: wrapper dicts (``model``/``module``), prefixes

@@ -1,4 +1,4 @@
-"""Model table (SPEC section 4) and the full configuration of a model instance."""
+"""Model table (docs/semantics.md §6) and the full configuration of a model instance."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
@@ -110,7 +110,7 @@ class VideoMAEConfig:
 
 
 def config_for(arch: str, **overrides) -> VideoMAEConfig:
-    """Config of a named arch (SPEC section 4) with keyword overrides."""
+    """Config of a named arch (docs/semantics.md §6) with keyword overrides."""
     a = arch_spec(arch)
     base = dict(embed_dim=a.embed_dim, depth=a.depth, num_heads=a.num_heads, mlp_ratio=a.mlp_ratio,
                 patch_size=a.patch_size, decoder_embed_dim=a.decoder_embed_dim,

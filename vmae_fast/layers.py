@@ -1,4 +1,4 @@
-"""Transformer building blocks with the official parameter names (SPEC sections 3 and 5)."""
+"""Transformer building blocks with the official parameter names (docs/semantics.md §4 and §7)."""
 from __future__ import annotations
 
 import torch

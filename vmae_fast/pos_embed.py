@@ -1,4 +1,4 @@
-"""Fixed sin-cos positional table (SPEC section 1)."""
+"""Fixed sin-cos positional table (docs/semantics.md §2)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The official semantics, restated plainly (SPEC sections 1-3): the oracle of the tests and
+"""The official semantics, restated plainly (docs/semantics.md §1-§5): the oracle of the tests and
 the baseline of the benchmarks.
 
 Written the way the official code computes, not the way we do: a Conv3d on the whole clip,

@@ -1,4 +1,4 @@
-"""``create_pretrain_model`` / ``create_model``: named archs (SPEC section 4) with options."""
+"""``create_pretrain_model`` / ``create_model``: named archs (docs/semantics.md §6) with options."""
 from __future__ import annotations
 
 from ..attention import check_backend_name

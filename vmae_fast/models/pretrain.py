@@ -1,6 +1,6 @@
 """VideoMAE V2 pretraining model: encoder on visible cubes, decoder on running-cell cubes.
 
-Computes the official function (SPEC section 3) with index gathers instead of boolean
+Computes the official function (docs/semantics.md §4-§5) with index gathers instead of boolean
 indexing, the patch embedding on visible cubes only, and targets for decoder rows only.
 """
 from __future__ import annotations
@@ -127,7 +127,7 @@ class VideoMAEv2Pretrain(nn.Module):
                                    normalize=self.cfg.normalize_target)
         return PretrainOutput(loss=loss, pred=pred)
 
-    # checkpoint interop (SPEC section 5)
+    # checkpoint interop (docs/semantics.md §7)
     def official_state_dict(self) -> dict[str, torch.Tensor]:
         from ..checkpoint import official_state_dict
 
