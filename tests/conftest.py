@@ -1,6 +1,8 @@
 """Shared fixtures: small configs that run in seconds on a 2-core CPU."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -20,6 +22,14 @@ def small_pretrain(arch="vit_small_patch16_224", **kw):
     return vmae_fast.create_pretrain_model(arch, **kw)
 
 
+def pytest_collection_modifyitems(config, items):
+    # Triton picks interpret-vs-compile when a kernel is decorated, so the tests that run the
+    # kernels through the interpreter need a process of their own (see tests/ops_helpers.py).
+    for item in items:
+        if "interpret" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.interpret)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -32,3 +42,27 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def has_cuda() -> bool:
     return torch.cuda.is_available()
+
+
+# Tests written for CUDA run their setup, shapes and logic on CPU too; the CUDA case carries the
+# `gpu` marker and is skipped, with the reason, where no CUDA device is present.
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
+on_devices = pytest.mark.parametrize("device", DEVICES)
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """fp32 matmuls/convolutions in full precision on CUDA (no TF32), flags restored on exit."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture
+def no_tf32():
+    with full_fp32():
+        yield

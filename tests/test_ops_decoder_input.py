@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ops_helpers import TOL, gpu, interpret, rand_idx  # noqa: F401
+from conftest import on_devices
+from ops_helpers import TOL, interpret, rand_idx  # noqa: F401
 from vmae_fast import ops
 from vmae_fast.ops.decoder_input import decoder_input_backward_triton, decoder_input_triton
 
@@ -108,13 +109,12 @@ def test_opcheck(interpret):
         torch.library.opcheck(torch.ops.vmae_fast.decoder_input_backward.default, (g, vis, dec, 10, need_pos))
 
 
-@gpu
-@pytest.mark.gpu
+@on_devices
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("learnable", [True, False])
-def test_cuda_matches_ref(dtype, learnable):
-    z, pos, mt, vis, dec = make(3, 37, 150, 392, 384, dtype=dtype, device="cuda", learnable=learnable)
-    g = torch.randn(3, 187, 384, device="cuda")
+def test_matches_ref_on_device(device, dtype, learnable):
+    z, pos, mt, vis, dec = make(3, 37, 150, 392, 384, dtype=dtype, device=device, learnable=learnable)
+    g = torch.randn(3, 187, 384, device=device)
     out, gr = grads(ops.decoder_input, z, pos, mt, vis, dec, g)
     ref, gr_ref = grads(ops.decoder_input_ref, z, pos, mt, vis, dec, g)
     torch.testing.assert_close(out, ref, atol=0, rtol=0)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ops_helpers import gpu, interpret, rand_idx, video_clip  # noqa: F401
+from conftest import on_devices
+from ops_helpers import interpret, rand_idx, video_clip  # noqa: F401
 from vmae_fast import ops
 from vmae_fast.ops.gather_cubes import gather_cubes_triton
 
@@ -102,13 +103,12 @@ def test_opcheck(interpret):
         torch.library.opcheck(torch.ops.vmae_fast.gather_cubes.default, (video, rand_idx(2, 3, 12), 2, 8, True))
 
 
-@gpu
-@pytest.mark.gpu
+@on_devices
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.uint8])
 @pytest.mark.parametrize("layout", ["cthw", "thwc"])
-def test_cuda_matches_ref(dtype, layout):
-    video = video_clip(3, 4, 28, 42, dtype=dtype, device="cuda", layout="strided")
-    idx = rand_idx(3, 11, 2 * 2 * 3, device="cuda")
+def test_matches_ref_on_device(device, dtype, layout):
+    video = video_clip(3, 4, 28, 42, dtype=dtype, device=device, layout="strided")
+    idx = rand_idx(3, 11, 2 * 2 * 3, device=device)
     out = ops.gather_cubes(video, idx, tubelet=2, patch=14, layout=layout)
     ref = ops.gather_cubes_ref(video, idx, tubelet=2, patch=14, layout=layout)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ops_helpers import TOL, gpu, interpret, rand_idx, video_clip  # noqa: F401
+from conftest import on_devices
+from ops_helpers import TOL, interpret, rand_idx, video_clip  # noqa: F401
 from vmae_fast import ops
 from vmae_fast.ops.masked_mse import masked_mse_loss_backward_triton, masked_mse_loss_triton
 
@@ -105,16 +106,15 @@ def test_opcheck(interpret):
                           (torch.tensor(1.3), pred.detach(), video, idx, w, 2, 8, True, 1e-6))
 
 
-@gpu
-@pytest.mark.gpu
+@on_devices
 @pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16, torch.uint8])
-def test_cuda_matches_ref(pdtype, vdtype):
+def test_matches_ref_on_device(device, pdtype, vdtype):
     B, n, t, p = 3, 37, 2, 14  # ViT-g cube (P = 1176, t*p*p = 392), 40 tokens
-    video = video_clip(B, 4, 56, 70, dtype=vdtype, device="cuda", layout="strided")
-    idx = rand_idx(B, n, 40, device="cuda")
-    w = (torch.rand(B, n, device="cuda") > 0.2).float()
-    pred = torch.randn(B, n, 3 * t * p * p, device="cuda").to(pdtype)
+    video = video_clip(B, 4, 56, 70, dtype=vdtype, device=device, layout="strided")
+    idx = rand_idx(B, n, 40, device=device)
+    w = (torch.rand(B, n, device=device) > 0.2).float()
+    pred = torch.randn(B, n, 3 * t * p * p, device=device).to(pdtype)
     loss, g = loss_and_grad(ops.masked_mse_loss, pred, video, idx, w, tubelet=t, patch=p)
     loss_ref, g_ref = ref64(pred, video, idx, w, tubelet=t, patch=p)
     atol, rtol = TOL[pdtype]

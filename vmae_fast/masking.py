@@ -1,4 +1,4 @@
-"""Dual masking (SPEC section 2): tube / random encoder masks and running-cell decoder masks.
+"""Dual masking (docs/semantics.md §3): tube / random encoder masks and running-cell decoder masks.
 
 Convention: ``True`` = masked (dropped). Every mask of a batch has the same number of masked
 tokens, so index tensors have static shapes and neither sampling nor the forward pass needs to
@@ -62,6 +62,19 @@ def cell_masked_slots(ratio: float) -> int:
     return int(4 * ratio)
 
 
+def num_decoder_tokens(grid: Grid, decoder_ratio: float, encoder_ratio: float = 0.9,
+                       encoder_mask_type: str = "tube") -> int:
+    """Tokens the decoder reconstructs per clip: the running cell keeps ``4 - int(4 * ratio)``
+    of every 2x2 cell of every frame; ``decoder_ratio=0`` (encoder-only masking) reconstructs
+    every encoder-masked token. Host arithmetic only: no tensor, no device sync."""
+    if _check_ratio("decoder_ratio", decoder_ratio) == 0:
+        return num_encoder_masked(grid, encoder_ratio, encoder_mask_type)
+    t, h, w = _check_grid(grid)
+    if h % 2 or w % 2:
+        raise ValueError(f"running-cell masking needs an even token grid, got H/p={h}, W/p={w}")
+    return t * (h // 2) * (w // 2) * (4 - cell_masked_slots(decoder_ratio))
+
+
 @lru_cache(maxsize=32)
 def running_cell_patterns(grid: Grid, ratio: float) -> torch.Tensor:
     """The four running-cell decoder masks, ``(4, T/t * H/p * W/p)`` bool, one per start
@@ -86,7 +99,7 @@ def _running_cell_on(grid: Grid, ratio: float, device: torch.device) -> tuple[to
     """``(patterns, sorted decoder-visible indices)`` on ``device``, made once per device: a
     per-step copy of the table would be a host-to-device transfer, i.e. a sync."""
     patterns = running_cell_patterns(grid, ratio)
-    n_dec = int((~patterns[0]).sum())
+    n_dec = num_decoder_tokens(grid, ratio)
     return patterns.to(device), _sorted_positions(patterns, n_dec).to(device)
 
 

@@ -5,29 +5,51 @@ asks :func:`backend` which code computes it:
 
 - CUDA tensors: the Triton kernels (the reference when Triton is not installed);
 - CPU tensors: the native C++ op ``vmae_fast::<name>_cpu`` when ``vmae_fast._C`` is built,
-  else the Triton kernels through the Triton interpreter when ``TRITON_INTERPRET=1``,
-  else the pure-PyTorch reference;
+  else the Triton kernels through the Triton interpreter when ``TRITON_INTERPRET=1`` was set
+  before Triton was imported (the interpreter tests' own process), else the pure-PyTorch
+  reference;
 - ``VMAE_FAST_KERNELS=0``: the reference everywhere (the public functions then skip the op).
 
 The environment is read at call time, never at import; nothing here queries CUDA.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
+from .. import _native
 from ._common import kernels_enabled
 
 try:  # Triton is optional: CPU-only installs run the references or the native ops.
-    import triton  # noqa: F401
+    import triton
+    import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # pragma: no cover - exercised only without triton
-    triton = None
+    triton = tl = None
     InterpretedFunction = None
 
 HAS_TRITON = triton is not None
+
+if HAS_TRITON:
+    @triton.jit
+    def _probe():
+        pass
+
+    # Triton decides compile-vs-interpret when a function is decorated, from TRITON_INTERPRET
+    # as it is at that moment: our kernels were decorated in the same mode as this probe.
+    INTERPRETED = isinstance(_probe, InterpretedFunction)
+
+    @triton.jit
+    def div_rn(x, y):
+        # fp32 `/` compiles to an approximate division on NVIDIA GPUs (div.full.f32, up to 2 ulp);
+        # the references and the native ops round exactly, so the kernels do too.
+        return tl.math.div_rn(x, y)
+else:  # pragma: no cover
+    INTERPRETED = False
+    div_rn = None
 
 Backend = str  # "triton" | "native" | "ref"
 
@@ -37,18 +59,9 @@ def debug_enabled() -> bool:
     return os.environ.get("VMAE_FAST_DEBUG", "0") == "1"
 
 
-def interpret_requested() -> bool:
-    """``TRITON_INTERPRET=1``: run the Triton kernels on CPU tensors through the interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def native_op(name: str) -> Callable[..., Any] | None:
     """``torch.ops.vmae_fast.<name>`` from the native extension, or None when it is not built
     (or is built without that op)."""
-    try:
-        from .. import _native  # written beside this package; absent in early checkouts
-    except ImportError:
-        return None
     ops = _native.native_ops()
     if ops is None or not hasattr(ops, name):
         return None
@@ -60,73 +73,59 @@ def backend(device: torch.device, native_name: str | None = None) -> Backend:
     if not kernels_enabled():
         return "ref"
     if device.type == "cuda":
-        return "triton" if HAS_TRITON else "ref"
+        return "triton" if HAS_TRITON and not INTERPRETED else "ref"
     if device.type == "cpu":
         if native_name is not None and native_op(native_name) is not None:
             return "native"
-        if HAS_TRITON and interpret_requested():
+        if INTERPRETED:
             return "triton"
     return "ref"
 
 
-_interpreted: dict[Any, Any] = {}
+# Set by ``capture_launches`` (ahead-of-time compilation): launches are recorded, not run.
+_capture: list | None = None
 
 
-class _Interpreted:
-    """A ``@triton.jit`` kernel run through the Triton interpreter although Triton was imported
-    in compile mode. Triton fixes JIT-vs-interpreter when a function is decorated, including its
-    own ``@jit`` library functions (``tl.sum``, ``tl.zeros``, ...); for the length of a launch
-    those are swapped for interpreter copies, so interpreting on CPU tensors does not depend on
-    ``TRITON_INTERPRET`` having been set before the first import of Triton."""
-
-    _lib_swaps: list[tuple[Any, str, Any]] | None = None
-
-    def __init__(self, kernel: Any):
-        self.run = InterpretedFunction(kernel.fn)
-
-    @classmethod
-    def _swaps(cls) -> list[tuple[Any, str, Any]]:
-        if cls._lib_swaps is None:
-            import triton.language as tl
-            from triton.runtime.jit import JITFunction
-            try:  # imported lazily by the launcher; it must see the compile-mode library
-                import triton.experimental.gluon  # noqa: F401
-            except ImportError:  # pragma: no cover - older Triton
-                pass
-
-            copies: dict[int, Any] = {}
-            swaps = []
-            for mod in (tl, tl.standard, tl.math, tl.core):
-                for name, value in list(vars(mod).items()):
-                    if isinstance(value, JITFunction):
-                        copy = copies.setdefault(id(value), InterpretedFunction(value.fn))
-                        swaps.append((mod, name, copy))
-            cls._lib_swaps = swaps
-        return cls._lib_swaps
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            swaps = self._swaps()
-            saved = [(mod, name, getattr(mod, name)) for mod, name, _ in swaps]
-            try:
-                for mod, name, copy in swaps:
-                    setattr(mod, name, copy)
-                return self.run[grid](*args, **kwargs)
-            finally:
-                for mod, name, value in saved:
-                    setattr(mod, name, value)
-        return launch
+class Launch(NamedTuple):
+    """One kernel launch as a launcher made it: what ahead-of-time compilation needs."""
+    kernel: Any
+    grid: tuple
+    args: tuple
+    meta: dict
 
 
-def launchable(kernel: Any, device: torch.device) -> Any:
-    """``kernel`` ready to launch on ``device`` (``launchable(k, dev)[grid](*args)``): CPU
-    tensors get an interpreter copy of the ``@triton.jit`` function (see ``_Interpreted``)."""
-    if device.type != "cpu" or isinstance(kernel, InterpretedFunction):
-        return kernel
-    run = _interpreted.get(kernel)
-    if run is None:
-        run = _interpreted[kernel] = _Interpreted(kernel)
-    return run
+@contextlib.contextmanager
+def capture_launches():
+    """Record the launches the launchers would make instead of running them (tensors may be on
+    the ``meta`` device). Not thread-safe by design: it is a tool for ``bench.kernels``."""
+    global _capture
+    saved, _capture = _capture, []
+    try:
+        yield _capture
+    finally:
+        _capture = saved
+
+
+def launch(kernel: Any, grid: tuple, *args: Any, **meta: Any) -> None:
+    """Launch ``kernel[grid](*args, **meta)`` on the device of its tensor arguments.
+
+    Triton launches on the *current* CUDA device, not the tensors', so CUDA launches run under
+    a device guard (tensors on ``cuda:1`` while ``cuda:0`` is current must still work). CPU
+    tensors need the kernels decorated under ``TRITON_INTERPRET=1`` (set before Triton is
+    imported); a compiled kernel is refused with that advice rather than crashing inside Triton.
+    """
+    if _capture is not None:
+        _capture.append(Launch(kernel, tuple(grid), args, meta))
+        return
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[grid](*args, **meta)
+    elif isinstance(kernel, InterpretedFunction):
+        kernel[grid](*args, **meta)
+    else:
+        raise ValueError(f"a Triton kernel on {device} tensors runs only through the Triton "
+                         f"interpreter: set TRITON_INTERPRET=1 before anything imports Triton")
 
 
 def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:

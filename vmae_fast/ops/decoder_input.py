@@ -15,7 +15,7 @@ import torch
 
 from ._common import check_index
 from ._dispatch import (HAS_TRITON, backend, check_device, check_kernel_device, debug_enabled,
-                        launchable, native_op, next_pow2)
+                        launch, native_op, next_pow2)
 
 
 def decoder_input_ref(z: torch.Tensor, pos: torch.Tensor, mask_token: torch.Tensor,
@@ -150,8 +150,7 @@ def decoder_input_triton(z: torch.Tensor, pos: torch.Tensor, mask_token: torch.T
     mt = mask_token.reshape(D)
     block_d = min(next_pow2(D), 512)
     rows = max(1, min(next_pow2(L), 4096 // block_d))
-    kernel = launchable(_decoder_input_fwd_kernel, device)
-    kernel[(triton.cdiv(L, rows), B)](
+    launch(_decoder_input_fwd_kernel, (triton.cdiv(L, rows), B),
         z, pos, mt, visible_idx, decoder_idx, out, n_vis, n_dec, D,
         *z.stride(), *pos.stride(), mt.stride(0), *visible_idx.stride(), *decoder_idx.stride(),
         ACC64=dtype == torch.float64, ROWS=rows, BLOCK_D=block_d, num_warps=4)
@@ -190,8 +189,7 @@ def decoder_input_backward_triton(grad_out: torch.Tensor, visible_idx: torch.Ten
     inv_dec = _inverse_map(decoder_idx, N, "decoder_idx")
     block_d = min(next_pow2(D), 256)
     rows = max(1, min(next_pow2(N), 2048 // block_d))
-    kernel = launchable(_decoder_input_bwd_pos_kernel, device)
-    kernel[(triton.cdiv(N, rows), triton.cdiv(D, block_d))](
+    launch(_decoder_input_bwd_pos_kernel, (triton.cdiv(N, rows), triton.cdiv(D, block_d)),
         grad_out, inv_vis, inv_dec, gpos, gdec, B, N, n_vis, D, *grad_out.stride(),
         ROWS=rows, BLOCK_D=block_d, num_warps=4)
     return gdec.sum(0), gpos

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ._common import check_index, check_video, imagenet_stats
-from ._dispatch import (HAS_TRITON, backend, check_device, check_kernel_device, launchable,
-                        native_op, next_pow2)
+from ._dispatch import (HAS_TRITON, backend, check_device, check_kernel_device, div_rn,
+                        launch, native_op, next_pow2)
 
 LAYOUTS = ("cthw", "thwc")
 
@@ -107,7 +107,7 @@ if HAS_TRITON:
             if UINT8:
                 mu = tl.load(mean_ptr + c, mask=rmask, other=0.0)
                 sd = tl.load(std_ptr + c, mask=rmask, other=1.0)
-                x = (x.to(tl.float32) / 255.0 - mu[:, None]) / sd[:, None]
+                x = div_rn(div_rn(x.to(tl.float32), 255.0) - mu[:, None], sd[:, None])
             if THWC:
                 dst = ((tt * PATCH + hh) * (PATCH * C) + c)[:, None] + (q * C)[None, :]
             else:
@@ -130,8 +130,7 @@ def gather_cubes_triton(video: torch.Tensor, idx: torch.Tensor, *, tubelet: int,
     mean, std = imagenet_stats(device)
     block_q = next_pow2(patch)
     block_r = min(next_pow2(C * tubelet * patch), max(1, 2048 // block_q))
-    kernel = launchable(_gather_cubes_kernel, device)
-    kernel[(B * n,)](
+    launch(_gather_cubes_kernel, (B * n,),
         video, idx, out, mean, std, n, H // patch, W // patch,
         *video.stride(), *idx.stride(),
         C=C, TUB=tubelet, PATCH=patch, THWC=layout == "thwc", UINT8=video.dtype == torch.uint8,

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from ._common import check_index, check_video, imagenet_stats
-from ._dispatch import (HAS_TRITON, backend, check_device, check_kernel_device, launchable,
-                        native_op, next_pow2)
+from ._dispatch import (HAS_TRITON, backend, check_device, check_kernel_device, div_rn,
+                        launch, native_op, next_pow2)
 from .gather_cubes import gather_cubes_raw
 
 
@@ -118,27 +118,27 @@ if HAS_TRITON:
         src = base + (tt * s_vt + hh * s_vh + ww * s_vw)[:, None] + (c * s_vc)[None, :]
         x = tl.load(video_ptr + src, mask=m, other=0).to(tl.float32)
         if UINT8:
-            x = x / 255.0
+            x = div_rn(x, 255.0)
         else:
             mu = tl.load(mean_ptr + c, mask=c < C, other=0.0)
             sd = tl.load(std_ptr + c, mask=c < C, other=1.0)
             x = tl.where(m, x * sd[None, :] + mu[None, :], 0.0)  # padding lanes stay 0
         if NORMALIZE:
-            cmean = tl.sum(x, axis=0) / S
+            cmean = div_rn(tl.sum(x, axis=0), S)
             xc = tl.where(m, x - cmean[None, :], 0.0)
-            var = tl.sum(xc * xc, axis=0) / (S - 1)
-            x = xc / (tl.sqrt_rn(var) + eps)[None, :]
+            var = div_rn(tl.sum(xc * xc, axis=0), S - 1)
+            x = div_rn(xc, (tl.sqrt_rn(var) + eps)[None, :])
         po = (s * C)[:, None] + c[None, :]
         p = tl.load(pred_ptr + b64 * s_pb + i64 * s_pn + po * s_pp, mask=m, other=0).to(tl.float32)
         diff = tl.where(m, p - x, 0.0)
         w = tl.load(w_ptr + b64 * s_wb + i64 * s_wn).to(tl.float32)
         if BACKWARD:
             scale = tl.load(scale_ptr)
-            g = diff * (2.0 * w * scale / P)
+            g = diff * div_rn(2.0 * w * scale, P)
             tl.store(grad_ptr + row.to(tl.int64) * P + po, g.to(grad_ptr.dtype.element_ty), mask=m)
         else:
             sse = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
-            tl.store(rows_ptr + row, sse / P * w)
+            tl.store(rows_ptr + row, div_rn(sse, P) * w)
 
 
 def _validate(pred, video, decoder_idx, weight, tubelet, patch):
@@ -174,8 +174,7 @@ def _launch(pred, video, decoder_idx, weight, tubelet, patch, normalize, eps, sc
     device = pred.device
     mean, std = imagenet_stats(device)
     S = tubelet * patch * patch
-    kernel = launchable(_masked_mse_kernel, device)
-    kernel[(B * n,)](
+    launch(_masked_mse_kernel, (B * n,),
         pred, video, decoder_idx, weight, mean, std, scale, rows, grad,
         n, video.shape[3] // patch, video.shape[4] // patch, float(eps),
         *pred.stride(), *video.stride(), *decoder_idx.stride(), *weight.stride(),
