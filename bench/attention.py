@@ -57,7 +57,7 @@ def sdpa_kernels(device: torch.device) -> list[tuple[str, object]]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     ap.add_argument("--arch", default=None, help=f"comma list (default vit_b,vit_g); {sorted(ALIASES)}")
     ap.add_argument("--batch", type=int, help="default 32 (ViT-B) / 8 (ViT-g) on GPU, 1 on CPU")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(RESULTS_DIR))
     ap.add_argument("--name")
     ns = ap.parse_args(argv)
-    dev = torch.device("cuda" if (ns.device == "auto" and torch.cuda.is_available()) else
-                       ("cpu" if ns.device == "auto" else ns.device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: CUDA is not available on this machine")
+    try:
+        dev = devmod.select_device(ns.device)  # cuda:N also becomes the current device
+    except ValueError as exc:
+        ap.error(str(exc))
     try:
         archs = [_arch(a) for a in (ns.arch or "vit_b,vit_g").split(",")]
     except ValueError as exc:

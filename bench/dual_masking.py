@@ -3,13 +3,17 @@
     python -m bench.dual_masking                      # --preset auto: what fits this machine
     python -m bench.dual_masking --preset table2      # ViT-B and ViT-g at 16x224, as the paper's Table 2
     python -m bench.dual_masking --arch vit_b --batch 8 --frames 16 --img-size 224 --masking enc,0.5
+    python -m bench.dual_masking --preset table2 --smoke --device cpu --out /tmp/smoke   # code paths only
 
 Per cell (setup x masking x implementation): parameters, forward GMACs in both conventions
-(``vmae_fast.flops``), the FLOPs ``torch.utils.flop_counter`` counts for one forward+backward,
-train-step time (median/min/max/IQR), clips/s, achieved TFLOP/s, MFU, peak and per-clip
-activation memory, optionally the largest batch that fits. Prints Markdown tables (one in the
-shape of the paper's Table 2, beside its numbers), writes every raw number to a JSON file under
-``bench/results/`` and a PNG plot beside it.
+(``vmae_fast.flops``), the FLOPs ``torch.utils.flop_counter`` counts for one forward+backward
+(attention by the analytic rule; kernels the counter misses are named), train-step time
+(median/min/max/IQR), clips/s, achieved TFLOP/s, MFU (model FLOPs: forward + backward, no
+recomputation) and HFU (hardware FLOPs: with the recomputation of activation checkpointing),
+peak and per-clip activation memory, optionally the largest batch that fits. Prints Markdown
+tables (one in the shape of the paper's Table 2, beside its numbers), writes every raw number to
+a JSON file under ``bench/results/`` and a PNG plot beside it. ``--smoke`` runs a preset's plan
+at toy sizes, to check its code paths (search, FLOPs, tables, plot) on any machine.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from pathlib import Path
 import torch
 
 import vmae_fast
-from vmae_fast.config import ARCHS
+from vmae_fast.config import ARCHS, arch_spec
 from vmae_fast.flops import count_macs
 from vmae_fast.masking import running_cell_patterns
 
@@ -36,7 +40,7 @@ from .timing import free_memory, is_oom, pin_malloc_mmap_threshold
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-# SPEC section 6: the paper's Table 2 (forward GMACs per 16x224 clip, fvcore convention),
+# docs/semantics.md §10: the paper's Table 2 (forward GMACs per 16x224 clip, fvcore convention),
 # the decoder-ratio ablation, speedups of dual masking, and "Mems" (meaning undefined there).
 PAPER = {
     ("vit_base_patch16_224", 0.0): {"gmacs": 35.48, "mems": "631M"},
@@ -78,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="implementations:\n" + "\n".join(f"  {k}: {v}" for k, v in IMPL_HELP.items()))
     p.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
                    help="auto: 'gpu' on a CUDA device, else 'cpu' (default: auto)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda (the current CUDA device) | cuda:N (made current) (default: auto)")
     p.add_argument("--arch", action="append",
                    help=f"model (repeatable): one of {sorted(ARCHS)} or {sorted(ALIASES)}; replaces the preset's")
     p.add_argument("--batch", type=int, help="clips per step (all setups)")
@@ -97,8 +102,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed steps before timing")
     p.add_argument("--repeats", type=int, help="timed steps per cell")
     p.add_argument("--no-optimizer", action="store_true", help="time forward+backward only (no AdamW step)")
-    p.add_argument("--max-batch", action="store_true", help="find the largest batch that fits (GPU; bisection)")
-    p.add_argument("--max-batch-cap", type=int, default=4096)
+    p.add_argument("--max-batch", action="store_true",
+                   help="find the largest batch that fits (doubling, then bisection; on CPU only with --max-batch-cap)")
+    p.add_argument("--max-batch-cap", type=int,
+                   help="largest batch --max-batch tries (default 4096 on GPU; on CPU the search runs "
+                        "only with a cap, since an out-of-memory there kills the process)")
+    p.add_argument("--smoke", action="store_true",
+                   help="the preset's plan at toy sizes, to check its code paths (not its numbers): per setup "
+                        "depth 1, decoder depth 1, head width 8, 4 frames, a 2x2 patch grid, batch 2; 1 warm-up, "
+                        "2 repeats, --max-batch up to 4, a small matmul ceiling; explicit overrides still apply")
     p.add_argument("--interleave", dest="interleave", action="store_true", default=None,
                    help="time the implementations of a cell round-robin, all alive at once "
                         "(default on CPU, where other load would otherwise fall on one row)")
@@ -150,17 +162,20 @@ def _impls(text: str) -> list[str]:
 
 
 def _device(text: str) -> torch.device:
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(text)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {text!r} is not a device ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {text!r}: CUDA is not available on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {text!r}")
-    return dev
+    return devmod.select_device(text)  # parse; a cuda:N device becomes the current one
+
+
+SMOKE = {"frames": 4, "batch": 2, "depth": 1, "decoder_depth": 1}
+SMOKE_MAX_BATCH_CAP = 4
+
+
+def _smoke(s: Setup) -> Setup:
+    """``s`` at toy size: the smallest grid the running-cell masks take (2x2 patches), head
+    width 8 with the arch's head counts (a full-width ViT-g block alone makes each AdamW step
+    cost ~0.2 s on 2 CPU cores)."""
+    a = arch_spec(s.arch)
+    return Setup(**{**s.__dict__, **SMOKE, "img_size": 2 * a.patch_size, "embed_dim": 8 * a.num_heads,
+                    "decoder_embed_dim": 8 * a.decoder_num_heads})
 
 
 def plan_from_args(ns: argparse.Namespace) -> dict:
@@ -177,11 +192,14 @@ def plan_from_args(ns: argparse.Namespace) -> dict:
         raise ValueError(f"--encoder-ratio must be in [0, 1), got {ns.encoder_ratio}")
     maskings = _maskings(ns.masking) if ns.masking else None
     setups = list(base["setups"])
+    smoke = getattr(ns, "smoke", False)
     if ns.arch:
         archs = [_arch(a) for a in ns.arch]
         default_batch = 2 if device.type == "cpu" else 32
         setups = [(Setup(a, 16, 224, default_batch if "giant" not in a else 8, ckpt="giant" in a
                          and device.type == "cuda"), maskings or [0.0, 0.5]) for a in archs]
+    if smoke:
+        setups = [(_smoke(s), m) for s, m in setups]
     out = []
     for s, m in setups:
         kw = {k: getattr(ns, a) for k, a in (("batch", "batch"), ("frames", "frames"), ("img_size", "img_size"),
@@ -209,9 +227,13 @@ def plan_from_args(ns: argparse.Namespace) -> dict:
         dtype = DTYPES[ns.dtype]
     if dtype == torch.float16 and device.type == "cpu":
         raise ValueError("--dtype fp16 is not supported on CPU; use fp32 or bf16")
-    return {"preset": preset, "device": device, "dtype": dtype, "setups": out, "impls": impls,
-            "warmup": base["warmup"] if ns.warmup is None else ns.warmup,
-            "repeats": base["repeats"] if ns.repeats is None else ns.repeats}
+    # The search needs a bound on CPU, where an out-of-memory kills the process instead of raising.
+    cap = ns.max_batch_cap if ns.max_batch_cap is not None else (
+        SMOKE_MAX_BATCH_CAP if smoke else (4096 if device.type == "cuda" else None))
+    return {"preset": preset, "device": device, "dtype": dtype, "setups": out, "impls": impls, "smoke": smoke,
+            "warmup": 1 if smoke and ns.warmup is None else (base["warmup"] if ns.warmup is None else ns.warmup),
+            "repeats": 2 if smoke and ns.repeats is None else (base["repeats"] if ns.repeats is None else ns.repeats),
+            "max_batch": ns.max_batch or smoke, "max_batch_cap": cap}
 
 
 # ------------------------------------------------------------------------------------- run
@@ -246,10 +268,13 @@ def run(plan: dict, ns: argparse.Namespace) -> dict:
     if device.type == "cpu":
         pin_malloc_mmap_threshold()  # before any model exists, so RSS tracks live tensors
     info = devmod.device_info(device)
-    ceiling = devmod.matmul_ceiling(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    smoke = plan.get("smoke", False)
+    ceiling = devmod.matmul_ceiling(device, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                    **({"n": 256, "repeats": 3} if smoke else {}))
     opt = CellOptions(device=device, dtype=dtype, warmup=plan["warmup"], repeats=plan["repeats"],
-                      encoder_ratio=ns.encoder_ratio, optimizer=not ns.no_optimizer, max_batch=ns.max_batch,
-                      max_batch_cap=ns.max_batch_cap, count_flops=not ns.no_flops, seed=ns.seed)
+                      encoder_ratio=ns.encoder_ratio, optimizer=not ns.no_optimizer,
+                      max_batch=plan.get("max_batch", ns.max_batch), max_batch_cap=plan.get("max_batch_cap"),
+                      count_flops=not ns.no_flops, seed=ns.seed)
     rows = []
     n_cells = sum(len(m) for _, m in plan["setups"]) * len(plan["impls"])
     bar = _progress(n_cells, ns.no_progress)
@@ -274,9 +299,10 @@ def run(plan: dict, ns: argparse.Namespace) -> dict:
             except Exception as exc:  # e.g. OOM for the weights, a missing compiler
                 return None, None, f"{type(exc).__name__}: {exc}"[:300]
 
-        def failed(row, exc):
-            row.update(status="oom" if is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}"[:300])
-            free_memory(device)
+        def error_of(exc):
+            # Only a description is kept: the exception's traceback holds the failed step's
+            # tensors, so memory is freed after the except block, once they are gone.
+            return "oom" if is_oom(exc) else "error", f"{type(exc).__name__}: {exc}"[:300]
 
         if interleave:  # every implementation alive at once, timed round-robin
             mods, errors = {}, {}
@@ -288,17 +314,21 @@ def run(plan: dict, ns: argparse.Namespace) -> dict:
                     mods[impl] = (module, optimizer)
             for r in maskings:
                 bar.set_description(f"{setup.label()} | {masking_label(r)} | all (interleaved)")
+                err = None
                 try:
                     measured = measure_cells_interleaved(mods, setup, r, opt) if mods else {}
-                    exc = None
-                except Exception as e:
-                    measured, exc = {}, e
+                except Exception as exc:
+                    measured, err = {}, error_of(exc)
+                if err:
+                    for module, _ in mods.values():
+                        module.zero_grad(set_to_none=True)
+                    free_memory(device)
                 for impl in plan["impls"]:
                     row = base_row(impl, r)
                     if impl in errors:
                         row.update(status="error", error=errors[impl])
-                    elif exc is not None:
-                        failed(row, exc)
+                    elif err is not None:
+                        row.update(status=err[0], error=err[1])
                     else:
                         row.update(measured[impl])
                     rows.append(row)
@@ -314,22 +344,27 @@ def run(plan: dict, ns: argparse.Namespace) -> dict:
                 if build_error:
                     row.update(status="error", error=build_error)
                 else:
+                    err = None
                     try:
                         row.update(measure_cell(impl, module, setup, r, opt, optimizer))
                     except Exception as exc:
+                        err = error_of(exc)
+                    if err:
+                        row.update(status=err[0], error=err[1])
                         module.zero_grad(set_to_none=True)
-                        failed(row, exc)
+                        free_memory(device)
                 rows.append(row)
                 bar.update(1)
             del module, optimizer
             free_memory(device)
     bar.close()
     derive(rows, info, ceiling)
-    return {"schema": 1, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    return {"schema": 2, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m bench.dual_masking " + " ".join(sys.argv[1:] if ns._argv is None else ns._argv),
             "preset": plan["preset"], "device": info, "matmul_ceiling": ceiling,
             "config": {"dtype": str(dtype).replace("torch.", ""), "warmup": plan["warmup"],
-                       "repeats": plan["repeats"], "encoder_ratio": ns.encoder_ratio,
+                       "repeats": plan["repeats"], "encoder_ratio": ns.encoder_ratio, "smoke": smoke,
+                       "max_batch_cap": opt.max_batch_cap if opt.max_batch else None,
                        "optimizer": "none (forward+backward)" if ns.no_optimizer else
                        "AdamW lr=0 (full update cost, weights unchanged)",
                        "impls": plan["impls"], "seed": ns.seed,
@@ -337,6 +372,13 @@ def run(plan: dict, ns: argparse.Namespace) -> dict:
                        (ns.interleave if ns.interleave is not None else device.type == "cpu") else
                        "sequential (one implementation alive at a time)",
                        "setups": [{**s.__dict__, "maskings": m} for s, m in plan["setups"]],
+                       "clips": "vmae_fast: uint8 (normalized on the device, as train/pretrain.py feeds it); "
+                                "reference: ImageNet-normalized float32 of the same pixels",
+                       "flops": "torch.utils.flop_counter; attention from q/k/v shapes by the analytic rule "
+                                "(backward = 2x forward) on every torch build, also where the counter counts 0 "
+                                "(flop_counter_missed names those ops). model FLOPs: forward + backward of "
+                                "the vmae_fast row, no recomputation (MFU); hardware FLOPs: what the row's "
+                                "step ran, recomputation of checkpointed blocks included (HFU)",
                        "memory": "GPU: torch.cuda.max_memory_allocated; CPU: RSS high-water (VmHWM) after "
                                  "resetting it via /proc/self/clear_refs; act/clip = (peak - memory in use "
                                  "before the step) / batch"},
@@ -353,22 +395,27 @@ def _find(rows, setup_label, r, impl):
 
 
 def derive(rows: list[dict], info: dict, ceiling: dict) -> None:
-    """Add achieved TFLOP/s, MFU and the two speedups to every measured row."""
+    """Add TFLOP/s, MFU, HFU and the two speedups to every measured row."""
     peak = info.get("bf16_dense_peak_tflops")
     for x in rows:
         if x["status"] != "ok":
             continue
         t = x["step_s"]["median"]
-        own = x.get("counted_flops_train_step")
-        x["achieved_tflops"] = own / t / 1e12 if own else None
-        # MFU counts the work the function needs (the vmae_fast row's count, same for every
-        # implementation of the cell), not what an implementation chose to compute.
+        # Hardware FLOPs: what this row's step ran, the forward of checkpointed blocks again in
+        # backward included. Model FLOPs: the work the function needs (the vmae_fast row's
+        # forward + backward without recomputation, the same for every implementation of the
+        # cell), so MFU does not reward recomputing or computing what the function discards.
+        hw = x.get("counted_flops_train_step")
         fast = _find(rows, x["setup"]["label"], x["decoder_ratio"], "vmae_fast")
-        model_flops = (fast or {}).get("counted_flops_train_step") or own
-        x["model_flops_train_step"] = model_flops
-        model_tflops = model_flops / t / 1e12 if model_flops else None
-        x["mfu_datasheet"] = model_tflops / peak if (model_tflops and peak and x["dtype"] != "float32") else None
-        x["mfu_measured_ceiling"] = model_tflops / ceiling["tflops"] if model_tflops else None
+        model = (fast or {}).get("counted_flops_model_step") or x.get("counted_flops_model_step")
+        x["hardware_flops_train_step"] = hw
+        x["model_flops_train_step"] = model
+        x["achieved_tflops"] = hw / t / 1e12 if hw else None
+        x["model_tflops"] = model / t / 1e12 if model else None
+        bf16_peak = peak if x["dtype"] != "float32" else None  # the datasheet peak is a bf16 number
+        for kind, tf in (("mfu", x["model_tflops"]), ("hfu", x["achieved_tflops"])):
+            x[f"{kind}_datasheet"] = tf / bf16_peak if (tf and bf16_peak) else None
+            x[f"{kind}_measured_ceiling"] = tf / ceiling["tflops"] if tf else None
         enc = _find(rows, x["setup"]["label"], 0.0, x["impl"])
         x["speedup_dual_vs_enc"] = enc["step_s"]["median"] / t if (enc and x["decoder_ratio"] != 0) else None
         ref = _find(rows, x["setup"]["label"], x["decoder_ratio"], "reference")
@@ -396,7 +443,7 @@ def goals(rows: list[dict], info: dict) -> dict:
     out = {"applicable": True, "row": x["setup"]["label"],
            "speedup_vs_reference": x["speedup_vs_reference"], "goal_speedup_vs_reference": GOAL_SPEEDUP_VS_REF,
            "mem_vs_reference": x["mem_vs_reference"], "goal_mem_vs_reference": GOAL_MEM_FRACTION,
-           "mfu": x["mfu_datasheet"], "goal_mfu": GOAL_MFU_HOPPER if hopper else None,
+           "mfu": x["mfu_datasheet"], "goal_mfu": GOAL_MFU_HOPPER if hopper else None, "hfu": x["hfu_datasheet"],
            "speedup_dual_vs_enc": x["speedup_dual_vs_enc"], "goal_speedup_dual_vs_enc": PAPER[(x["arch"], 0.5)]["speedup"]}
     out["pass"] = {
         "speedup_vs_reference": None if x["speedup_vs_reference"] is None else x["speedup_vs_reference"] >= GOAL_SPEEDUP_VS_REF,
@@ -441,20 +488,23 @@ def render(result: dict) -> str:
                    "saves for backward per clip (exact)")
     out.append("")
     out += ["| setup | masking | impl | params | GMACs official / ours | step ms median (min–max) | clips/s "
-            "| TFLOP/s | MFU peak / ceiling | peak mem | act/clip | saved/clip | max batch | dual÷enc | vs reference |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| TFLOP/s hw | MFU peak / ceiling | HFU peak / ceiling | peak mem | act/clip | saved/clip | max batch "
+            "| dual÷enc | vs reference |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         head = (f"| {x['setup']['label']} | {x['masking']} | {x['impl']} | {x['params'] / 1e6:.1f}M | "
                 f"{x['gmacs_official']:.2f} / {x['gmacs_vmae_fast']:.2f} | ")
         if x["status"] != "ok":
-            out.append(head + f"**{x['status']}**: {x.get('error', '')[:80]} |" + " |" * 9)
+            out.append(head + f"**{x['status']}**: {x.get('error', '')[:80]} |" + " |" * 10)
             continue
         s = x["step_s"]
         mb = x.get("max_batch")
-        mbs = "–" if mb is None else (str(mb["max_batch"]) if mb.get("max_batch") is not None else "n/a")
-        mfu = (f"{_x(x['mfu_datasheet'], '{:.0%}')} / {_x(x['mfu_measured_ceiling'], '{:.0%}')}")
+        mbs = "–" if mb is None else (f"{mb['max_batch']}{'+' if mb.get('capped') else ''}"
+                                      if mb.get("max_batch") is not None else "n/a")
+        mfu, hfu = (f"{_x(x[k + '_datasheet'], '{:.0%}')} / {_x(x[k + '_measured_ceiling'], '{:.0%}')}"
+                    for k in ("mfu", "hfu"))
         out.append(head + f"{s['median'] * 1e3:.1f} ({s['min'] * 1e3:.1f}–{s['max'] * 1e3:.1f}) | "
-                   f"{x['clips_per_s']:.2f} | {_x(x['achieved_tflops'], '{:.2f}')} | {mfu} | "
+                   f"{x['clips_per_s']:.2f} | {_x(x['achieved_tflops'], '{:.2f}')} | {mfu} | {hfu} | "
                    f"{_mb(x['peak_mem_bytes'])} | {_mb(x['act_mem_per_clip_bytes'])} | "
                    f"{_mb(x.get('saved_act_per_clip_bytes'))} | {mbs} | "
                    f"{_x(x['speedup_dual_vs_enc'])} | {_x(x['speedup_vs_reference'])} |")
@@ -501,6 +551,14 @@ def render(result: dict) -> str:
                               ("speedup_dual_vs_enc", ">= 1.79x dual over encoder-only", "{:.2f}x")):
             ok = g["pass"][k]
             out.append(f"- {label}: {_x(g[k], fmt)} -> {'PASS' if ok else ('FAIL' if ok is False else 'n/a')}")
+    out += ["", "MFU: model FLOPs (forward + backward of the vmae_fast row, no recomputation) per second; "
+            "HFU: hardware FLOPs (what the row's step ran, activation-checkpointing recomputation included); "
+            "peak = datasheet bf16 dense peak, ceiling = the measured matmul ceiling; max batch N+ = the search "
+            "stopped at its cap"]
+    missed = sorted({op for x in rows for op in x.get("flop_counter_missed") or ()})
+    if missed:
+        out.append(f"torch.utils.flop_counter counted 0 FLOPs for {', '.join(missed)}: filled in from the "
+                   "q/k/v shapes by the analytic rule (vmae_fast.flops.attention_flops)")
     return "\n".join(out)
 
 
@@ -510,7 +568,7 @@ def _plan_slug(plan: dict, ns: argparse.Namespace) -> str:
     custom = any(getattr(ns, k) is not None for k in ("arch", "batch", "frames", "img_size", "depth",
                                                       "decoder_depth", "masking", "impl"))
     if not custom:
-        return plan["preset"]
+        return plan["preset"] + ("-smoke" if plan.get("smoke") else "")
     labels = sorted({s.label() for s, _ in plan["setups"]})
     return "custom-" + "_".join(re.sub(r"[^A-Za-z0-9]+", "-", x).strip("-").lower() for x in labels)
 

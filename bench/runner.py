@@ -4,6 +4,10 @@ Every implementation of a setup starts from one state dict (drawn once from a se
 the CPU) and sees the same clip and the same masks, so rows differ only in how they compute.
 Implementations are built one at a time on the device and freed after, so a row's peak memory
 is that implementation's alone.
+
+Each implementation gets the clip as its training loop hands it over: vmae_fast takes the uint8
+clip and normalizes it on the device (as ``train/pretrain.py`` feeds it), the official code a
+normalized float32 clip. Both come from one uint8 draw, so every row computes on the same values.
 """
 from __future__ import annotations
 
@@ -17,10 +21,12 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 import vmae_fast
-from vmae_fast.config import config_for
+from vmae_fast.config import IMAGENET_MEAN, IMAGENET_STD, config_for
+from vmae_fast.flops import counted_flops as _counted_flops
+from vmae_fast.layers import Blocks
 from vmae_fast.reference import ReferencePretrain
 
-from .timing import PeakMemory, SavedActivations, Stats, free_memory, is_oom, time_fn
+from .timing import PeakMemory, SavedActivations, Stats, free_memory, is_oom, synchronize, time_fn
 
 IMPLS = ("vmae_fast", "vmae_fast-unfused", "reference", "reference+compile", "vmae_fast+compile")
 IMPL_HELP = {
@@ -44,9 +50,12 @@ class Setup:
     ckpt: bool = False
     depth: int | None = None  # overrides, for tiny smoke configs
     decoder_depth: int = 4
+    embed_dim: int | None = None  # width overrides (smoke runs), else the arch's
+    decoder_embed_dim: int | None = None
 
     def overrides(self) -> dict:
-        return {} if self.depth is None else {"depth": self.depth}
+        return {k: getattr(self, k) for k in ("depth", "embed_dim", "decoder_embed_dim")
+                if getattr(self, k) is not None}
 
     def config(self):
         return config_for(self.arch, num_frames=self.frames, img_size=self.img_size,
@@ -56,6 +65,8 @@ class Setup:
         s = f"{short_arch(self.arch)} {self.frames}x{self.img_size} b{self.batch}"
         if self.depth is not None:
             s += f" depth{self.depth}"
+        if self.embed_dim is not None or self.decoder_embed_dim is not None:
+            s += f" width{self.embed_dim or ''}/{self.decoder_embed_dim or ''}"
         return s + (" ckpt" if self.ckpt else "")
 
 
@@ -90,9 +101,12 @@ class _Checkpointed(nn.Module):
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
+        self.enabled = True
 
     def forward(self, x):
-        return checkpoint(self.block, x, use_reentrant=False) if torch.is_grad_enabled() else self.block(x)
+        if self.enabled and torch.is_grad_enabled():
+            return checkpoint(self.block, x, use_reentrant=False)
+        return self.block(x)
 
 
 def checkpoint_reference(ref: ReferencePretrain) -> ReferencePretrain:
@@ -100,6 +114,25 @@ def checkpoint_reference(ref: ReferencePretrain) -> ReferencePretrain:
         for i in range(len(blocks)):
             blocks[i] = _Checkpointed(blocks[i])
     return ref
+
+
+@contextlib.contextmanager
+def checkpointing_disabled(module: nn.Module):
+    """Run ``module`` without activation checkpointing (vmae_fast's ``Blocks`` and the
+    reference's ``_Checkpointed`` wrappers), restoring the setting after."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, Blocks):
+            saved.append((m, "checkpointed", m.checkpointed))
+            m.checkpointed = 0
+        elif isinstance(m, _Checkpointed):
+            saved.append((m, "enabled", m.enabled))
+            m.enabled = False
+    try:
+        yield
+    finally:
+        for m, attr, value in saved:
+            setattr(m, attr, value)
 
 
 def master_state(setup: Setup, seed: int) -> dict[str, torch.Tensor]:
@@ -167,60 +200,90 @@ def make_optimizer(module: nn.Module, device: torch.device) -> torch.optim.Optim
     return torch.optim.AdamW(module.parameters(), lr=0.0, betas=(0.9, 0.95), weight_decay=0.05, **kw)
 
 
-def counted_flops(step_fwd_bwd: Callable[[], None]) -> int | None:
-    """FLOPs ``torch.utils.flop_counter`` counts for one forward + backward."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def counted_flops(step_fwd_bwd: Callable[[], None]) -> tuple[int | None, list[str] | str]:
+    """``(FLOPs, missed ops)`` of one forward + backward as ``torch.utils.flop_counter`` counts
+    them, attention by the analytic rule on every torch build and filled in where the counter
+    misses it (``vmae_fast.flops.counted_flops``); ``(None, why)`` where the counter cannot run
+    the step."""
     try:
-        with FlopCounterMode(display=False) as fc:
-            step_fwd_bwd()
-        return int(fc.get_total_flops())
-    except Exception:  # compiled graphs and exotic kernels the counter cannot trace
-        return None
+        return _counted_flops(step_fwd_bwd)
+    except Exception as exc:  # compiled graphs and exotic kernels the counter cannot trace
+        return None, f"{type(exc).__name__}: {exc}"[:200]
 
 
-def try_batch(run_once: Callable[[int], None], batch: int, device: torch.device) -> bool:
+def try_batch(run_once: Callable[[int], None], batch: int, free: Callable[[], None]) -> str | None:
+    """Run one step of ``batch``; ``None`` if it fit, else the out-of-memory message. Other
+    errors propagate.
+
+    Memory is freed after the ``except`` block has ended: until then the exception's traceback
+    holds the failed step's frames and through them its activations, which neither
+    ``gc.collect`` nor ``torch.cuda.empty_cache`` could release."""
+    error = None
     try:
         run_once(batch)
-        return True
     except Exception as exc:
         if not is_oom(exc):
             raise
-        free_memory(device)
-        return False
+        error = f"{type(exc).__name__}: {exc}"[:300]
+    if error is not None:
+        free()
+    return error
 
 
-def max_batch(run_once: Callable[[int], None], start: int, device: torch.device, cap: int = 4096) -> dict:
+def max_batch(run_once: Callable[[int], None], start: int, device: torch.device, cap: int = 4096,
+              free: Callable[[], None] | None = None) -> dict:
     """Largest batch whose train step fits: double from ``start`` until out of memory, then
-    bisect. Each try runs one step; an OOM is caught and the cache emptied."""
+    bisect, up to ``cap``. Each try runs one step; an out-of-memory error (``is_oom``) is
+    recorded in ``tries`` and memory freed (``free``, default ``free_memory(device)``) before the
+    next try."""
+    if cap < 1:
+        raise ValueError(f"max-batch cap must be >= 1, got {cap}")
+    free = free or (lambda: free_memory(device))
     lo, hi = 0, None
-    b = max(1, start)
+    b = min(max(1, start), cap)
     tries = []
+
+    def attempt(batch):
+        err = try_batch(run_once, batch, free)
+        tries.append({"batch": batch, "fits": err is None, **({"error": err} if err else {})})
+        return err is None
+
     while b <= cap:
-        ok = try_batch(run_once, b, device)
-        tries.append((b, ok))
-        if not ok:
+        if not attempt(b):
             hi = b
             break
         lo = b
-        b *= 2
+        if b == cap:
+            break
+        b = min(2 * b, cap)
     if hi is None:
         return {"max_batch": lo, "capped": True, "cap": cap, "tries": tries}
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        ok = try_batch(run_once, mid, device)
-        tries.append((mid, ok))
-        lo, hi = (mid, hi) if ok else (lo, mid)
+        lo, hi = (mid, hi) if attempt(mid) else (lo, mid)
     return {"max_batch": lo, "capped": False, "cap": cap, "tries": tries}
 
 
-def make_inputs(setup: Setup, batch: int, decoder_ratio: float, encoder_ratio: float, device, seed: int):
-    """A random normalized clip (never zeros) and masks, drawn on the CPU from ``seed`` so every
-    implementation and device sees the same values."""
+def clip_dtype(impl: str) -> torch.dtype:
+    """The clip dtype ``impl``'s training loop feeds: uint8 for vmae_fast (normalized on the
+    device, 4x less input memory than float32), normalized float32 for the official code."""
+    return torch.float32 if impl.startswith("reference") else torch.uint8
+
+
+def make_inputs(setup: Setup, batch: int, decoder_ratio: float, encoder_ratio: float, device, seed: int,
+                dtype: torch.dtype = torch.float32):
+    """A random clip and masks drawn on the CPU from ``seed``, so every implementation and
+    device sees the same values: uint8 pixels (never all zeros) as they are, or for
+    ``dtype=float32`` ImageNet-normalized as the official data pipeline does."""
     g = torch.Generator().manual_seed(seed)
-    video = torch.randn(batch, 3, setup.frames, setup.img_size, setup.img_size, generator=g)
+    video = torch.randint(0, 256, (batch, 3, setup.frames, setup.img_size, setup.img_size), generator=g,
+                          dtype=torch.uint8)
     cfg = setup.config()
     masks = vmae_fast.DualMask.sample(batch, cfg.grid, encoder_ratio, decoder_ratio, generator=g)
+    if dtype != torch.uint8:
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
+        video = ((video.float() / 255 - mean) / std).to(dtype)
     return video.to(device), masks.to(device)
 
 
@@ -233,7 +296,7 @@ class CellOptions:
     encoder_ratio: float = 0.9
     optimizer: bool = True
     max_batch: bool = False
-    max_batch_cap: int = 4096
+    max_batch_cap: int | None = 4096  # None on CPU: no search (an OOM there kills the process)
     count_flops: bool = True
     seed: int = 0
 
@@ -247,9 +310,64 @@ def _with_kernels(impl: str, fn: Callable) -> Callable:
     return f
 
 
-def _memory_flops_maxbatch(impl, module, setup, decoder_ratio, opt, optimizer, step, video, masks) -> dict:
+def _count(impl, module, setup, decoder_ratio, opt, row, video, masks) -> None:
+    """FLOPs of one train step of ``impl``, two ways.
+
+    ``counted_flops_train_step``: what the step as run computes (hardware FLOPs: with activation
+    checkpointing, the blocks' forward runs again in backward). ``counted_flops_model_step``:
+    the same step without that recomputation (model FLOPs: forward + backward, ~3x forward;
+    exactly 3x less the input gradient of the patch embedding, which no one needs). The latter
+    is counted on one clip with checkpointing switched off (per-clip work is the same at any
+    batch; one clip keeps an un-checkpointed ViT-g step small) and scaled to the batch."""
     device, dtype = opt.device, opt.dtype
-    row: dict = {}
+    if not opt.count_flops or "compile" in impl:
+        row["counted_flops_train_step"] = row["counted_flops_model_step"] = None
+        return
+    nograd = make_step(impl, module, video, masks, decoder_ratio, device, dtype, None)
+    hw, missed = counted_flops(_with_kernels(impl, nograd))
+    model, missed_model = hw, missed
+    if hw is not None and setup.ckpt:
+        v1, m1 = make_inputs(setup, 1, decoder_ratio, opt.encoder_ratio, device, opt.seed, clip_dtype(impl))
+        one = make_step(impl, module, v1, m1, decoder_ratio, device, dtype, None)
+        with checkpointing_disabled(module):
+            model, missed_model = counted_flops(_with_kernels(impl, one))
+        model = None if model is None else model * setup.batch
+    module.zero_grad(set_to_none=True)
+    row["counted_flops_train_step"] = hw
+    row["counted_flops_model_step"] = model
+    errors = [m for m in (missed, missed_model) if isinstance(m, str)]
+    if errors:
+        row["flop_counter_error"] = errors[0]
+    # attention kernels torch's counter counted as 0 FLOPs here, filled in from their shapes
+    row["flop_counter_missed"] = sorted({op for m in (missed, missed_model) if isinstance(m, list) for op in m})
+
+
+def _search_max_batch(impl, module, setup, decoder_ratio, opt, optimizer) -> dict:
+    device = opt.device
+    if opt.max_batch_cap is None:
+        return {"max_batch": None, "why": "CPU: an out-of-memory there kills the process; pass "
+                                          "--max-batch-cap to search up to a bound"}
+    cdt = clip_dtype(impl)  # the timed step's clip dtype: a uint8 clip is 4x smaller than float32
+
+    def run_once(b):
+        v, m = make_inputs(setup, b, decoder_ratio, opt.encoder_ratio, device, opt.seed, cdt)
+        _with_kernels(impl, make_step(impl, module, v, m, decoder_ratio, device, opt.dtype, optimizer))()
+        synchronize(device)
+
+    def free():
+        module.zero_grad(set_to_none=True)  # a step that failed in backward leaves some grads
+        free_memory(device)
+
+    if device.type == "cuda":  # start from an empty cache (a CPU has none, and gc.collect costs ~0.2 s)
+        free()
+    out = max_batch(run_once, setup.batch, device, opt.max_batch_cap, free)
+    out["clip_dtype"] = str(cdt).replace("torch.", "")
+    return out
+
+
+def _memory_flops_maxbatch(impl, module, setup, decoder_ratio, opt, optimizer, step, video, masks) -> dict:
+    device = opt.device
+    row: dict = {"clip_dtype": str(video.dtype).replace("torch.", "")}
     with PeakMemory(device) as mem:
         step()
     row["memory_kind"] = mem.kind
@@ -260,22 +378,9 @@ def _memory_flops_maxbatch(impl, module, setup, decoder_ratio, opt, optimizer, s
     with SavedActivations(exclude=[*module.parameters(), video, *mask_tensors]) as saved:
         step()
     row["saved_act_per_clip_bytes"] = saved.bytes / setup.batch
-    if opt.count_flops and "compile" not in impl:
-        nograd = make_step(impl, module, video, masks, decoder_ratio, device, dtype, None)
-        row["counted_flops_train_step"] = counted_flops(_with_kernels(impl, nograd))
-        module.zero_grad(set_to_none=True)
-    else:
-        row["counted_flops_train_step"] = None
+    _count(impl, module, setup, decoder_ratio, opt, row, video, masks)
     if opt.max_batch:
-        if device.type != "cuda":
-            row["max_batch"] = {"max_batch": None, "why": "CPU: no OOM recovery (the OS kills the process)"}
-        else:
-            def run_once(b):
-                v, m = make_inputs(setup, b, decoder_ratio, opt.encoder_ratio, device, opt.seed)
-                _with_kernels(impl, make_step(impl, module, v, m, decoder_ratio, device, dtype, optimizer))()
-                torch.cuda.synchronize(device)
-            free_memory(device)
-            row["max_batch"] = max_batch(run_once, setup.batch, device, opt.max_batch_cap)
+        row["max_batch"] = _search_max_batch(impl, module, setup, decoder_ratio, opt, optimizer)
     return row
 
 
@@ -283,7 +388,8 @@ def measure_cell(impl: str, module: nn.Module, setup: Setup, decoder_ratio: floa
                  opt: CellOptions, optimizer) -> dict:
     """Time, memory, FLOPs (and optionally the largest batch) of one train-step cell."""
     device = opt.device
-    video, masks = make_inputs(setup, setup.batch, decoder_ratio, opt.encoder_ratio, device, opt.seed)
+    video, masks = make_inputs(setup, setup.batch, decoder_ratio, opt.encoder_ratio, device, opt.seed,
+                               clip_dtype(impl))
     step = _with_kernels(impl, make_step(impl, module, video, masks, decoder_ratio, device, opt.dtype, optimizer))
     row: dict = {"loss": float(step().detach().float())}  # lr is 0: every step's loss equals this one
     stats = time_fn(step, device, warmup=max(0, opt.warmup - 1), repeats=opt.repeats)
@@ -299,9 +405,11 @@ def measure_cells_interleaved(modules: dict[str, tuple[nn.Module, object]], setu
     """All implementations of one cell, timed round-robin (one step of each per round) so that
     load from other processes on a shared CPU falls on every implementation alike."""
     device = opt.device
-    video, masks = make_inputs(setup, setup.batch, decoder_ratio, opt.encoder_ratio, device, opt.seed)
+    inputs = {dt: make_inputs(setup, setup.batch, decoder_ratio, opt.encoder_ratio, device, opt.seed, dt)
+              for dt in {clip_dtype(impl) for impl in modules}}
     steps, rows, samples = {}, {}, {}
     for impl, (module, optimizer) in modules.items():
+        video, masks = inputs[clip_dtype(impl)]
         steps[impl] = _with_kernels(impl, make_step(impl, module, video, masks, decoder_ratio, device,
                                                     opt.dtype, optimizer))
         rows[impl] = {"loss": float(steps[impl]().detach().float())}
@@ -315,7 +423,7 @@ def measure_cells_interleaved(modules: dict[str, tuple[nn.Module, object]], setu
     for impl, (module, optimizer) in modules.items():
         stats = Stats.of(samples[impl])
         rows[impl].update(_memory_flops_maxbatch(impl, module, setup, decoder_ratio, opt, optimizer,
-                                                 steps[impl], video, masks))
+                                                 steps[impl], *inputs[clip_dtype(impl)]))
         rows[impl]["step_s"] = stats.to_dict()
         rows[impl]["clips_per_s"] = setup.batch / stats.median
         rows[impl]["timing"] = "interleaved"

@@ -172,10 +172,27 @@ def pin_malloc_mmap_threshold(threshold: int = 1 << 20) -> bool:
     return _MALLOC_PINNED
 
 
+# Out-of-memory as the libraries report it when the caching allocator's own check passed but a
+# library allocation (cuBLAS handle/workspace, cuDNN workspace) or a raw CUDA call then failed:
+# a bigger batch would fail the same way, so the search must treat them as "does not fit".
+OOM_MARKERS = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
+               "cusolver_status_alloc_failed", "cufft_alloc_failed", "cusparse_status_alloc_failed")
+
+
 def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    """Whether ``exc`` (or an exception it was raised from, e.g. inside torch.compile) is a device
+    out-of-memory: ``torch.OutOfMemoryError`` or a RuntimeError naming one of ``OOM_MARKERS``
+    (``cuDNN error: CUDNN_STATUS_NOT_SUPPORTED`` counts only with "out of memory" in it: alone
+    it names an unsupported input, a real error)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        if isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MARKERS):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def free_memory(device: torch.device) -> None:

@@ -1,14 +1,19 @@
 """Smoke test of the benchmark CLI on a tiny config (a few seconds on 2 CPU cores)."""
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
 
 from bench import dual_masking
-from bench.runner import max_batch
-from bench.timing import Stats, time_fn
+from bench.device import parse_device
+from bench.runner import Setup, clip_dtype, make_inputs, max_batch
+from bench.timing import Stats, is_oom, time_fn
+from train.common import resolve_device
+from vmae_fast.flops import count_macs
 
 TINY = ["--arch", "vit_s", "--frames", "4", "--img-size", "32", "--depth", "1", "--decoder-depth", "1",
         "--batch", "2", "--masking", "enc,0.5", "--warmup", "1", "--repeats", "2", "--no-progress", "--no-plot",
@@ -91,3 +96,201 @@ def test_max_batch_bisection_finds_the_limit():
     out = max_batch(run_once, 4, torch.device("cpu"), cap=4096)
     assert out["max_batch"] == 37 and not out["capped"]
     assert max_batch(lambda b: None, 4, torch.device("cpu"), cap=16)["capped"]
+
+
+# ------------------------------------------------------------------- out-of-memory and the search
+@pytest.mark.parametrize("exc, oom", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("CUDA error: out of memory"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. ... out of memory"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+                  "non-contiguous input."), False),  # a real error, not memory
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+    (ValueError("out of memory"), False),
+])
+def test_is_oom(exc, oom):
+    assert is_oom(exc) is oom
+
+
+def test_is_oom_follows_the_cause():
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError as inner:
+            raise RuntimeError("backend compiler failed") from inner
+    except RuntimeError as outer:
+        assert is_oom(outer)
+
+
+@pytest.mark.parametrize("error", [lambda: torch.OutOfMemoryError("CUDA out of memory (fake)"),
+                                   lambda: RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")])
+def test_max_batch_frees_after_the_failed_step_is_gone(error):
+    refs, frees = [], []
+
+    def run_once(b):  # a fake device that fits 37 clips; `acts` stands for the step's activations
+        acts = torch.empty(b)
+        refs.append(weakref.ref(acts))
+        if b > 37:
+            raise error()
+
+    def free():  # what the search calls to release memory: the failed step must be gone by then
+        frees.append(sum(r() is not None for r in refs))
+
+    gc.disable()  # only reference counting may release the step here (no cycle collector luck)
+    try:
+        out = max_batch(run_once, 4, torch.device("cpu"), cap=4096, free=free)
+    finally:
+        gc.enable()
+    assert out["max_batch"] == 37 and not out["capped"]
+    failed = [t for t in out["tries"] if not t["fits"]]
+    assert frees == [0] * len(failed) and len(failed) >= 2  # 64 failed, then the bisection's misses
+    assert all(t["batch"] > 37 and ("out of memory" in t["error"] or "ALLOC_FAILED" in t["error"]) for t in failed)
+    assert [t["batch"] for t in out["tries"]][:5] == [4, 8, 16, 32, 64]
+
+
+def test_max_batch_raises_real_errors_and_stops_at_the_cap():
+    def run_once(b):
+        if b >= 8:
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="shapes"):
+        max_batch(run_once, 2, torch.device("cpu"), free=lambda: None)
+    out = max_batch(lambda b: None, 4, torch.device("cpu"), cap=20)
+    assert out["capped"] and out["max_batch"] == 20 and [t["batch"] for t in out["tries"]] == [4, 8, 16, 20]
+
+
+def test_search_and_timed_step_use_the_training_clip_dtype():
+    assert clip_dtype("vmae_fast") == clip_dtype("vmae_fast-unfused") == torch.uint8
+    assert clip_dtype("reference") == clip_dtype("reference+compile") == torch.float32
+    s = Setup("vit_small_patch16_224", 4, 32, 2)
+    v8, m8 = make_inputs(s, 2, 0.5, 0.9, "cpu", 0, torch.uint8)
+    v32, m32 = make_inputs(s, 2, 0.5, 0.9, "cpu", 0, torch.float32)
+    assert v8.dtype == torch.uint8 and v32.dtype == torch.float32 and v8.float().std() > 0
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(v32, (v8.float() / 255 - mean.view(3, 1, 1, 1)) / std.view(3, 1, 1, 1))
+    assert torch.equal(m8.visible_idx, m32.visible_idx) and torch.equal(m8.decoder_idx, m32.decoder_idx)
+
+
+# ------------------------------------------------------------------------------- device selection
+@pytest.mark.parametrize("text, avail, count, current, want", [
+    ("cpu", True, 2, 0, ("cpu", None)),
+    ("auto", False, 0, 0, ("cpu", None)),
+    ("auto", True, 2, 1, ("cuda:1", None)),   # the current device, already current
+    ("cuda", True, 2, 1, ("cuda:1", None)),
+    ("cuda:1", True, 2, 0, ("cuda:1", 1)),    # made current: events, streams, handles follow it
+    ("cuda:0", True, 2, 1, ("cuda:0", 0)),
+])
+def test_bench_device_selection(text, avail, count, current, want):
+    dev, index = parse_device(text, cuda_available=avail, device_count=count, current=current)
+    assert (str(dev), index) == want
+
+
+@pytest.mark.parametrize("text, avail, message", [
+    ("cuda:2", True, "has 2 CUDA device"), ("cuda", False, "CUDA is not available"),
+    ("mps", True, "must be cpu or cuda"), ("gpu0", True, "is not a device"),
+])
+def test_bench_device_selection_errors(text, avail, message):
+    with pytest.raises(ValueError, match=message):
+        parse_device(text, cuda_available=avail, device_count=2 if avail else 0, current=0)
+
+
+@pytest.mark.parametrize("text, avail, local, world, current, want", [
+    (None, False, 0, 1, 0, ("cpu", None)),
+    ("cpu", True, 0, 1, 0, ("cpu", None)),
+    (None, True, 0, 1, 1, ("cuda:1", 1)),
+    ("cuda", True, 0, 1, 1, ("cuda:1", 1)),    # one process: the current device
+    ("cuda", True, 3, 4, 0, ("cuda:3", 3)),    # torchrun: this rank's LOCAL_RANK
+    ("cuda:2", True, 0, 1, 0, ("cuda:2", 2)),  # the named device, made current
+])
+def test_train_device_selection(text, avail, local, world, current, want):
+    dev, index = resolve_device(text, cuda_available=avail, device_count=4 if avail else 0, current=current,
+                                local_rank=local, world=world)
+    assert (str(dev), index) == want
+
+
+@pytest.mark.parametrize("text, avail, local, world, message", [
+    ("cuda:1", True, 0, 2, "names one GPU for all 2 processes"),
+    ("cuda:7", True, 0, 1, "does not exist"),
+    ("cuda", True, 5, 8, "does not exist"),
+    ("cuda", False, 0, 1, "CUDA is not available"),
+])
+def test_train_device_selection_errors(text, avail, local, world, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_device(text, cuda_available=avail, device_count=4 if avail else 0, current=0,
+                       local_rank=local, world=world)
+
+
+# ------------------------------------------------------------------------------------- MFU / HFU
+def test_mfu_counts_model_flops_hfu_hardware_flops():
+    def row(impl, hw, model, t=2.0):
+        return {"setup": {"label": "ViT-g ckpt"}, "decoder_ratio": 0.5, "impl": impl, "status": "ok",
+                "dtype": "bfloat16", "step_s": {"median": t, "min": t}, "peak_mem_bytes": 1,
+                "counted_flops_train_step": hw, "counted_flops_model_step": model}
+    rows = [row("vmae_fast", 13e12, 10e12), row("reference", 16e12, 12e12, t=4.0)]
+    dual_masking.derive(rows, {"bf16_dense_peak_tflops": 1000.0}, {"tflops": 500.0})
+    fast, ref = rows
+    assert fast["model_flops_train_step"] == ref["model_flops_train_step"] == 10e12  # the needed work
+    assert (fast["hardware_flops_train_step"], ref["hardware_flops_train_step"]) == (13e12, 16e12)
+    assert fast["mfu_datasheet"] == pytest.approx(10 / 2 / 1000) and fast["hfu_datasheet"] == pytest.approx(13 / 2 / 1000)
+    assert ref["mfu_measured_ceiling"] == pytest.approx(10 / 4 / 500) and ref["hfu_measured_ceiling"] == pytest.approx(16 / 4 / 500)
+    assert fast["achieved_tflops"] == pytest.approx(6.5) and fast["model_tflops"] == pytest.approx(5.0)
+
+
+# ------------------------------------------------------------------------ CPU smoke of the GPU plans
+def _norm_free(p):
+    return p["total"] - p["encoder_norm"] - p["decoder_norm"]
+
+
+def _train_step_flops(p, batch):  # fwd + bwd (2x), no input gradient for the patch embedding
+    return 2 * batch * (3 * _norm_free(p) - p["patch_embed"])
+
+
+@pytest.fixture
+def one_thread():
+    """Toy-size ops on one thread: ~5x faster than two on a loaded 2-core machine, where two
+    OpenMP threads mostly wait for each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("preset, timing", [("gpu", "--no-interleave"), ("table2", "--interleave")])
+def test_smoke_runs_the_gpu_plans_on_cpu(tmp_path, capsys, one_thread, preset, timing):
+    result = dual_masking.main(["--preset", preset, "--smoke", "--device", "cpu", "--no-progress", timing,
+                                "--out", str(tmp_path), "--name", preset])
+    printed = capsys.readouterr().out
+    data = json.loads((tmp_path / f"{preset}.json").read_text())
+    assert (tmp_path / f"{preset}.png").stat().st_size > 0 and result["files"]["json"] == str(tmp_path / f"{preset}.json")
+    assert data["config"]["smoke"] is True and data["config"]["max_batch_cap"] == dual_masking.SMOKE_MAX_BATCH_CAP
+    plan = dual_masking.PRESETS[preset]
+    n_cells = sum(len(m) for _, m in plan["setups"]) * len(plan["impls"])
+    rows = data["rows"]
+    assert len(rows) == n_cells and all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    assert {r["setup"]["ckpt"] for r in rows} == {False, True}  # ViT-g rows keep the preset's checkpointing
+    for r in rows:
+        setup = Setup(**{k: v for k, v in r["setup"].items() if k != "label"})
+        b, ratio = setup.batch, r["decoder_ratio"]
+        fast = _train_step_flops(count_macs(setup.config(), 0.9, ratio, "vmae_fast"), b)
+        ref = r["impl"].startswith("reference")
+        own = _train_step_flops(count_macs(setup.config(), 0.9, ratio, "official"), b) if ref else fast
+        # counted FLOPs follow the analytic rule, attention included (torch 2.14 counts 0 for CPU SDPA)
+        assert r["counted_flops_model_step"] == own and r["model_flops_train_step"] == fast > 0
+        assert all("attention" in op for op in r["flop_counter_missed"])
+        hw = r["hardware_flops_train_step"]
+        assert hw == r["counted_flops_train_step"]
+        if setup.ckpt:  # the recomputed forward is hardware work, not model work
+            assert hw > own and r["hfu_measured_ceiling"] > r["mfu_measured_ceiling"]
+        else:
+            assert hw == own
+        t = r["step_s"]["median"]
+        assert r["mfu_measured_ceiling"] == pytest.approx(fast / t / 1e12 / data["matmul_ceiling"]["tflops"])
+        assert r["mfu_measured_ceiling"] <= r["hfu_measured_ceiling"]
+        assert r["mfu_datasheet"] is None and r["hfu_datasheet"] is None  # no bf16 peak for a CPU
+        # the search ran, bounded, with the timed step's clip (uint8 where the impl takes it)
+        mb = r["max_batch"]
+        assert mb["max_batch"] == 4 and mb["capped"] and [x["batch"] for x in mb["tries"]] == [2, 4]
+        assert mb["clip_dtype"] == r["clip_dtype"] == ("float32" if ref else "uint8")
+        assert r["memory_kind"] == "rss_vmhwm" and r["peak_mem_bytes"] > 0 and r["saved_act_per_clip_bytes"] > 0
+    assert "| HFU peak / ceiling |" in printed and "paper GFLOPs" in printed and "4+ |" in printed

@@ -59,7 +59,7 @@ def add_common_args(ap: argparse.ArgumentParser, *, base_lr: float, epochs: int,
                     batch_size: int) -> None:
     a = ap.add_argument
     a("--data-root", default="", help="folder the list's paths are relative to")
-    a("--model", default="vit_base_patch16_224", help="arch name (SPEC section 4)")
+    a("--model", default="vit_base_patch16_224", help="arch name (docs/semantics.md §6)")
     a("--model-overrides", default="", help="VideoMAEConfig fields, e.g. 'depth=2,embed_dim=64'")
     a("--num-frames", type=int, default=16)
     a("--sampling-rate", type=int, default=4)
@@ -86,7 +86,8 @@ def add_common_args(ap: argparse.ArgumentParser, *, base_lr: float, epochs: int,
     a("--grad-checkpointing", action="store_true", help="activation checkpointing of every block")
     a("--dist", choices=("ddp", "fsdp"), default="ddp", help="engine when launched with torchrun")
     a("--dist-backend", default=None, help="nccl on CUDA, gloo on CPU by default")
-    a("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    a("--device", default=None, help="cpu, cuda (under torchrun: the LOCAL_RANK GPU) or cuda:N "
+      "(default: cuda when available)")
     a("--num-workers", type=int, default=8)
     a("--seed", type=int, default=0)
     a("--output-dir", required=True)
@@ -113,16 +114,45 @@ class Dist:
         return self.world > 1
 
 
+def resolve_device(text: str | None, *, cuda_available: bool, device_count: int, current: int, local_rank: int,
+                   world: int) -> tuple[torch.device, int | None]:
+    """``(device, index for torch.cuda.set_device or None)`` for ``--device`` (no side effects,
+    testable without CUDA). Default: CUDA when available, else the CPU. Bare ``cuda``: the GPU
+    of this rank's ``LOCAL_RANK`` under torchrun, else the current device. ``cuda:N``: device N
+    (one process only; torchrun's ranks would all land on it). Every CUDA device is made the
+    current one, since streams, events, NCCL and library handles follow the current device."""
+    text = text or ("cuda" if cuda_available else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {text!r} is not a device ({exc})") from None
+    if dev.type != "cuda":
+        return dev, None
+    if not cuda_available:
+        raise ValueError(f"--device {text!r}: CUDA is not available on this machine")
+    if dev.index is None:
+        index = local_rank if world > 1 else current
+    elif world > 1:
+        raise ValueError(f"--device {text!r} names one GPU for all {world} processes torchrun started; "
+                         "use --device cuda (each rank takes the GPU of its LOCAL_RANK)")
+    else:
+        index = dev.index
+    if index >= device_count:
+        raise ValueError(f"--device {text!r}: CUDA device {index} does not exist "
+                         f"(this machine has {device_count})")
+    return torch.device("cuda", index), index
+
+
 def setup(args) -> Dist:
     """Device and process group from torchrun's environment (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``)."""
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if dev == "cuda":
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device(dev)
+    avail = torch.cuda.is_available()
+    device, index = resolve_device(args.device, cuda_available=avail, local_rank=local, world=world,
+                                   device_count=torch.cuda.device_count() if avail else 0,
+                                   current=torch.cuda.current_device() if avail else 0)
+    if index is not None:
+        torch.cuda.set_device(index)
     if world > 1 and not dist.is_initialized():
         backend = args.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend, **({"device_id": device} if device.type == "cuda" else {}))
@@ -141,19 +171,37 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _cpu_stream_stubs() -> None:
+    """FSDP2 drives the device's streams and events; on the CPU those are no-op stubs, and the
+    stub ``torch.cpu.Stream`` of older torch (2.6) lacks ``record_event``/``wait_event``. Adds
+    them where missing, as no-ops like newer torch's own (the CPU runs everything in order)."""
+    stream = torch.cpu.Stream
+    if not hasattr(stream, "record_event"):
+        stream.record_event = lambda self, event=None: None
+    if not hasattr(stream, "wait_event"):
+        stream.wait_event = lambda self, event: None
+
+
 def wrap(model: nn.Module, args, d: Dist) -> nn.Module:
     """DDP or FSDP2 (``fully_shard`` per block, then the root) under torchrun; compile last."""
     if d.enabled and args.dist == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        cpu = d.device.type == "cpu"
+        if cpu:
+            _cpu_stream_stubs()
         mesh = init_device_mesh(d.device.type, (d.world,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if resolve_precision(args, d) == "bf16" else MixedPrecisionPolicy()
+        # On the CPU the blocks keep their gathered parameters from forward to backward (no second
+        # all-gather before backward): there, FSDP2's all-gather copy-out bumps the parameters'
+        # autograd version counters, which older torch (2.6) does not undo (pytorch/pytorch#132014),
+        # and backward would then refuse the tensors forward saved. CUDA reshards after forward.
         for m in model.modules():
             if isinstance(m, Block):
-                fully_shard(m, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+                fully_shard(m, mesh=mesh, mp_policy=mp, reshard_after_forward=not cpu)
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not cpu)
     elif d.enabled:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if args.compile:

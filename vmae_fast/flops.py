@@ -1,4 +1,4 @@
-"""Analytic FLOP counting: forward multiply-accumulates per clip (SPEC section 6).
+"""Analytic FLOP counting: forward multiply-accumulates per clip (docs/semantics.md §8).
 
 ``convention="official"`` counts what the official code computes, as fvcore counts it (the
 paper's Table 2): the patch embedding on all ``N`` tokens, every Linear and attention matmul,
@@ -9,7 +9,7 @@ embedding only on encoder-visible cubes.
 from __future__ import annotations
 
 from .config import VideoMAEConfig, config_for
-from .masking import num_encoder_masked, running_cell_patterns
+from .masking import num_decoder_tokens, num_encoder_masked
 
 CONVENTIONS = ("official", "vmae_fast")
 LN_MACS_PER_ELEMENT = 5
@@ -29,10 +29,7 @@ def count_macs(cfg: VideoMAEConfig, encoder_ratio: float = 0.9, decoder_ratio: f
     n = cfg.num_tokens
     n_masked = num_encoder_masked(cfg.grid, encoder_ratio, encoder_mask_type)
     n_vis = n - n_masked
-    if decoder_ratio == 0:
-        n_dec = n_masked
-    else:
-        n_dec = int((~running_cell_patterns(cfg.grid, float(decoder_ratio))[0]).sum())  # checks the grid too
+    n_dec = num_decoder_tokens(cfg.grid, decoder_ratio, encoder_ratio, encoder_mask_type)
     D, Dd, P = cfg.embed_dim, cfg.decoder_embed_dim, cfg.cube_numel
     enc = _blocks(n_vis, D, cfg.mlp_hidden, cfg.depth)
     dec = _blocks(n_vis + n_dec, Dd, cfg.decoder_mlp_hidden, cfg.decoder_depth)
@@ -78,3 +75,87 @@ def format_table(rows: list[tuple[str, dict[str, int]]]) -> str:
         lines.append(f"| {name} | {p['total'] / 1e9:.2f} | {p['patch_embed'] / 1e9:.2f} | "
                      f"{enc / 1e9:.2f} | {dec / 1e9:.2f} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ counted FLOPs (torch's counter)
+def attention_flops(batch_heads: int, n_q: int, n_kv: int, head_dim: int, head_dim_v: int | None = None,
+                    backward: bool = False) -> int:
+    """FLOPs of one attention call: ``q @ k^T`` and ``attn @ v`` (2 per MAC; softmax not
+    counted), the convention of ``count_macs``'s attention terms. The backward is twice the
+    forward: the four gradient matmuls (a fused kernel's recompute of the scores is not model
+    work and is not counted)."""
+    dv = head_dim if head_dim_v is None else head_dim_v
+    fwd = 2 * batch_heads * n_q * n_kv * (head_dim + dv)
+    return 2 * fwd if backward else fwd
+
+
+# Fused attention kernels whose q/k/v layout is known: (B, H, N, d) for aten's SDPA kernels,
+# (B, N, H, d) for the others. The math SDPA is left out: it decomposes into matmuls that torch
+# counts itself, so counting it here too could count it twice.
+_ATTENTION_LAYOUTS = (("aten._scaled_dot_product_", "bhnd"), ("aten._flash_attention_", "bnhd"),
+                      ("aten._efficient_attention_", "bnhd"), ("flash_attn", "bnhd"), ("xformers", "bnhd"))
+
+
+def _is_attention_op(name: str) -> bool:
+    return "attention" in name or "attn" in name
+
+
+def _attention_call_flops(name: str, args) -> int | None:
+    """FLOPs of one call of the attention op ``name`` from its q/k/v shapes; ``None`` for an op
+    of unknown layout or whose arguments are not dense 4-d q, k, v (varlen/packed)."""
+    import torch
+
+    layout = next((lay for prefix, lay in _ATTENTION_LAYOUTS if name.startswith(prefix)), None)
+    if layout is None or "math" in name:
+        return None
+    backward = "backward" in name or "bwd" in name
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    qkv = tensors[1:4] if backward else tensors[:3]  # backward ops take grad_out first
+    if len(qkv) != 3 or any(t.dim() != 4 for t in qkv):
+        return None
+    q, k, v = qkv
+    if layout == "bhnd":
+        bh, n_q, n_kv = q.shape[0] * q.shape[1], q.shape[2], k.shape[2]
+    else:
+        bh, n_q, n_kv = q.shape[0] * q.shape[2], q.shape[1], k.shape[1]
+    return attention_flops(bh, n_q, n_kv, q.shape[-1], v.shape[-1], backward=backward)
+
+
+def counted_flops(fn, *args, **kwargs) -> tuple[int, list[str]]:
+    """``(flops, missed_ops)`` of ``fn(*args, **kwargs)``: ``torch.utils.flop_counter``'s count,
+    with attention counted by ``attention_flops`` on every torch build.
+
+    Why attention is not taken from torch as it is: some builds count no FLOPs for some attention
+    kernels (2.14 has no formula for the CPU kernel ``aten._scaled_dot_product_flash_attention_for_cpu``
+    nor its backward; no build knows the ``flash_attn``/``xformers`` ops), and the builds that do
+    count a fused kernel's backward differently (recent ones add the score matrix the flash
+    backward recomputes: 2.5x the forward instead of 2x). Every attention call is therefore
+    recorded with its q/k/v and counted with the rule of ``count_macs``'s attention terms, so a
+    model counts the same with SDPA as with the explicit matmuls of the ``math`` backend, and the
+    same on every build. ``missed_ops`` names the attention ops torch's counter left at zero
+    (``" (not filled)"`` for an op of unknown layout or unreadable arguments: such an op keeps
+    torch's count, here none). Everything else is torch's count; calls are counted where they
+    run, so the recomputation of activation checkpointing counts too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls: dict[str, list[int | None]] = {}
+
+    class _RecordAttention(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            name = str(getattr(func, "_overloadpacket", func))
+            if _is_attention_op(name):
+                calls.setdefault(name, []).append(_attention_call_flops(name, a))
+            return func(*a, **(kw or {}))
+
+    with FlopCounterMode(display=False) as fc, _RecordAttention():
+        fn(*args, **kwargs)
+    by_torch = {str(k): v for k, v in fc.get_flop_counts().get("Global", {}).items()}
+    total, missed = int(fc.get_total_flops()), []
+    for name, flops in calls.items():
+        readable = None not in flops
+        if by_torch.get(name, 0) == 0:
+            missed.append(name if readable else name + " (not filled)")
+        if readable:
+            total += sum(flops) - by_torch.get(name, 0)
+    return total, missed
