@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from pathlib import Path
+
+from vmae_fast.checkpoint import write_atomic
 
 from . import device as devmod
 
@@ -16,11 +17,5 @@ def result_path(out_dir: str | Path, stem: str | None, kind: str, info: dict, su
 
 
 def write_json(result: dict, path: Path) -> None:
-    """Write through a temporary file and a rename, so a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Atomic (vmae_fast's one writer): a killed run never leaves half a file."""
+    write_atomic(path, json.dumps(result, indent=1, default=str))

@@ -1,13 +1,15 @@
 """Bad input fails early with a ValueError that says what was expected and what was got."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import vmae_fast
 from vmae_fast import DualMask
 
-from conftest import small_pretrain
+from conftest import TOL, rel_err, small_pretrain
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +80,24 @@ def test_float_clip_of_another_dtype_than_the_weights(model):
             assert torch.isfinite(model(torch.randn(2, 3, 4, 64, 64, dtype=dtype), masks).loss)
         with pytest.raises(ValueError, match="video is torch.float64"):
             model(torch.randn(2, 3, 4, 64, 64, dtype=torch.float64), masks)
+
+
+def test_uint8_clip_into_bf16_pretrain_model():
+    """A bf16 model takes a uint8 clip (it raised a dtype mismatch in the patch embedding's
+    linear): the normalized cubes are cast to the weights' dtype; loss and predictions close to
+    the fp32 model's on the fp32-normalized clip."""
+    model = small_pretrain(depth=1, decoder_depth=1)
+    clip = torch.randint(0, 256, (2, 3, 4, 64, 64), dtype=torch.uint8)
+    mean = torch.tensor(vmae_fast.IMAGENET_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(vmae_fast.IMAGENET_STD).view(3, 1, 1, 1)
+    masks = DualMask.sample(2, model.grid, 0.5, 0.5)
+    want = model((clip.float() / 255 - mean) / std, masks)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    got = bf16(clip, masks)
+    assert got.pred.dtype == torch.bfloat16 and got.loss.dtype == torch.float32
+    assert torch.isfinite(got.loss)
+    assert rel_err(got.pred, want.pred) < TOL[torch.bfloat16][0], rel_err(got.pred, want.pred)
+    assert rel_err(got.loss, want.loss) < TOL[torch.bfloat16][0], (got.loss.item(), want.loss.item())
 
 
 def test_pretraining_needs_rgb():

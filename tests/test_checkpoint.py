@@ -1,8 +1,12 @@
 """Checkpoint interop: official key names, wrappers and prefixes, encoder-only files,
-pretrain -> classifier, safetensors, bad files, atomic saves."""
+pretrain -> classifier, safetensors, official training files (argparse args), files for
+another model or format (Hugging Face), bad files and what their errors say, atomic saves."""
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import traceback
 
 import pytest
 import torch
@@ -156,3 +160,191 @@ def test_save_atomic_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert os.listdir(tmp_path) == ["ck.pth"], "temporary file left behind"
+
+
+# --------------------------------------------------------------------------- official training files
+
+def _clf(num_classes=5):
+    return vmae_fast.create_model("vit_small_patch16_224", num_classes=num_classes,
+                                  **{k: v for k, v in ODD.items() if not k.startswith("decoder")})
+
+
+def _official_training_file(path, model):
+    """What the official trainer's save_model writes: model, optimizer, epoch, scaler and the
+    argparse Namespace of its arguments, with a plain torch.save."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4)
+    video = torch.randn(1, 3, 6, 48, 48)
+    model(video, model.sample_masks(1, 0.5, 0.5)).loss.backward()
+    opt.step()
+    args = argparse.Namespace(model="pretrain_videomae_small_patch16_224", batch_size=8, lr=1.5e-4,
+                              window_size=(3, 6, 6), mask_ratio=0.9, decoder_mask_ratio=0.5,
+                              output_dir="/out", gpu=None, distributed=False)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 799,
+                "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                           "growth_interval": 2000, "_growth_tracker": 0},
+                "args": args}, path)
+
+
+def test_official_training_checkpoint_with_argparse_args_loads(tmp_path, caplog):
+    src = _pretrain()
+    path = tmp_path / "checkpoint-799.pth"
+    _official_training_file(path, src)
+    before = set(torch.serialization.get_safe_globals())
+    with caplog.at_level(logging.INFO, logger="vmae_fast.checkpoint"):
+        ck = load_checkpoint_file(path)
+    assert isinstance(ck["args"], argparse.Namespace) and ck["args"].window_size == (3, 6, 6)
+    assert ck["epoch"] == 799 and ck["scaler"]["scale"] == 65536.0
+    assert "argparse.Namespace" in caplog.text  # which global was allowed is reported
+    assert set(torch.serialization.get_safe_globals()) == before, "the allowlist leaked out of the load"
+    dst = _pretrain()
+    report = dst.load_official_state_dict(ck)
+    assert report.missing == [] and report.unexpected == [] and report.format == "pretrain"
+    assert torch.equal(dst.encoder.blocks[1].attn.qkv.weight, src.encoder.blocks[1].attn.qkv.weight)
+    # into the classifier too (the fine-tuning start)
+    assert _clf().load_official_state_dict(ck).skipped
+
+
+def test_allowlist_is_narrow_and_leaves_a_process_wide_one_alone(tmp_path):
+    path = tmp_path / "evil-args.pth"
+    torch.save({"model": _pretrain().state_dict(), "args": argparse.Namespace(obj=_Evil())}, path)
+    with pytest.raises(ValueError, match="_Evil"):  # a Namespace does not smuggle other globals in
+        load_checkpoint_file(path)
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        ok = tmp_path / "ok.pth"
+        _official_training_file(ok, _pretrain())
+        load_checkpoint_file(ok)
+        assert argparse.Namespace in torch.serialization.get_safe_globals(), "removed the caller's allowlist"
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(saved)
+
+
+# --------------------------------------------------------------------------- files for another model
+
+def _hf_videomae_state_dict(kind, depth=2, dim=72, dec_depth=1, dec_dim=48, cube=3 * 2 * 8 * 8):
+    """Keys (and small shapes) of Hugging Face transformers' VideoMAE: VideoMAEForPreTraining,
+    VideoMAEForVideoClassification, or the bare VideoMAEModel."""
+    z = torch.zeros
+    pre = "" if kind == "base" else "videomae."
+
+    def layer(p, d):
+        return {f"{p}.attention.attention.q_bias": z(d), f"{p}.attention.attention.v_bias": z(d),
+                f"{p}.attention.attention.query.weight": z(d, d), f"{p}.attention.attention.key.weight": z(d, d),
+                f"{p}.attention.attention.value.weight": z(d, d), f"{p}.attention.output.dense.weight": z(d, d),
+                f"{p}.attention.output.dense.bias": z(d), f"{p}.intermediate.dense.weight": z(4 * d, d),
+                f"{p}.intermediate.dense.bias": z(4 * d), f"{p}.output.dense.weight": z(d, 4 * d),
+                f"{p}.output.dense.bias": z(d), f"{p}.layernorm_before.weight": z(d),
+                f"{p}.layernorm_before.bias": z(d), f"{p}.layernorm_after.weight": z(d),
+                f"{p}.layernorm_after.bias": z(d)}
+
+    sd = {f"{pre}embeddings.patch_embeddings.projection.weight": z(dim, 3, 2, 8, 8),
+          f"{pre}embeddings.patch_embeddings.projection.bias": z(dim)}
+    for i in range(depth):
+        sd |= layer(f"{pre}encoder.layer.{i}", dim)
+    if kind == "pretraining":  # these four names happen to be ours too
+        sd |= {"encoder_to_decoder.weight": z(dec_dim, dim), "mask_token": z(1, 1, dec_dim),
+               "decoder.norm.weight": z(dec_dim), "decoder.norm.bias": z(dec_dim),
+               "decoder.head.weight": z(cube, dec_dim), "decoder.head.bias": z(cube)}
+        for i in range(dec_depth):
+            sd |= layer(f"decoder.decoder_layers.{i}", dec_dim)
+    elif kind == "classification":  # fc_norm matches ours: it used to load 2 tensors silently
+        sd |= {"fc_norm.weight": z(dim), "fc_norm.bias": z(dim), "classifier.weight": z(5, dim),
+               "classifier.bias": z(5)}
+    return sd
+
+
+@pytest.mark.parametrize("kind", ["pretraining", "classification", "base"])
+@pytest.mark.parametrize("target", ["pretrain", "classifier"])
+def test_hugging_face_videomae_is_refused_by_name(kind, target):
+    model = _pretrain() if target == "pretrain" else _clf()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="Hugging Face transformers VideoMAE.*not supported yet.*convert"):
+        model.load_official_state_dict({"state_dict": _hf_videomae_state_dict(kind)})
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a refused load"
+
+
+@pytest.mark.parametrize("target", ["pretrain", "classifier"])
+def test_state_dict_of_no_known_format_is_refused(target):
+    model = _pretrain() if target == "pretrain" else _clf()
+    with pytest.raises(ValueError, match=r"0 of its \d+ backbone tensors.*no VideoMAE checkpoint format we know"
+                                         r".*'foo.bar'"):
+        model.load_official_state_dict({"foo.bar": torch.zeros(3)})
+
+
+def test_too_little_of_the_backbone_is_refused_unless_excluded():
+    src = _pretrain()
+    no_blocks = {k: v for k, v in src.official_state_dict().items() if not k.startswith("encoder.blocks.")}
+    with pytest.raises(ValueError, match=r"2 of its 28 backbone tensors .* fewer than the 50% required.*"
+                                         r"official pretraining checkpoint"):
+        _pretrain().load_official_state_dict(no_blocks)
+    # asked for: the blocks are excluded, so the rest is a legitimate partial load
+    report = _pretrain().load_official_state_dict(no_blocks, exclude=("encoder.blocks.",))
+    assert "encoder.patch_embed.proj.weight" in report.loaded
+    # the file of a model a third as deep is refused by the classifier as well (28 of 80 tensors)
+    deep = vmae_fast.create_model("vit_small_patch16_224", num_classes=5,
+                                  **({k: v for k, v in ODD.items() if not k.startswith("decoder")} | {"depth": 6}))
+    with pytest.raises(ValueError, match="28 of its 80 backbone tensors"):
+        deep.load_official_state_dict(_clf().official_state_dict())
+
+
+def test_report_names_the_format_and_legit_partial_loads_still_work():
+    src = _pretrain()
+    sd = src.official_state_dict()
+    assert _pretrain().load_official_state_dict(sd).format == "pretrain"
+    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    assert _pretrain().load_official_state_dict(enc).format == "encoder-only"
+    assert _clf().load_official_state_dict(enc).format == "encoder-only"
+    clf_sd = _clf().official_state_dict()
+    r = _clf(3).load_official_state_dict(clf_sd, exclude=("head.",))  # head of another class count
+    assert r.format == "classifier" and r.missing == []
+    r = _pretrain().load_official_state_dict(clf_sd)  # a classifier's encoder as a pretraining start
+    assert "encoder.blocks.0.attn.qkv.weight" in r.loaded and "encoder.head.weight" in r.unexpected
+    assert "format='pretrain'" in str(_clf().load_official_state_dict(sd))
+
+
+# --------------------------------------------------------------------------- what read errors say
+
+def _no_weights_only_false_advice(exc: BaseException) -> None:
+    text = "".join(traceback.format_exception(exc))  # the chained exceptions too
+    for advice in ("weights_only=False", "weights_only` set to `False`", "Re-running"):
+        assert advice not in text, f"relays torch's advice {advice!r}: {text}"
+
+
+def test_empty_and_truncated_files_say_why(tmp_path):
+    from safetensors.torch import save_file
+
+    for name in ("empty.pth", "empty.safetensors"):
+        (tmp_path / name).touch()
+        with pytest.raises(ValueError, match=rf"{name}: file is empty \(0 bytes\)"):
+            load_checkpoint_file(tmp_path / name)
+    st = tmp_path / "cut.safetensors"
+    save_file({"w": torch.zeros(64, 64)}, str(st))
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*cut\.safetensors \(\d+ bytes\) as "
+                                         r"safetensors: \S.*truncated") as info:
+        load_checkpoint_file(st)
+    assert type(info.value) is ValueError  # not safetensors' own SafetensorError without the path
+    pt = tmp_path / "cut.pth"
+    torch.save({"w": torch.zeros(64, 64)}, pt)
+    pt.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*cut\.pth \(\d+ bytes\).*: \S"):
+        load_checkpoint_file(pt)
+
+
+def test_refused_pickle_names_the_global_and_gives_no_unsafe_advice(tmp_path):
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": _Evil()}, evil)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint_file(evil)
+    msg = str(info.value)
+    assert "evil.pth" in msg and f"{__name__}._Evil" in msg and "refused" in msg
+    assert "only loads weights" in msg and "allowlist" in msg and "argparse.Namespace" in msg
+    _no_weights_only_false_advice(info.value)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"bad\.pth with torch\.load\(weights_only=True\): \w") as info:
+        load_checkpoint_file(bad)
+    _no_weights_only_false_advice(info.value)

@@ -1,6 +1,8 @@
 """Fine-tune classifier against the official-semantics reference; timm registration."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -35,6 +37,22 @@ def test_head_init_scale_and_dropout():
     clf.eval()
     x = torch.randn(1, 3, 6, 48, 48)
     assert torch.equal(clf(x), clf(x))
+
+
+def test_uint8_clip_into_bf16_classifier():
+    """A uint8 clip is normalized into the model's own dtype: a bf16 model takes it (it raised a
+    dtype mismatch in the Conv3d), close to the fp32 model on the fp32-normalized clip; fp32 is
+    unchanged (bit-identical to normalizing first)."""
+    clf = vmae_fast.create_model("vit_small_patch16_224", num_classes=5, head_init_scale=1.0, **KW).eval()
+    clip = torch.randint(0, 256, (2, 3, 6, 48, 48), dtype=torch.uint8)
+    mean = torch.tensor(vmae_fast.IMAGENET_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(vmae_fast.IMAGENET_STD).view(3, 1, 1, 1)
+    want = clf((clip.float() / 255 - mean) / std)
+    assert torch.equal(clf(clip), want)
+    bf16 = copy.deepcopy(clf).to(torch.bfloat16)
+    got = bf16(clip)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert rel_err(got, want) < TOL[torch.bfloat16][0], rel_err(got, want)
 
 
 def test_timm_registration():

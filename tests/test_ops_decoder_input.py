@@ -63,7 +63,7 @@ def test_float64(interpret):
     torch.testing.assert_close(out, ops.decoder_input_ref(z, pos, mt, vis, dec), atol=0, rtol=0)
 
 
-def test_backward_launcher_overlapping_indices():
+def test_backward_launcher_overlapping_indices(interpret):
     # the same token in both segments of a clip: pos gets both rows
     g = torch.randn(2, 5, 33)
     vis = torch.tensor([[0, 3], [1, 2]])

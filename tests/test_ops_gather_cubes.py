@@ -15,7 +15,7 @@ from vmae_fast.ops.gather_cubes import gather_cubes_triton
 @pytest.mark.parametrize("dtype,storage", [(torch.float32, "contiguous"), (torch.float32, "strided"),
                                            (torch.uint8, "contiguous"), (torch.uint8, "sliced"),
                                            (torch.float64, "sliced")])
-def test_triton_matches_ref(layout, dtype, storage):
+def test_triton_matches_ref(layout, dtype, storage, interpret):
     B, T, H, W, t, p = 2, 4, 16, 24, 2, 8
     video = video_clip(B, T, H, W, dtype=dtype, layout=storage)
     N = (T // t) * (H // p) * (W // p)
@@ -26,7 +26,7 @@ def test_triton_matches_ref(layout, dtype, storage):
     torch.testing.assert_close(out, ref, atol=1e-6 if dtype == torch.uint8 else 0, rtol=1e-6 if dtype == torch.uint8 else 0)
 
 
-def test_odd_patch_int32_idx_noncontig_idx():
+def test_odd_patch_int32_idx_noncontig_idx(interpret):
     # patch 6 (not a power of two), tubelet 3, B=3, idx int32 and a transposed (strided) view
     video = video_clip(3, 6, 12, 18)
     idx = rand_idx(3, 7, 2 * 2 * 3, dtype=torch.int32).t().contiguous().t()

@@ -68,7 +68,7 @@ def test_zero_weight_sum_is_zero_not_nan(interpret):
     assert masked_mse_loss_triton(pred, video, idx, w, tubelet=2, patch=8).item() == 0.0
 
 
-def test_bool_weight_and_empty_rows():
+def test_bool_weight_and_empty_rows(interpret):
     video, idx = video_clip(2), rand_idx(2, 3, 12)
     pred = torch.randn(2, 3, 384)
     w = torch.tensor([[True, False, True], [False, False, True]])

@@ -9,10 +9,10 @@ Quick start::
 """
 from . import _native, flops, ops  # noqa: F401  (_native: lazy loader of vmae_fast._C)
 from .attention import AttentionBackendError
-from .checkpoint import LoadReport, load_checkpoint_file, save_atomic, unwrap_state_dict
+from .checkpoint import load_checkpoint_file, save_atomic, unwrap_state_dict
 from .config import ARCHS, IMAGENET_MEAN, IMAGENET_STD, VideoMAEConfig, config_for
 from .masking import DualMask
-from .models import (PretrainOutput, VideoMAEv2Classifier, VideoMAEv2Pretrain, create_model,
+from .models import (LoadReport, PretrainOutput, VideoMAEv2Classifier, VideoMAEv2Pretrain, create_model,
                      create_pretrain_model)
 
 __version__ = "0.1.0"

@@ -95,20 +95,22 @@ class RefPatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-def _pos(cfg_learnable: bool, n: int, d: int):
+def _pos(module: nn.Module, learnable: bool, n: int, d: int) -> None:
+    """The positional table: a learnable ``pos_embed`` parameter, or the fixed sin-cos table as
+    ``pos_embed_table``, a non-persistent buffer (no state-dict key, as official; it follows the
+    module in ``.to()``/``.cuda()``/``.double()``)."""
     table = sincos_table(n, d).unsqueeze(0)
-    return nn.Parameter(table) if cfg_learnable else table
+    if learnable:
+        module.pos_embed = nn.Parameter(table)
+    else:
+        module.register_buffer("pos_embed_table", table, persistent=False)
 
 
 class RefEncoder(nn.Module):
     def __init__(self, cfg: VideoMAEConfig):
         super().__init__()
         self.patch_embed = RefPatchEmbed(cfg)
-        pos = _pos(cfg.learnable_pos_embed, cfg.num_tokens, cfg.embed_dim)
-        if isinstance(pos, nn.Parameter):
-            self.pos_embed = pos
-        else:
-            self.pos_embed_table = pos  # a plain attribute, as official: no state-dict key
+        _pos(self, cfg.learnable_pos_embed, cfg.num_tokens, cfg.embed_dim)
         self.blocks = _blocks(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_hidden, cfg)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=LN_EPS)
 
@@ -152,11 +154,7 @@ class ReferencePretrain(nn.Module):
         self.encoder = RefEncoder(cfg)
         self.encoder_to_decoder = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
-        pos = _pos(cfg.learnable_pos_embed, cfg.num_tokens, cfg.decoder_embed_dim)
-        if isinstance(pos, nn.Parameter):
-            self.pos_embed = pos
-        else:
-            self.pos_embed_table = pos
+        _pos(self, cfg.learnable_pos_embed, cfg.num_tokens, cfg.decoder_embed_dim)
         self.decoder = RefDecoder(cfg)
 
     @classmethod
@@ -167,13 +165,6 @@ class ReferencePretrain(nn.Module):
         ref.load_state_dict(model.state_dict(), strict=True)
         ref.train(model.training)
         return ref
-
-    def _apply(self, fn, *args, **kwargs):  # keep the plain-attribute tables on the module's device
-        super()._apply(fn, *args, **kwargs)
-        for m in (self, self.encoder):
-            if hasattr(m, "pos_embed_table"):
-                m.pos_embed_table = fn(m.pos_embed_table)
-        return self
 
     def dec_pos(self):
         return self.pos_embed if isinstance(getattr(self, "pos_embed", None), nn.Parameter) else self.pos_embed_table
@@ -220,11 +211,7 @@ class ReferenceClassifier(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = RefPatchEmbed(cfg)
-        pos = _pos(cfg.learnable_pos_embed, cfg.num_tokens, cfg.embed_dim)
-        if isinstance(pos, nn.Parameter):
-            self.pos_embed = pos
-        else:
-            self.pos_embed_table = pos
+        _pos(self, cfg.learnable_pos_embed, cfg.num_tokens, cfg.embed_dim)
         self.blocks = _blocks(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_hidden, cfg)
         self.norm = nn.Identity() if use_mean_pooling else nn.LayerNorm(cfg.embed_dim, eps=LN_EPS)
         self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=LN_EPS) if use_mean_pooling else None
@@ -237,12 +224,6 @@ class ReferenceClassifier(nn.Module):
         ref.load_state_dict(model.state_dict(), strict=True)
         ref.train(model.training)
         return ref
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        if hasattr(self, "pos_embed_table"):
-            self.pos_embed_table = fn(self.pos_embed_table)
-        return self
 
     def forward(self, x):
         x = self.patch_embed(x)

@@ -7,13 +7,35 @@ import torch.nn as nn
 from ..config import VideoMAEConfig
 from ..layers import LN_EPS, init_weights_finetune, make_blocks
 from ..ops._common import imagenet_stats
-from .common import CubeEmbed, check_video_shape, make_pos_embed
+from .common import CubeEmbed, OfficialCheckpointMixin, as_embed_dtype, check_video_shape, make_pos_embed
 
 
-class VideoMAEv2Classifier(nn.Module):
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module
+                         ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map a file's (unwrapped, prefix-stripped) keys onto ``VideoMAEv2Classifier``
+    (docs/semantics.md §7.3). Classifier files and encoder-only files without the ``encoder.``
+    prefix already use our keys. From a pretraining file (``encoder.*`` keys) the encoder is
+    taken, ``encoder.`` dropped; every other key (``decoder.*``, ``encoder_to_decoder.*``,
+    ``mask_token``) is returned as skipped."""
+    if not any(k.startswith("encoder.") for k in state_dict):
+        return state_dict, []
+    out, skipped = {}, []
+    for k, v in state_dict.items():
+        if k.startswith("encoder."):
+            out[k[len("encoder."):]] = v
+        else:
+            skipped.append(k)
+    return out, skipped
+
+
+class VideoMAEv2Classifier(OfficialCheckpointMixin, nn.Module):
     """``forward(video)``: ``(B, C, T, H, W)`` normalized float (or uint8) clip -> ``(B, num_classes)``
     logits. Keys ``patch_embed.proj.*``, ``blocks.{i}.*``, ``fc_norm.*`` (or ``norm.*`` without
-    mean pooling), ``head.*``."""
+    mean pooling), ``head.*``. ``official_state_dict()`` / ``load_official_state_dict()`` come
+    from ``OfficialCheckpointMixin``."""
+
+    checkpoint_filter = staticmethod(checkpoint_filter_fn)
+    backbone_prefixes = ("patch_embed.", "blocks.", "pos_embed")
 
     def __init__(self, cfg: VideoMAEConfig, num_classes: int, head_drop_rate: float = 0.0,
                  use_mean_pooling: bool = True, head_init_scale: float = 0.001):
@@ -48,7 +70,8 @@ class VideoMAEv2Classifier(nn.Module):
         check_video_shape(video, self.cfg, self.patch_embed.proj.weight.dtype)
         if video.dtype == torch.uint8:
             mean, std = imagenet_stats(video.device)
-            video = (video.float() / 255 - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)
+            norm = (video.float() / 255 - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)
+            video = as_embed_dtype(norm, video, self.patch_embed.proj.weight)
         x = self.patch_embed(video)
         x = self.blocks(x + self.pos_embed.to(x.dtype))  # official type_as(x): bf16 stream under autocast
         if self.fc_norm is not None:
@@ -57,13 +80,3 @@ class VideoMAEv2Classifier(nn.Module):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_dropout(self.forward_features(video)))
-
-    def official_state_dict(self) -> dict[str, torch.Tensor]:
-        from ..checkpoint import official_state_dict
-
-        return official_state_dict(self)
-
-    def load_official_state_dict(self, state_dict, strict: bool = False, exclude=()):
-        from ..checkpoint import load_official_state_dict
-
-        return load_official_state_dict(self, state_dict, strict=strict, exclude=exclude)

@@ -1,9 +1,14 @@
-"""Pieces shared by the pretrain model and the classifier: cube embedding and positions."""
+"""Pieces shared by the pretrain model and the classifier: cube embedding, positions, input
+checks, and official checkpoint interop (``OfficialCheckpointMixin``, docs/semantics.md §7)."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..checkpoint import FORMATS, describe_keys, guess_format, unwrap_state_dict
 from ..config import VideoMAEConfig
 from ..pos_embed import sincos_table
 
@@ -56,3 +61,114 @@ def check_video_shape(video: torch.Tensor, cfg: VideoMAEConfig, param_dtype: tor
         if video.dtype not in allowed:
             raise ValueError(f"video is {video.dtype} but the model's weights are {param_dtype}: cast the "
                              f"clip (or the model){' or use an fp32 clip under autocast' if len(allowed) > 1 else ''}")
+
+
+def as_embed_dtype(x: torch.Tensor, video: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x``, the float32 pixels (clip or gathered cubes) normalized from a uint8 ``video``, cast
+    to the embedding ``weight``'s dtype: a bf16/fp16 model takes uint8 clips in its own dtype.
+    Unchanged for a float clip, an fp32 model (bit-identical) or under autocast, which casts the
+    embedding's inputs itself."""
+    if video.dtype != torch.uint8 or x.dtype == weight.dtype:
+        return x
+    if torch.is_autocast_enabled(video.device.type):
+        return x
+    return x.to(weight.dtype)
+
+
+# --------------------------------------------------------------------------- checkpoint interop
+
+@dataclass
+class LoadReport:
+    """What a load did. ``missing``: model keys the file lacked (left as initialized);
+    ``unexpected``: file keys the model has no place for (ignored); ``loaded``: keys copied;
+    ``skipped``: file keys left out on purpose (``exclude``, or the decoder side of a pretraining
+    file loaded into the classifier); ``format``: what the file looks like
+    (``vmae_fast.checkpoint.FORMATS``)."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    format: str = ""
+
+    def __str__(self) -> str:
+        return (f"LoadReport(format={self.format!r}, loaded={len(self.loaded)}, missing={self.missing}, "
+                f"unexpected={self.unexpected}, skipped={self.skipped})")
+
+
+# A checkpoint filter maps a file's (unwrapped, prefix-stripped) keys onto one model's layout:
+# ``fn(state_dict, model) -> (adapted state dict, keys skipped on purpose)``. Each model keeps its
+# own beside it (``checkpoint_filter_fn`` in pretrain.py / classifier.py), as timm does.
+CheckpointFilter = Callable[[dict, nn.Module], "tuple[dict[str, torch.Tensor], list[str]]"]
+
+
+class OfficialCheckpointMixin:
+    """``official_state_dict()`` and ``load_official_state_dict()`` for a model whose module
+    names are the official ones. A model sets ``checkpoint_filter`` (its module's
+    ``checkpoint_filter_fn``, as a staticmethod) and ``backbone_prefixes`` (the key prefixes of
+    its encoder's patch embedding and blocks)."""
+
+    checkpoint_filter: CheckpointFilter
+    backbone_prefixes: tuple[str, ...] = ()
+    # A load that fills less than this share of the backbone's tensors is refused: the file is
+    # for another model (or another format), not a partial load.
+    min_backbone_fraction: float = 0.5
+
+    def official_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's weights under the official key names (detached, same device)."""
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def load_official_state_dict(self, state_dict: Mapping[str, Any], strict: bool = False,
+                                 exclude: Sequence[str] = ()) -> LoadReport:
+        """Load official weights (a file's dict or its ``model``/``module``/``state_dict`` entry).
+
+        Keys starting with any prefix in ``exclude`` are skipped (e.g. ``("head.",)`` to keep a
+        fresh head of another class count). Raises ``ValueError``, loading nothing, when: the
+        file is a Hugging Face VideoMAE checkpoint (not supported yet); a shape mismatches (every
+        offending key named); fewer than ``min_backbone_fraction`` of the backbone's tensors
+        (patch embedding and blocks) would load, naming the format the file looks like;
+        ``strict=True`` and keys are missing or unexpected.
+        """
+        sd = unwrap_state_dict(state_dict)
+        fmt = guess_format(sd)
+        name = type(self).__name__
+        if fmt == "hf-videomae":
+            raise ValueError(f"cannot load into {name}: the state dict looks like {FORMATS[fmt]} "
+                             f"({describe_keys(sd)})")
+        exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+        file_keys = list(sd)
+        sd, dropped = self.checkpoint_filter(sd, self)
+        own = self.state_dict()
+        report = LoadReport(skipped=sorted(dropped), format=fmt)
+        to_load, mismatched = {}, []
+        for k, v in sd.items():
+            if k.startswith(exclude):
+                report.skipped.append(k)
+            elif k not in own:
+                report.unexpected.append(k)
+            elif tuple(v.shape) != tuple(own[k].shape):
+                mismatched.append(f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+            else:
+                to_load[k] = v
+        if mismatched:
+            raise ValueError("checkpoint shapes do not match the model (wrong arch, num_frames, img_size "
+                             "or num_classes? pass exclude=('head.',) to keep a fresh head): "
+                             + "; ".join(mismatched))
+        backbone = [k for k in own if k.startswith(self.backbone_prefixes) and not k.startswith(exclude)]
+        got = sum(k in to_load for k in backbone)
+        if backbone and got < self.min_backbone_fraction * len(backbone):
+            raise ValueError(
+                f"the checkpoint does not fit {name}: {got} of its {len(backbone)} backbone tensors "
+                f"({', '.join(p + '*' for p in self.backbone_prefixes)}) would load, fewer than the "
+                f"{self.min_backbone_fraction:.0%} required. The state dict looks like {FORMATS[fmt]} "
+                f"({describe_keys(file_keys)}), while this model's backbone keys are like "
+                f"{sorted(backbone)[0]!r}")
+        report.missing = sorted(k for k in own if k not in to_load and not k.startswith(exclude))
+        report.unexpected.sort()
+        if strict and (report.missing or report.unexpected):
+            raise ValueError(f"strict load failed: missing {report.missing}, unexpected {report.unexpected}")
+        with torch.no_grad():
+            for k, v in to_load.items():
+                own[k].copy_(v)
+        report.loaded = sorted(to_load)
+        return report

@@ -11,10 +11,23 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from ..checkpoint import DECODER_SIDE
 from ..config import VideoMAEConfig
 from ..layers import LN_EPS, init_weights_pretrain, make_blocks
 from ..masking import DualMask
-from .common import CubeEmbed, check_video_shape, make_pos_embed
+from .common import CubeEmbed, OfficialCheckpointMixin, as_embed_dtype, check_video_shape, make_pos_embed
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module
+                         ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Map a file's (unwrapped, prefix-stripped) keys onto ``VideoMAEv2Pretrain`` (docs/semantics.md
+    §7.3). Official pretraining files already use our keys; an encoder-only file saved without the
+    ``encoder.`` prefix (``blocks.*``, ``patch_embed.*``) gets it. Returns the adapted dict and
+    the keys skipped on purpose (none here)."""
+    if not any(k.startswith("encoder.") for k in state_dict) \
+            and any(k.startswith(("blocks.", "patch_embed.")) for k in state_dict):
+        state_dict = {(k if k.startswith(DECODER_SIDE) else "encoder." + k): v for k, v in state_dict.items()}
+    return state_dict, []
 
 
 @dataclass
@@ -39,7 +52,7 @@ class PretrainEncoder(nn.Module):
         """``(B, C, T, H, W)``, ``(B, n_vis)`` -> ``(B, n_vis, D)``."""
         cubes = ops.gather_cubes(video, visible_idx, tubelet=self.cfg.tubelet_size,
                                  patch=self.cfg.patch_size, layout="cthw")
-        x = self.patch_embed.embed_cubes(cubes)
+        x = self.patch_embed.embed_cubes(as_embed_dtype(cubes, video, self.patch_embed.proj.weight))
         # The table is cast to the embedding's dtype first, as the official ``type_as(x)``: under
         # autocast the encoder's residual stream stays in bf16/fp16.
         x = x + self.pos_embed[0].to(x.dtype)[visible_idx]
@@ -63,13 +76,17 @@ class PretrainDecoder(nn.Module):
         return self.head(self.norm(x[:, -n_return:]))
 
 
-class VideoMAEv2Pretrain(nn.Module):
+class VideoMAEv2Pretrain(OfficialCheckpointMixin, nn.Module):
     """Dual-masking masked video autoencoder.
 
     ``forward(video, masks)``: ``video`` ``(B, C, T, H, W)`` normalized float or uint8 clip,
     ``masks`` a ``DualMask``; returns ``PretrainOutput(loss, pred)``.
-    Parameter names are the official checkpoint keys.
+    Parameter names are the official checkpoint keys; ``official_state_dict()`` /
+    ``load_official_state_dict()`` come from ``OfficialCheckpointMixin``.
     """
+
+    checkpoint_filter = staticmethod(checkpoint_filter_fn)
+    backbone_prefixes = ("encoder.patch_embed.", "encoder.blocks.", "encoder.pos_embed")
 
     def __init__(self, cfg: VideoMAEConfig):
         super().__init__()
@@ -126,14 +143,3 @@ class VideoMAEv2Pretrain(nn.Module):
                                    tubelet=self.cfg.tubelet_size, patch=self.cfg.patch_size,
                                    normalize=self.cfg.normalize_target)
         return PretrainOutput(loss=loss, pred=pred)
-
-    # checkpoint interop (docs/semantics.md §7)
-    def official_state_dict(self) -> dict[str, torch.Tensor]:
-        from ..checkpoint import official_state_dict
-
-        return official_state_dict(self)
-
-    def load_official_state_dict(self, state_dict, strict: bool = False, exclude=()):
-        from ..checkpoint import load_official_state_dict
-
-        return load_official_state_dict(self, state_dict, strict=strict, exclude=exclude)
