@@ -12,7 +12,6 @@ normalized float32 clip. Both come from one uint8 draw, so every row computes on
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,7 +20,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 import vmae_fast
-from vmae_fast.config import IMAGENET_MEAN, IMAGENET_STD, config_for
+from vmae_fast.config import config_for
 from vmae_fast.flops import counted_flops as _counted_flops
 from vmae_fast.layers import Blocks
 from vmae_fast.reference import ReferencePretrain
@@ -78,20 +77,6 @@ def short_arch(arch: str) -> str:
 
 def masking_label(decoder_ratio: float) -> str:
     return "encoder-only" if decoder_ratio == 0 else f"dual {decoder_ratio:g}"
-
-
-@contextlib.contextmanager
-def kernels_env(enabled: bool):
-    """Set ``VMAE_FAST_KERNELS`` for the ops' dispatch (read at call time) and restore it."""
-    old = os.environ.get("VMAE_FAST_KERNELS")
-    os.environ["VMAE_FAST_KERNELS"] = "1" if enabled else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("VMAE_FAST_KERNELS", None)
-        else:
-            os.environ["VMAE_FAST_KERNELS"] = old
 
 
 class _Checkpointed(nn.Module):
@@ -281,9 +266,7 @@ def make_inputs(setup: Setup, batch: int, decoder_ratio: float, encoder_ratio: f
     cfg = setup.config()
     masks = vmae_fast.DualMask.sample(batch, cfg.grid, encoder_ratio, decoder_ratio, generator=g)
     if dtype != torch.uint8:
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
-        video = ((video.float() / 255 - mean) / std).to(dtype)
+        video = vmae_fast.ops.normalize_uint8(video).to(dtype)
     return video.to(device), masks.to(device)
 
 
@@ -305,7 +288,7 @@ def _with_kernels(impl: str, fn: Callable) -> Callable:
     enabled = impl != "vmae_fast-unfused"
 
     def f():
-        with kernels_env(enabled):
+        with vmae_fast.ops.use_kernels(enabled):
             return fn()
     return f
 

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
+
+from . import envs
 
 BACKENDS = ("sdpa", "flash_attn", "xformers", "math")
 # flash_attn first: where it is installed it is the newer FlashAttention build; SDPA covers
@@ -43,7 +44,7 @@ def check_backend_name(name: str) -> str:
 
 def effective_backend(requested: str) -> str:
     """The backend a module should use: ``$VMAE_FAST_ATTN`` if set, else ``requested``."""
-    return check_backend_name(os.environ.get(ENV_VAR) or requested)
+    return check_backend_name(envs.VMAE_FAST_ATTN or requested)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,17 +1,34 @@
 """Shared helpers of the ops: ImageNet constants on a device, cube coordinates, switches."""
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 
 import torch
 
+from .. import envs
 from ..config import IMAGENET_MEAN, IMAGENET_STD
 
 
+_kernels_override: bool | None = None
+
+
 def kernels_enabled() -> bool:
-    """``VMAE_FAST_KERNELS=0`` sends every op to its pure-PyTorch reference."""
-    return os.environ.get("VMAE_FAST_KERNELS", "1") != "0"
+    """Whether the fused ops run their kernels: ``use_kernels(...)`` where one is active, else
+    ``VMAE_FAST_KERNELS`` (``0`` sends every op to its pure-PyTorch reference)."""
+    return envs.VMAE_FAST_KERNELS if _kernels_override is None else _kernels_override
+
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool):
+    """Run the fused ops' kernels (``True``) or their references (``False``) inside the block,
+    whatever ``VMAE_FAST_KERNELS`` says. Process-wide (not per thread), restored on exit."""
+    global _kernels_override
+    saved, _kernels_override = _kernels_override, bool(enabled)
+    try:
+        yield
+    finally:
+        _kernels_override = saved
 
 
 @functools.lru_cache(maxsize=None)
@@ -24,6 +41,16 @@ def imagenet_stats(device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean, std)`` float32 ``(3,)`` tensors on ``device``, made once per device (no
     per-step host-to-device copy)."""
     return _stats(torch.device(device))
+
+
+def normalize_uint8(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+    """A uint8 clip (0..255) in float32 as the model sees it: ``(x / 255 - mean) / std`` with the
+    ImageNet statistics along ``channel_dim`` (1 for ``(B, C, T, H, W)``). The one definition:
+    the references, the classifier and the bench call it; the kernels compute the same values."""
+    mean, std = imagenet_stats(x.device)
+    shape = [1] * x.dim()
+    shape[channel_dim] = -1
+    return (x.float() / 255 - mean.view(shape)) / std.view(shape)
 
 
 def check_video(video: torch.Tensor, tubelet: int, patch: int) -> tuple[int, int, int, int, int]:
@@ -51,7 +78,7 @@ def check_index(idx: torch.Tensor, batch: int, num_tokens: int, name: str) -> No
         raise ValueError(f"{name} must be int64 or int32, got {idx.dtype}")
     if torch.compiler.is_compiling():  # a value check would be data-dependent; the ops re-check at run time
         return
-    if idx.numel() and (idx.device.type == "cpu" or os.environ.get("VMAE_FAST_DEBUG", "0") == "1"):
+    if idx.numel() and (idx.device.type == "cpu" or envs.VMAE_FAST_DEBUG):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= num_tokens:
             raise ValueError(f"{name} holds token indices in [{lo}, {hi}], expected [0, {num_tokens})")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_index, check_video, imagenet_stats
+from ._common import check_index, check_video, imagenet_stats, normalize_uint8
 from ._dispatch import (HAS_TRITON, backend, check_device, check_kernel_device, div_rn,
                         launch, native_op, next_pow2)
 
@@ -39,9 +39,7 @@ def gather_cubes_ref(video: torch.Tensor, idx: torch.Tensor, *, tubelet: int, pa
     """
     cubes = gather_cubes_raw(video, idx, tubelet=tubelet, patch=patch)
     if video.dtype == torch.uint8:
-        mean, std = imagenet_stats(video.device)
-        C = video.shape[1]
-        cubes = (cubes.float() / 255 - mean.view(C, 1, 1, 1)) / std.view(C, 1, 1, 1)
+        cubes = normalize_uint8(cubes, channel_dim=2)  # (B, n, C, t, p, p)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "thwc":

@@ -1,0 +1,62 @@
+"""The environment switches (``vmae_fast.envs``), the explicit kernel context, the one uint8
+normalization."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vmae_fast
+from vmae_fast import envs, ops
+from vmae_fast.config import IMAGENET_MEAN, IMAGENET_STD
+
+
+def test_switches_are_read_at_access(monkeypatch):
+    monkeypatch.delenv("VMAE_FAST_KERNELS", raising=False)
+    assert envs.VMAE_FAST_KERNELS is True
+    for off in ("0", "false", "off"):
+        monkeypatch.setenv("VMAE_FAST_KERNELS", off)
+        assert envs.VMAE_FAST_KERNELS is False
+    monkeypatch.setenv("VMAE_FAST_ATTN", "math")
+    assert envs.VMAE_FAST_ATTN == "math" and envs.snapshot()["VMAE_FAST_ATTN"] == "math"
+    with pytest.raises(AttributeError, match="VMAE_FAST_NOPE"):
+        envs.VMAE_FAST_NOPE  # noqa: B018
+
+
+def test_use_kernels_overrides_the_environment_and_restores(monkeypatch):
+    monkeypatch.setenv("VMAE_FAST_KERNELS", "1")
+    with ops.use_kernels(False):
+        assert not ops.kernels_enabled()
+        with ops.use_kernels(True):
+            assert ops.kernels_enabled()
+        assert not ops.kernels_enabled()
+    assert ops.kernels_enabled()
+    monkeypatch.setenv("VMAE_FAST_KERNELS", "0")
+    assert not ops.kernels_enabled()
+
+
+def test_use_kernels_false_gives_the_reference(monkeypatch):
+    video = torch.randint(0, 256, (2, 3, 4, 16, 16), dtype=torch.uint8)
+    idx = torch.tensor([[0, 3], [1, 2]])
+    with ops.use_kernels(False):
+        out = ops.gather_cubes(video, idx, tubelet=2, patch=8)
+    torch.testing.assert_close(out, ops.gather_cubes_ref(video, idx, tubelet=2, patch=8), rtol=0, atol=0)
+
+
+def test_library_code_does_not_write_the_environment():
+    import pathlib
+    root = pathlib.Path(vmae_fast.__file__).resolve().parent.parent
+    offenders = [str(p.relative_to(root)) for d in ("vmae_fast", "bench", "train") for p in (root / d).rglob("*.py")
+                 if "os.environ[" in p.read_text() or "os.environ.pop" in p.read_text()]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("channel_dim", [1, 2])
+def test_normalize_uint8(channel_dim):
+    shape = [2, 5, 3, 4] if channel_dim == 2 else [2, 3, 4, 5]
+    x = torch.randint(0, 256, shape, dtype=torch.uint8)
+    got = ops.normalize_uint8(x, channel_dim=channel_dim)
+    assert got.dtype == torch.float32
+    for c in range(3):
+        xc = x.select(channel_dim, c).double()
+        want = (xc / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        torch.testing.assert_close(got.select(channel_dim, c).double(), want, rtol=1e-6, atol=1e-6)
