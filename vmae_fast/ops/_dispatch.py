@@ -134,6 +134,11 @@ def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
 
 
 def check_kernel_device(device: torch.device) -> None:
+    # ``meta`` tensors while ``capture_launches`` records: real training shapes, no memory.
+    if device.type == "meta" and _capture is not None:
+        if not HAS_TRITON:
+            raise ValueError("the Triton kernels need the 'triton' package, which is not installed")
+        return
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"the Triton kernels run on CUDA tensors (or CPU tensors through the "
                          f"Triton interpreter), got tensors on {device}")
