@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from vmae_fast import envs
+
 from .timing import time_fn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,6 +114,14 @@ def native_status() -> str:
         return f"not built ({type(exc).__name__}: {exc})"[:200]
 
 
+def fused_op_paths(device: torch.device) -> dict[str, str]:
+    """Which implementation each fused op runs on ``device`` now, and why not a faster one."""
+    from vmae_fast.ops._dispatch import kernel_paths
+
+    return {op: paths.get(device.type, "reference (no kernel for this device)")
+            for op, paths in kernel_paths().items()}
+
+
 def device_info(device: torch.device) -> dict:
     info = {
         "device_type": device.type,
@@ -128,7 +138,8 @@ def device_info(device: torch.device) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "git_commit": git_commit(),
         "native_ext": native_status(),
-        "env": {k: v for k, v in os.environ.items() if k.startswith("VMAE_FAST_")},
+        "fused_ops": fused_op_paths(device),
+        "env": envs.snapshot(),
     }
     try:
         import vmae_fast

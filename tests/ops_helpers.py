@@ -17,15 +17,15 @@ INTERPRET_SKIP = ("Triton kernels on CPU need TRITON_INTERPRET=1 set before Trit
 
 @pytest.fixture
 def interpret(monkeypatch):
-    """Route CPU tensors of the public ops to the Triton kernels through the interpreter,
-    whether or not the native extension is built. Tests using this fixture are marked
-    ``interpret`` (conftest) and run in a process started with ``TRITON_INTERPRET=1``."""
+    """CPU tensors of the public ops run the Triton kernels through the interpreter: in a process
+    started with ``TRITON_INTERPRET=1`` they are the ops' registered CPU kernels, whether or not
+    the native extension is built. Tests using this fixture are marked ``interpret`` (conftest)."""
     if not _dispatch.HAS_TRITON:
         pytest.skip("needs triton")
     if not _dispatch.INTERPRETED:
         pytest.skip(INTERPRET_SKIP)
+    assert _dispatch.kernel_paths()["gather_cubes"]["cpu"] == "triton (interpreter)"
     monkeypatch.setenv("VMAE_FAST_KERNELS", "1")
-    monkeypatch.setattr(_dispatch, "native_op", lambda name: None)
 
 
 def video_clip(B=2, T=4, H=16, W=24, dtype=torch.float32, device="cpu", layout="contiguous"):

@@ -64,13 +64,30 @@ def test_capture_records_and_does_not_run():
     assert _dispatch._capture is None  # restored on exit
 
 
-def test_backend_choice_follows_the_interpreter_mode(monkeypatch):
+OPS = ("gather_cubes", "decoder_input", "decoder_input_backward", "masked_mse_loss", "masked_mse_loss_backward")
+
+
+def test_kernel_paths_name_the_registered_kernels_and_why_not(monkeypatch):
+    from vmae_fast import _native
     monkeypatch.setenv("VMAE_FAST_KERNELS", "1")
-    monkeypatch.setattr(_dispatch, "native_op", lambda name: None)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    monkeypatch.setattr(_dispatch, "INTERPRETED", False)
-    assert (_dispatch.backend(cpu, "x"), _dispatch.backend(cuda, "x")) == ("ref", "triton")
-    monkeypatch.setattr(_dispatch, "INTERPRETED", True)
-    assert (_dispatch.backend(cpu, "x"), _dispatch.backend(cuda, "x")) == ("triton", "ref")
+    paths = _dispatch.kernel_paths()
+    assert set(paths) == set(OPS)
+    for op in OPS:
+        cpu, cuda = paths[op]["cpu"], paths[op]["cuda"]
+        if _dispatch.INTERPRETED:
+            assert cpu == "triton (interpreter)" and cuda.startswith("reference (this process interprets")
+        else:
+            assert cpu == ("native" if _native.native_available() else f"reference (native: {_native.unavailable_reason()})")
+            assert cuda == "triton"
     monkeypatch.setenv("VMAE_FAST_KERNELS", "0")
-    assert (_dispatch.backend(cpu, "x"), _dispatch.backend(cuda, "x")) == ("ref", "ref")
+    assert all(p.startswith("reference (kernels disabled") for d in _dispatch.kernel_paths().values() for p in d.values())
+
+
+def test_the_op_equals_its_reference_on_cpu_and_traces_on_meta():
+    from vmae_fast import ops
+    video = torch.randint(0, 256, (1, 3, 2, 16, 16), dtype=torch.uint8)
+    idx = torch.tensor([[0, 3]])
+    torch.testing.assert_close(torch.ops.vmae_fast.gather_cubes(video, idx, 2, 8, False),
+                               ops.gather_cubes_ref(video, idx, tubelet=2, patch=8), rtol=0, atol=0)
+    out = torch.ops.vmae_fast.gather_cubes(video.to("meta"), idx.to("meta"), 2, 8, False)
+    assert out.device.type == "meta" and out.shape == (1, 2, 3 * 2 * 8 * 8) and out.dtype == torch.float32

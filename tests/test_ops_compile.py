@@ -73,3 +73,20 @@ def test_compile_inductor_cuda_matches_eager():
     eager = run(model, video, masks)
     got = run(model, video, masks, fn=torch.compile(model, fullgraph=True))
     assert_same(got, eager, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("compile_first", [True, False])
+def test_compile_fullgraph_on_the_default_path(compile_first):
+    """The path users get (native CPU kernels when built, no interpreter, nothing patched):
+    traced whole, whether the first call is compiled (nothing loaded lazily inside the trace)
+    or eager. aot_eager: inductor's C++ build costs minutes on a 2-core machine."""
+    torch._dynamo.reset()
+    model, video, masks = setup(learnable=True, uint8=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    if compile_first:
+        got = run(model, video, masks, fn=compiled)
+        eager = run(model, video, masks)
+    else:
+        eager = run(model, video, masks)
+        got = run(model, video, masks, fn=compiled)
+    assert_same(got, eager)

@@ -1,26 +1,28 @@
-"""Backend choice of the fused ops, in one place.
+"""Which code computes each fused op on each device, decided once, at import.
 
-Every fused op is one ``torch.library`` op (``vmae_fast::<name>``) whose single implementation
-asks :func:`backend` which code computes it:
+Every fused op is one ``torch.library`` custom op (``vmae_fast::<name>``) whose own body is the
+pure-PyTorch reference: the default on any device. :func:`register_kernels` registers the
+faster implementations as the op's per-device kernels, so torch's dispatcher (not a branch in
+our code) picks one from the tensors' device, and ``torch.compile`` traces the op as one node:
 
-- CUDA tensors: the Triton kernels (the reference when Triton is not installed);
-- CPU tensors: the native C++ op ``vmae_fast::<name>_cpu`` when ``vmae_fast._C`` is built,
-  else the Triton kernels through the Triton interpreter when ``TRITON_INTERPRET=1`` was set
-  before Triton was imported (the interpreter tests' own process), else the pure-PyTorch
-  reference;
-- ``VMAE_FAST_KERNELS=0``: the reference everywhere (the public functions then skip the op).
+- ``cuda``: the Triton kernels (unless Triton is missing, or this process interprets them);
+- ``cpu``: the native C++ op ``vmae_fast::<name>_cpu`` when ``vmae_fast._C`` loads, or the
+  Triton kernels through the interpreter in a process started with ``TRITON_INTERPRET=1``
+  (the interpreter tests' own process).
 
-The environment is read at call time, never at import; nothing here queries CUDA.
+:func:`kernel_paths` says which implementation serves each op on each device and why not the
+others, as ``attention.resolve`` does for attention. ``VMAE_FAST_KERNELS=0`` /
+``use_kernels(False)`` is applied by the public functions, which then call the reference
+directly. Nothing here queries CUDA.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .. import _native
+from .. import _native, envs
 from ._common import kernels_enabled
 
 try:  # Triton is optional: CPU-only installs run the references or the native ops.
@@ -51,16 +53,13 @@ else:  # pragma: no cover
     INTERPRETED = False
     div_rn = None
 
-Backend = str  # "triton" | "native" | "ref"
-
-
 def debug_enabled() -> bool:
     """``VMAE_FAST_DEBUG=1``: bound-check indices on GPU too (costs a device sync)."""
-    return os.environ.get("VMAE_FAST_DEBUG", "0") == "1"
+    return envs.VMAE_FAST_DEBUG
 
 
 def native_op(name: str) -> Callable[..., Any] | None:
-    """``torch.ops.vmae_fast.<name>`` from the native extension, or None when it is not built
+    """``torch.ops.vmae_fast.<name>`` from the native extension, or None when it is not loaded
     (or is built without that op)."""
     ops = _native.native_ops()
     if ops is None or not hasattr(ops, name):
@@ -68,18 +67,43 @@ def native_op(name: str) -> Callable[..., Any] | None:
     return getattr(ops, name)
 
 
-def backend(device: torch.device, native_name: str | None = None) -> Backend:
-    """Which code runs an op on tensors living on ``device`` (see the module docstring)."""
+# op -> device type -> the implementation serving it, then why not the faster ones.
+_PATHS: dict[str, dict[str, str]] = {}
+
+
+def register_kernels(op: Any, name: str, *, triton_impl: Callable[..., Any] | None,
+                     native_name: str, native_impl: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Register ``op``'s per-device kernels: ``triton_impl`` for ``cuda`` (and for ``cpu`` in an
+    interpreting process), ``native_impl(native op)`` for ``cpu`` when the extension has
+    ``native_name``. Devices left without a kernel keep the op's body, the reference."""
+    paths = _PATHS[name] = {}
+    if INTERPRETED and triton_impl is not None:
+        op.register_kernel("cpu")(triton_impl)
+        paths["cpu"] = "triton (interpreter)"
+    else:
+        native = native_op(native_name)
+        if native is not None:
+            op.register_kernel("cpu")(native_impl(native))
+            paths["cpu"] = "native"
+        else:
+            why = _native.unavailable_reason() or f"the native library has no op {native_name}"
+            paths["cpu"] = f"reference (native: {why})"
+    if not HAS_TRITON or triton_impl is None:
+        paths["cuda"] = "reference (triton is not installed)"
+    elif INTERPRETED:
+        paths["cuda"] = "reference (this process interprets the Triton kernels: TRITON_INTERPRET=1)"
+    else:
+        op.register_kernel("cuda")(triton_impl)
+        paths["cuda"] = "triton"
+
+
+def kernel_paths() -> dict[str, dict[str, str]]:
+    """``{op: {device type: implementation (and why not a faster one)}}``, as calls made now
+    would run (the public functions honour ``VMAE_FAST_KERNELS``/``use_kernels``)."""
     if not kernels_enabled():
-        return "ref"
-    if device.type == "cuda":
-        return "triton" if HAS_TRITON and not INTERPRETED else "ref"
-    if device.type == "cpu":
-        if native_name is not None and native_op(native_name) is not None:
-            return "native"
-        if INTERPRETED:
-            return "triton"
-    return "ref"
+        return {op: {dev: "reference (kernels disabled: VMAE_FAST_KERNELS=0 or use_kernels(False))"
+                     for dev in paths} for op, paths in _PATHS.items()}
+    return {op: dict(paths) for op, paths in _PATHS.items()}
 
 
 # Set by ``capture_launches`` (ahead-of-time compilation): launches are recorded, not run.

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_index
-from ._dispatch import (HAS_TRITON, backend, check_device, check_kernel_device, debug_enabled,
-                        launch, native_op, next_pow2)
+from ._common import check_index, kernels_enabled
+from ._dispatch import (HAS_TRITON, check_device, check_kernel_device, debug_enabled, launch, next_pow2,
+                        register_kernels)
 
 
 def decoder_input_ref(z: torch.Tensor, pos: torch.Tensor, mask_token: torch.Tensor,
@@ -213,11 +213,7 @@ def _backward_ref(grad_out, visible_idx, decoder_idx, num_tokens, need_pos):
 @torch.library.custom_op("vmae_fast::decoder_input", mutates_args=())
 def _decoder_input_op(z: torch.Tensor, pos: torch.Tensor, mask_token: torch.Tensor,
                       visible_idx: torch.Tensor, decoder_idx: torch.Tensor) -> torch.Tensor:
-    which = backend(z.device, "decoder_input_fwd_cpu")
-    if which == "native":
-        return native_op("decoder_input_fwd_cpu")(z, pos, mask_token, visible_idx, decoder_idx)
-    if which == "triton":
-        return decoder_input_triton(z, pos, mask_token, visible_idx, decoder_idx)
+    # The reference: every device without a kernel of its own (see register_kernels below).
     return decoder_input_ref(z, pos, mask_token, visible_idx, decoder_idx)
 
 
@@ -231,14 +227,6 @@ def _(z, pos, mask_token, visible_idx, decoder_idx):
 def _decoder_input_backward_op(grad_out: torch.Tensor, visible_idx: torch.Tensor,
                                decoder_idx: torch.Tensor, num_tokens: int,
                                need_pos: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    which = backend(grad_out.device, "decoder_input_bwd_cpu")
-    if which == "native":
-        _, gmask, gpos = native_op("decoder_input_bwd_cpu")(grad_out, visible_idx, decoder_idx,
-                                                            num_tokens, need_pos)
-        D = grad_out.shape[2]
-        return gmask.float(), (gpos.float() if need_pos else grad_out.new_empty((0, D), dtype=torch.float32))
-    if which == "triton":
-        return decoder_input_backward_triton(grad_out, visible_idx, decoder_idx, num_tokens, need_pos)
     return _backward_ref(grad_out, visible_idx, decoder_idx, num_tokens, need_pos)
 
 
@@ -247,6 +235,21 @@ def _(grad_out, visible_idx, decoder_idx, num_tokens, need_pos):
     D = grad_out.shape[2]
     return (grad_out.new_empty((D,), dtype=torch.float32),
             grad_out.new_empty((num_tokens if need_pos else 0, D), dtype=torch.float32))
+
+
+def _native_backward(native):
+    def run(grad_out, visible_idx, decoder_idx, num_tokens, need_pos):
+        _, gmask, gpos = native(grad_out, visible_idx, decoder_idx, num_tokens, need_pos)
+        D = grad_out.shape[2]
+        return gmask.float(), (gpos.float() if need_pos else grad_out.new_empty((0, D), dtype=torch.float32))
+    return run
+
+
+register_kernels(_decoder_input_op, "decoder_input", triton_impl=decoder_input_triton if HAS_TRITON else None,
+                 native_name="decoder_input_fwd_cpu", native_impl=lambda native: native)
+register_kernels(_decoder_input_backward_op, "decoder_input_backward",
+                 triton_impl=decoder_input_backward_triton if HAS_TRITON else None,
+                 native_name="decoder_input_bwd_cpu", native_impl=_native_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -279,7 +282,7 @@ def decoder_input(z: torch.Tensor, pos: torch.Tensor, mask_token: torch.Tensor,
     """Decoder input (contract of ``decoder_input_ref``) through ``vmae_fast::decoder_input``:
     Triton on CUDA, native/interpreter/reference on CPU (``ops._dispatch``); the gradients of
     ``z``, ``mask_token`` (its shape kept) and a learnable ``pos`` come from the op's backward."""
-    if backend(z.device, "decoder_input_fwd_cpu") == "ref":
+    if not kernels_enabled():
         return decoder_input_ref(z, pos, mask_token, visible_idx, decoder_idx)
     _validate(z, pos, mask_token, visible_idx, decoder_idx)
     D = pos.shape[1]

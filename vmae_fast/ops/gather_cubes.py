@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_index, check_video, imagenet_stats, normalize_uint8
-from ._dispatch import (HAS_TRITON, backend, check_device, check_kernel_device, div_rn,
-                        launch, native_op, next_pow2)
+from ._common import check_index, check_video, imagenet_stats, kernels_enabled, normalize_uint8
+from ._dispatch import (HAS_TRITON, check_device, check_kernel_device, div_rn, launch, next_pow2,
+                        register_kernels)
 
 LAYOUTS = ("cthw", "thwc")
 
@@ -156,12 +156,8 @@ def _validate(video, idx, tubelet, patch, layout):
 @torch.library.custom_op("vmae_fast::gather_cubes", mutates_args=())
 def _gather_cubes_op(video: torch.Tensor, idx: torch.Tensor, tubelet: int, patch: int,
                      thwc: bool) -> torch.Tensor:
+    # The reference: every device without a kernel of its own (see register_kernels below).
     layout = "thwc" if thwc else "cthw"
-    which = backend(video.device, "gather_cubes_cpu")
-    if which == "native":  # the C++ op checks its inputs itself (ValueError with expected vs got)
-        return native_op("gather_cubes_cpu")(video, idx, tubelet, patch, thwc)
-    if which == "triton":
-        return gather_cubes_triton(video, idx, tubelet=tubelet, patch=patch, layout=layout)
     return gather_cubes_ref(video, idx, tubelet=tubelet, patch=patch, layout=layout).contiguous()
 
 
@@ -172,12 +168,20 @@ def _(video, idx, tubelet, patch, thwc):
     return video.new_empty((B, idx.shape[1], C * tubelet * patch * patch), dtype=dtype)
 
 
+def _triton(video, idx, tubelet, patch, thwc):
+    return gather_cubes_triton(video, idx, tubelet=tubelet, patch=patch, layout="thwc" if thwc else "cthw")
+
+
+register_kernels(_gather_cubes_op, "gather_cubes", triton_impl=_triton if HAS_TRITON else None,
+                 native_name="gather_cubes_cpu", native_impl=lambda native: native)
+
+
 def gather_cubes(video: torch.Tensor, idx: torch.Tensor, *, tubelet: int, patch: int,
                  layout: str = "cthw") -> torch.Tensor:
-    """Cube gather (see ``gather_cubes_ref`` for the contract): ``vmae_fast::gather_cubes``
-    (Triton on CUDA, native/interpreter/reference on CPU, see ``ops._dispatch``), or the
-    reference when the clip needs a gradient or ``VMAE_FAST_KERNELS=0``."""
-    if video.requires_grad or backend(video.device, "gather_cubes_cpu") == "ref":
+    """Cube gather (see ``gather_cubes_ref`` for the contract) through ``vmae_fast::gather_cubes``
+    (the kernel registered for the clip's device, see ``ops._dispatch``), or the reference when
+    the clip needs a gradient or the kernels are off (``VMAE_FAST_KERNELS=0``, ``use_kernels``)."""
+    if video.requires_grad or not kernels_enabled():
         return gather_cubes_ref(video, idx, tubelet=tubelet, patch=patch, layout=layout)
     _validate(video, idx, tubelet, patch, layout)
     return torch.ops.vmae_fast.gather_cubes(video, idx, tubelet, patch, layout == "thwc")

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_index, check_video, imagenet_stats
-from ._dispatch import (HAS_TRITON, backend, check_device, check_kernel_device, div_rn,
-                        launch, native_op, next_pow2)
+from ._common import check_index, check_video, imagenet_stats, kernels_enabled
+from ._dispatch import (HAS_TRITON, check_device, check_kernel_device, div_rn, launch, next_pow2,
+                        register_kernels)
 from .gather_cubes import gather_cubes_raw
 
 
@@ -230,13 +230,7 @@ def _backward_ref(grad_loss, pred, video, decoder_idx, weight, tubelet, patch, n
 def _masked_mse_op(pred: torch.Tensor, video: torch.Tensor, decoder_idx: torch.Tensor,
                    weight: torch.Tensor, tubelet: int, patch: int, normalize: bool,
                    eps: float) -> torch.Tensor:
-    which = backend(pred.device, "masked_mse_fwd_cpu")
-    if which == "native":
-        return native_op("masked_mse_fwd_cpu")(pred, video, decoder_idx, weight, tubelet, patch,
-                                               normalize, eps)
-    if which == "triton":
-        return masked_mse_loss_triton(pred, video, decoder_idx, weight, tubelet=tubelet, patch=patch,
-                                      normalize=normalize, eps=eps)
+    # The reference: every device without a kernel of its own (see register_kernels below).
     return masked_mse_loss_ref(pred, video, decoder_idx, weight, tubelet=tubelet, patch=patch,
                                normalize=normalize, eps=eps)
 
@@ -250,19 +244,29 @@ def _(pred, video, decoder_idx, weight, tubelet, patch, normalize, eps):
 def _masked_mse_backward_op(grad_loss: torch.Tensor, pred: torch.Tensor, video: torch.Tensor,
                             decoder_idx: torch.Tensor, weight: torch.Tensor, tubelet: int,
                             patch: int, normalize: bool, eps: float) -> torch.Tensor:
-    which = backend(pred.device, "masked_mse_bwd_cpu")
-    if which == "native":
-        return native_op("masked_mse_bwd_cpu")(grad_loss, pred, video, decoder_idx, weight, tubelet,
-                                               patch, normalize, eps)
-    if which == "triton":
-        return masked_mse_loss_backward_triton(grad_loss, pred, video, decoder_idx, weight,
-                                               tubelet=tubelet, patch=patch, normalize=normalize, eps=eps)
     return _backward_ref(grad_loss, pred, video, decoder_idx, weight, tubelet, patch, normalize, eps)
 
 
 @_masked_mse_backward_op.register_fake
 def _(grad_loss, pred, video, decoder_idx, weight, tubelet, patch, normalize, eps):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _triton_fwd(pred, video, decoder_idx, weight, tubelet, patch, normalize, eps):
+    return masked_mse_loss_triton(pred, video, decoder_idx, weight, tubelet=tubelet, patch=patch,
+                                  normalize=normalize, eps=eps)
+
+
+def _triton_bwd(grad_loss, pred, video, decoder_idx, weight, tubelet, patch, normalize, eps):
+    return masked_mse_loss_backward_triton(grad_loss, pred, video, decoder_idx, weight, tubelet=tubelet,
+                                           patch=patch, normalize=normalize, eps=eps)
+
+
+register_kernels(_masked_mse_op, "masked_mse_loss", triton_impl=_triton_fwd if HAS_TRITON else None,
+                 native_name="masked_mse_fwd_cpu", native_impl=lambda native: native)
+register_kernels(_masked_mse_backward_op, "masked_mse_loss_backward",
+                 triton_impl=_triton_bwd if HAS_TRITON else None,
+                 native_name="masked_mse_bwd_cpu", native_impl=lambda native: native)
 
 
 def _setup_context(ctx, inputs, output):
@@ -289,8 +293,7 @@ def masked_mse_loss(pred: torch.Tensor, video: torch.Tensor, decoder_idx: torch.
     """Loss (contract of ``masked_mse_loss_ref``) through ``vmae_fast::masked_mse_loss``: Triton
     on CUDA, native/interpreter/reference on CPU (``ops._dispatch``); the gradient of ``pred``
     comes from the op's backward. A clip or weight that needs a gradient takes the reference."""
-    if (video.requires_grad or weight.requires_grad
-            or backend(pred.device, "masked_mse_fwd_cpu") == "ref"):
+    if video.requires_grad or weight.requires_grad or not kernels_enabled():
         return masked_mse_loss_ref(pred, video, decoder_idx, weight, tubelet=tubelet, patch=patch,
                                    normalize=normalize, eps=eps)
     _validate(pred, video, decoder_idx, weight, tubelet, patch)
