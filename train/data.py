@@ -1,18 +1,22 @@
-"""Video lists, decoding, augmentation and a resumable sampler (docs/semantics.md §9).
+"""Video lists, decoding, augmentation, collation and a resumable sampler (docs/semantics.md §9).
 
 Lists, paths relative to ``--data-root``:
     pretraining  ``path start_idx total_frames``  (``total_frames`` -1 for a video file)
     fine-tuning  ``path label``
-A path is a video file (decord, or PyAV when decord is missing) or a folder of frames named
-``img_{:05}.jpg`` (frame ``i`` is ``pattern.format(start_idx + i)``).
+A path is a video file (``train/decode.py``: torchcodec, decord or PyAV, ``decoder="auto"`` picks
+the fastest that loads) or a folder of frames named by ``fname_tmpl`` (default ``img_{:05}.jpg``;
+frame ``i`` is ``fname_tmpl.format(start_idx + i)``). Pretraining follows the official hybrid
+dataset's rules: folders whose path contains ``SomethingV2`` are sampled every 2nd frame and
+named ``img_{:05}.jpg``, ``AVA2.2`` folders ``image_{:06}.jpg``.
 
-Workers return uint8 clips; normalization happens on the device (the model takes uint8).
+Workers return uint8 clips, cropped and resized as uint8 (``train/transforms.py``); ``collate``
+writes each clip once into a preallocated batch (shared memory in a worker, pinned memory in a
+CUDA process); normalization happens on the device (the model takes uint8).
 Every random choice of a sample comes from a generator seeded by ``(seed, epoch, index)``,
 so a sample is the same whatever the worker count, rank or resume point.
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -21,18 +25,16 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-PRETRAIN_SCALES = (1.0, 0.875, 0.75, 0.66)
+from . import decode as _decode
+from .transforms import (PRETRAIN_SCALES, crop_resize, pretrain_frame_ids, pretrain_start, random_resized_box,
+                         resize_uint8, sample_multiscale_crop)
+
 FRAME_PATTERN = "img_{:05}.jpg"
 MAX_RETRIES = 10
-
-try:  # decord is the official decoder; PyAV is the fallback
-    import decord as _decord
-
-    _decord.bridge.set_bridge("native")
-except Exception:  # pragma: no cover - depends on the install
-    _decord = None
+# The official HybridVideoMAE's per-dataset rules for frame folders: (path marker, frame name
+# template, sampling rate or None to keep the configured one).
+HYBRID_RULES = (("SomethingV2", "img_{:05}.jpg", 2), ("AVA2.2", "image_{:06}.jpg", None))
 
 
 # ----------------------------------------------------------------------------- list files
@@ -90,75 +92,73 @@ def read_list(list_path: str | os.PathLike, data_root: str | os.PathLike = "", k
 
 
 # ----------------------------------------------------------------------------- decoding
-_warned_pyav = False
+def decoder_name(decoder: str = "auto") -> str:
+    """The decoder ``decoder`` resolves to here (``auto``: the fastest that loads)."""
+    return _decode.resolve_decoder(decoder)
 
 
-def decoder_name() -> str:
-    return "decord" if _decord is not None else "pyav"
+def add_decoder_arg(parser) -> None:
+    """``--decoder`` for a training CLI (pass ``args.decoder`` to ``VideoDataset``)."""
+    parser.add_argument("--decoder", default="auto", choices=("auto", *_decode.DECODERS),
+                        help="video decoder; auto: the fastest that loads here (torchcodec needs "
+                             "FFmpeg's shared libraries)")
 
 
-def _warn_pyav_once():
-    global _warned_pyav
-    if not _warned_pyav:
-        _warned_pyav = True
-        warnings.warn("decord is not installed; decoding with PyAV (slower). "
-                      "`pip install decord` for the official decoder.", stacklevel=3)
+class FrameFolder(_decode.VideoReader):
+    """A folder of images as a video: ``n`` frames (the list's ``total_frames``, or the images
+    counted), frame ``i`` read from ``tmpl.format(start_idx + i)``."""
+
+    name = "frames"
+
+    def __init__(self, path: str, tmpl: str, start_idx: int, total_frames: int):
+        self.path, self.tmpl, self.start = path, tmpl, start_idx
+        self.n = total_frames if total_frames > 0 else len(
+            [f for f in os.listdir(path) if f.lower().endswith((".jpg", ".jpeg", ".png"))])
+
+    def get(self, indices):
+        from PIL import Image
+
+        frames = []
+        for i in self._check(indices):
+            with Image.open(os.path.join(self.path, self.tmpl.format(self.start + i))) as im:
+                frames.append(np.asarray(im.convert("RGB")))
+        return torch.from_numpy(np.stack(frames))
 
 
 class VideoSource:
     """Random access to the frames of one entry: ``len(src)`` and ``src.get(indices)`` ->
-    ``(len(indices), H, W, 3)`` uint8 numpy."""
+    ``(len(indices), H, W, 3)`` uint8 tensor. A video file with ``total_frames > 0`` is cut to
+    frames ``start_idx .. start_idx + total_frames - 1`` (an extension: the official list gives
+    -1 there)."""
 
-    def __init__(self, entry: Entry):
+    def __init__(self, entry: Entry, decoder: str = "auto", fname_tmpl: str = FRAME_PATTERN, threads: int = 1):
         self.entry = entry
         p = entry.path
         if os.path.isdir(p):
             self.kind = "frames"
-            n = entry.total_frames if entry.total_frames > 0 else len(
-                [f for f in os.listdir(p) if f.lower().endswith((".jpg", ".jpeg", ".png"))])
-            self.n = n
-        elif not os.path.isfile(p):
-            raise FileNotFoundError(f"no such video or frame folder: {p}")
-        elif _decord is not None:
-            self.kind = "decord"
-            self.vr = _decord.VideoReader(p, num_threads=1, ctx=_decord.cpu(0))
-            self.n = len(self.vr)
+            self.reader = FrameFolder(p, fname_tmpl, entry.start_idx, entry.total_frames)
+            self.offset, self.n = 0, len(self.reader)
         else:
-            _warn_pyav_once()
-            self.kind = "pyav"
-            self.n, self._frames = None, None
-            import av
-
-            with av.open(p) as c:  # PyAV: decode the whole (short) clip once
-                self._frames = [fr.to_ndarray(format="rgb24") for fr in c.decode(video=0)]
-            self.n = len(self._frames)
-        if self.kind != "frames" and entry.total_frames > 0:
-            self.n = min(self.n, entry.start_idx + entry.total_frames)
+            self.reader = _decode.open_video(p, decoder, threads=threads)
+            self.kind = self.reader.name
+            self.offset, self.n = 0, len(self.reader)
+            if entry.total_frames > 0:
+                self.offset = entry.start_idx
+                self.n = max(0, min(self.n, entry.start_idx + entry.total_frames) - entry.start_idx)
 
     def __len__(self) -> int:
         return self.n
 
-    def get(self, indices: Sequence[int]) -> np.ndarray:
-        idx = [int(i) for i in indices]
-        if self.kind == "decord":
-            return self.vr.get_batch(idx).asnumpy()
-        if self.kind == "pyav":
-            return np.stack([self._frames[i] for i in idx])
-        from PIL import Image
+    def get(self, indices: Sequence[int]) -> torch.Tensor:
+        return self.reader.get([int(i) + self.offset for i in indices])
 
-        frames = []
-        for i in idx:
-            with Image.open(os.path.join(self.entry.path, FRAME_PATTERN.format(self.entry.start_idx + i))) as im:
-                frames.append(np.asarray(im.convert("RGB")))
-        return np.stack(frames)
+    def close(self) -> None:
+        self.reader.close()
 
 
-def sample_indices(n: int, num_frames: int, rate: int, rng: np.random.Generator) -> np.ndarray:
-    """``num_frames`` indices ``rate`` apart from a random start; past the end the last frame
-    repeats (as the official loader does for short videos)."""
-    span = num_frames * rate
-    start = int(rng.integers(0, n - span + 1)) if n >= span else 0
-    return np.minimum(start + np.arange(num_frames) * rate, n - 1)
+def sample_indices(n: int, num_frames: int, rate: int, rng: np.random.Generator) -> list[int]:
+    """The official pretraining frame list (``train.transforms.pretrain_frame_ids``)."""
+    return pretrain_frame_ids(n, num_frames, rate, pretrain_start(n, num_frames, rate, rng))
 
 
 def segment_indices(n: int, num_frames: int, rate: int, num_segments: int) -> list[np.ndarray]:
@@ -170,61 +170,12 @@ def segment_indices(n: int, num_frames: int, rate: int, num_segments: int) -> li
     return [np.minimum(s + np.arange(num_frames) * rate, n - 1) for s in starts]
 
 
-# ----------------------------------------------------------------------------- augmentation
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``(T, 3, h, w)`` uint8 -> ``(T, 3, *size)`` uint8, bilinear with antialias (as PIL)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    y = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-    return y.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def multi_scale_crop(x: torch.Tensor, size: int, rng: np.random.Generator,
-                     scales: Sequence[float] = PRETRAIN_SCALES, max_distort: int = 1) -> torch.Tensor:
-    """Official pretraining crop (GroupMultiScaleCrop, fix_crop, more_fix_crop): a crop of
-    ``base * scale`` per side (sides within ``max_distort`` scale steps), at one of 13 fixed
-    offsets, resized to ``size x size``. ``x``: ``(T, 3, H, W)``."""
-    H, W = x.shape[-2:]
-    base = min(H, W)
-    sides = [int(base * s) for s in scales]
-    sides = [size if abs(s - size) < 3 else s for s in sides]
-    pairs = [(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= max_distort]
-    cw, ch = pairs[int(rng.integers(len(pairs)))]
-    ws, hs = (W - cw) // 4, (H - ch) // 4
-    offsets = [(0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs),
-               (0, 2 * hs), (4 * ws, 2 * hs), (2 * ws, 4 * hs), (2 * ws, 0),
-               (ws, hs), (3 * ws, hs), (ws, 3 * hs), (3 * ws, 3 * hs)]
-    ox, oy = offsets[int(rng.integers(len(offsets)))]
-    return _resize(x[..., oy:oy + ch, ox:ox + cw], (size, size))
-
-
-def random_resized_crop(x: torch.Tensor, size: int, rng: np.random.Generator,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True) -> torch.Tensor:
-    """Fine-tuning crop: area fraction in ``scale``, log-uniform aspect in ``ratio`` (10 tries,
-    then a center crop), resized to ``size``, horizontal flip with p=0.5. ``x``: ``(T, 3, H, W)``."""
-    H, W = x.shape[-2:]
-    area = H * W
-    for _ in range(10):
-        a = area * rng.uniform(*scale)
-        r = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
-        if 0 < cw <= W and 0 < ch <= H:
-            oy, ox = int(rng.integers(0, H - ch + 1)), int(rng.integers(0, W - cw + 1))
-            break
-    else:
-        ch = cw = min(H, W)
-        oy, ox = (H - ch) // 2, (W - cw) // 2
-    out = _resize(x[..., oy:oy + ch, ox:ox + cw], (size, size))
-    if flip and rng.random() < 0.5:
-        out = out.flip(-1)
-    return out
-
-
 def test_crops(x: torch.Tensor, size: int, num_crops: int) -> list[torch.Tensor]:
-    """Short side to ``size``, then ``num_crops`` crops spread along the long side (1: center)."""
+    """Short side to ``size``, then ``num_crops`` crops spread along the long side (1: center).
+    ``x``: ``(T, 3, H, W)``."""
     H, W = x.shape[-2:]
     s = size / min(H, W)
-    x = _resize(x, (max(size, round(H * s)), max(size, round(W * s))))
+    x = resize_uint8(x, (max(size, round(H * s)), max(size, round(W * s))))
     H, W = x.shape[-2:]
     out = []
     for k in range(num_crops):
@@ -236,16 +187,27 @@ def test_crops(x: torch.Tensor, size: int, num_crops: int) -> list[torch.Tensor]
 
 # ----------------------------------------------------------------------------- dataset
 class VideoDataset(torch.utils.data.Dataset):
-    """``mode``: ``"pretrain"`` (multi-scale crop, no flip), ``"finetune"`` (random resized crop +
-    flip) or ``"test"`` (``num_segments x num_crops`` views).
+    """``mode``: ``"pretrain"`` (official multi-scale crop, no flip), ``"finetune"`` (random resized
+    crop + flip) or ``"test"`` (``num_segments x num_crops`` views).
 
-    ``dataset[(epoch, i)]`` -> dict ``video`` uint8 ``(V, 3, T, S, S)`` (``V = num_sample`` views,
-    or all test views), ``label``, ``index``, ``skipped`` (files that failed and were replaced).
+    ``dataset[(epoch, i)]`` -> dict ``video``: a list of ``V`` uint8 ``(3, T, S, S)`` views
+    (``V = num_sample``, or all test views; not contiguous: ``collate`` writes each once into the
+    batch), ``label``, ``index``, ``skipped`` (files that failed and were replaced).
+
+    Pretraining options (the official ``GroupMultiScaleCrop`` / ``HybridVideoMAE`` ones):
+    ``scales``, ``max_distort``, ``fix_crop``, ``more_fix_crop``; ``fname_tmpl`` for frame
+    folders; ``hybrid_rules`` (SomethingV2 / AVA2.2 folders, see ``HYBRID_RULES``). A video shorter
+    than the clip span (``num_frames * sampling_rate``) is padded as the official pads it (from
+    frame 0, the last strided index repeated); ``skip_short=True`` skips it instead.
+    ``decoder``: ``auto`` or a name from ``train.decode.DECODERS``, resolved here (once).
     """
 
     def __init__(self, entries: list[Entry], mode: str, num_frames: int, sampling_rate: int, img_size: int,
                  num_sample: int = 1, seed: int = 0, scales: Sequence[float] = PRETRAIN_SCALES,
-                 min_scale: float = 0.08, num_segments: int = 1, num_crops: int = 1):
+                 min_scale: float = 0.08, num_segments: int = 1, num_crops: int = 1, *, decoder: str = "auto",
+                 max_distort: int = 1, fix_crop: bool = True, more_fix_crop: bool = True,
+                 fname_tmpl: str = FRAME_PATTERN, hybrid_rules: bool = True, skip_short: bool = False,
+                 threads: int = 1):
         if mode not in ("pretrain", "finetune", "test"):
             raise ValueError(f"mode must be pretrain, finetune or test, got {mode!r}")
         if num_sample < 1 or num_frames < 1 or sampling_rate < 1:
@@ -254,27 +216,61 @@ class VideoDataset(torch.utils.data.Dataset):
         self.num_frames, self.rate, self.size = num_frames, sampling_rate, img_size
         self.num_sample, self.seed, self.scales, self.min_scale = num_sample, seed, tuple(scales), min_scale
         self.num_segments, self.num_crops = num_segments, num_crops
+        self.max_distort, self.fix_crop, self.more_fix_crop = max_distort, fix_crop, more_fix_crop
+        self.fname_tmpl, self.hybrid_rules, self.skip_short = fname_tmpl, hybrid_rules, skip_short
+        try:  # resolved once, here: workers get the name, and the fallback line is said once
+            self.decoder = _decode.resolve_decoder(decoder)
+        except RuntimeError:  # no video decoder at all: frame folders still load, files fail (skipped)
+            self.decoder = decoder
+        self.threads = threads
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _load(self, entry: Entry, rng: np.random.Generator) -> torch.Tensor:
-        src = VideoSource(entry)
-        if len(src) < self.num_frames:
-            raise ValueError(f"too short: {len(src)} frames, need at least {self.num_frames}")
-        off = entry.start_idx if src.kind != "frames" else 0
-        if self.mode == "test":
-            views = []
-            for idx in segment_indices(len(src) - off, self.num_frames, self.rate, self.num_segments):
-                x = torch.from_numpy(src.get(idx + off)).permute(0, 3, 1, 2)  # (T, 3, H, W)
-                views += test_crops(x, self.size, self.num_crops)
-        else:
-            idx = sample_indices(len(src) - off, self.num_frames, self.rate, rng)
-            x = torch.from_numpy(src.get(idx + off)).permute(0, 3, 1, 2)
-            crop = (lambda v: multi_scale_crop(v, self.size, rng, self.scales)) if self.mode == "pretrain" \
-                else (lambda v: random_resized_crop(v, self.size, rng, (self.min_scale, 1.0)))
-            views = [crop(x) for _ in range(self.num_sample)]  # decode once, several clips
-        return torch.stack(views).permute(0, 2, 1, 3, 4).contiguous()  # (V, 3, T, S, S)
+    def _folder_rules(self, path: str) -> tuple[str, int]:
+        if self.mode == "pretrain" and self.hybrid_rules:
+            for marker, tmpl, rate in HYBRID_RULES:
+                if marker in path:
+                    return tmpl, rate or self.rate
+        return self.fname_tmpl, self.rate
+
+    def _load(self, entry: Entry, rng: np.random.Generator) -> list[torch.Tensor]:
+        tmpl, rate = self._folder_rules(entry.path) if os.path.isdir(entry.path) else (self.fname_tmpl, self.rate)
+        src = VideoSource(entry, self.decoder, tmpl, self.threads)
+        try:
+            n = len(src)
+            if n < 1:
+                raise ValueError("no frames")
+            if self.skip_short and n < self.num_frames * rate:
+                raise ValueError(f"too short: {n} frames, the clip spans {self.num_frames * rate} (skip_short)")
+            if self.mode == "test":
+                views = []
+                for idx in segment_indices(n, self.num_frames, rate, self.num_segments):
+                    x = src.get(idx).permute(0, 3, 1, 2)  # (T, 3, H, W), channels-last
+                    views += test_crops(x, self.size, self.num_crops)
+                return [v.transpose(0, 1) for v in views]
+            if self.mode == "pretrain":
+                frames = src.get(pretrain_frame_ids(n, self.num_frames, rate,
+                                                    pretrain_start(n, self.num_frames, rate, rng)))
+            else:
+                span = self.num_frames * rate
+                start = int(rng.integers(0, n - span + 1)) if n >= span else 0
+                frames = src.get(np.minimum(start + np.arange(self.num_frames) * rate, n - 1))
+        finally:
+            src.close()
+        H, W = frames.shape[1:3]
+        views = []
+        for _ in range(self.num_sample):  # decoded once, cropped num_sample times
+            if self.mode == "pretrain":
+                box = sample_multiscale_crop(W, H, self.size, rng, self.scales, self.max_distort,
+                                             self.fix_crop, self.more_fix_crop)
+                v = crop_resize(frames, box, self.size)
+            else:
+                v = crop_resize(frames, random_resized_box(W, H, rng, (self.min_scale, 1.0)), self.size)
+                if rng.random() < 0.5:
+                    v = v.flip(-1)
+            views.append(v.transpose(0, 1))  # (3, T, S, S) view
+        return views
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
@@ -294,14 +290,46 @@ class VideoDataset(torch.utils.data.Dataset):
                            "check --data-root and the list")
 
 
-def collate(samples: list[dict]) -> dict:
-    """Views are flattened into the batch: ``video`` ``(B*V, 3, T, S, S)`` uint8, ``label`` ``(B*V,)``."""
-    videos = torch.stack([s["video"] for s in samples])
-    v = videos.shape[1]
-    return {"video": videos.flatten(0, 1),
-            "label": torch.tensor([s["label"] for s in samples]).repeat_interleave(v),
-            "index": torch.tensor([s["index"] for s in samples]),
-            "skipped": [p for s in samples for p in s["skipped"]]}
+def _batch_buffer(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
+    """Uninitialized uint8 batch: in shared memory inside a DataLoader worker (so it crosses to
+    the main process without a copy), in pinned memory when asked (the copy to the GPU is then
+    asynchronous and DataLoader's ``pin_memory`` finds it pinned already), else plain."""
+    numel = int(np.prod(shape))
+    if torch.utils.data.get_worker_info() is not None:
+        try:
+            storage = torch.UntypedStorage._new_shared(numel)
+            return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+        except Exception:  # pragma: no cover - a torch without the private helper
+            return torch.empty(shape, dtype=torch.uint8).share_memory_()
+    if pin:
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+    return torch.empty(shape, dtype=torch.uint8)
+
+
+class Collate:
+    """Views are flattened into the batch: ``video`` ``(B*V, 3, T, S, S)`` uint8 (contiguous),
+    ``label`` ``(B*V,)``. Each view is copied once, straight into its slot of a preallocated batch
+    (no stack, permute or contiguous copies). ``pin_memory``: ``None`` pins in a process with CUDA."""
+
+    def __init__(self, pin_memory: bool | None = None):
+        self.pin_memory = pin_memory
+
+    def __call__(self, samples: list[dict]) -> dict:
+        views = [list(s["video"]) for s in samples]  # a list of views, or a (V, 3, T, S, S) tensor
+        v = len(views[0])
+        if any(len(x) != v for x in views):
+            raise ValueError("every sample of a batch must have the same number of views")
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        out = _batch_buffer((len(samples) * v, *views[0][0].shape), pin)
+        for k, view in enumerate(x for vs in views for x in vs):
+            out[k].copy_(view)
+        return {"video": out,
+                "label": torch.tensor([s["label"] for s in samples]).repeat_interleave(v),
+                "index": torch.tensor([s["index"] for s in samples]),
+                "skipped": [p for s in samples for p in s["skipped"]]}
+
+
+collate = Collate()
 
 
 # ----------------------------------------------------------------------------- sampling

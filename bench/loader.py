@@ -1,0 +1,269 @@
+"""Data-loader throughput: our pipeline against the official one, on the same files, per decoder.
+
+    python -m bench.loader                       # Kinetics-like 320p clips made in a temp dir
+    python -m bench.loader --videos tests/data   # or any folder / list of video files
+
+For each pipeline x decoder x num_sample x worker count, a ``torch.utils.data.DataLoader`` with
+that many workers produces pretraining batches (16 frames every 4th, 224 px). Measured:
+
+* clips per CPU-second: clips / the workers' own CPU time (``time.process_time`` read inside
+  each worker when it finishes a batch; each worker's first batch, with its start-up, is left
+  out). The cost of a clip, whatever the core count: the number that says how many cores a GPU
+  needs.
+* wall clips/s: clips after the first batch of every worker / the wall time they took, as the
+  training loop would receive them (this machine's cores, shared with whatever else runs).
+
+A clip is one view: with ``num_sample 4`` one decoded video gives 4 clips, in both pipelines.
+"ours" is ``train.data.VideoDataset`` + ``collate`` (uint8 out); "official" is
+``bench/official_pipeline.py`` (decord + PIL + float normalization, as the official code), run
+with its own decoder (decord) and, for comparison, with ours. Goals (one worker, 320p H.264):
+ours with ``auto`` >= 2.5x official/decord clips per CPU-second at num_sample 4, >= 1.7x at 1.
+Raw rows go to ``bench/results/loader-<device>-<date>.json``; a Markdown table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import device as devmod
+from .output import result_path, write_json
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+GOALS = {1: 1.7, 4: 2.5}  # num_sample -> ours(auto) / official(decord), clips per CPU-second, 1 worker
+SIZES_320P = ((568, 320), (320, 568), (426, 320))
+
+
+# ----------------------------------------------------------------------------- files
+def kinetics_files(n: int, seconds: float, cache: Path | None = None) -> list[Path]:
+    """``n`` Kinetics-like 320p clips (train/make_synthetic.py), made once into a temp folder
+    named after their parameters and reused by later runs."""
+    from train.make_synthetic import make_kinetics_like
+
+    key = hashlib.sha1(f"v1-{n}-{seconds}-{SIZES_320P}".encode()).hexdigest()[:10]
+    root = (cache or Path(tempfile.gettempdir())) / f"vmae_fast_loader_bench_{key}"
+    done = root / "done"
+    if not done.exists():
+        print(f"writing {n} Kinetics-like clips ({seconds:g} s, 320p, H.264) to {root} ...", file=sys.stderr,
+              flush=True)
+        paths = make_kinetics_like(root, n, seconds, sizes=SIZES_320P)
+        done.write_text("\n".join(p.name for p in paths))
+    return [root / "videos" / name for name in done.read_text().split()]
+
+
+def video_files(spec: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for s in spec:
+        p = Path(s)
+        out += sorted(q for q in p.iterdir() if q.suffix.lower() in (".mp4", ".mkv", ".webm", ".avi", ".mov")) \
+            if p.is_dir() else [p]
+    if not out:
+        raise SystemExit(f"no video files in {spec}")
+    return out
+
+
+def describe(path: Path) -> dict:
+    import av
+
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        dur = float(c.duration / 1e6) if c.duration else None
+        return {"file": path.name, "width": s.width, "height": s.height, "codec": s.codec_context.name,
+                "fps": float(s.average_rate) if s.average_rate else None, "frames": s.frames, "seconds": dur,
+                "kbit_s": round(path.stat().st_size * 8 / 1e3 / dur) if dur else None}
+
+
+# ----------------------------------------------------------------------------- measuring
+class TimedCollate:
+    """Runs in the worker: the batch, how many clips it holds, which worker, its CPU clock."""
+
+    def __init__(self, inner, clips_of):
+        self.inner, self.clips_of = inner, clips_of
+
+    def __call__(self, samples):
+        batch = self.inner(samples)
+        info = torch.utils.data.get_worker_info()
+        return batch, self.clips_of(batch), info.id if info else -1, time.process_time()
+
+
+def _video_of(batch):
+    return batch["video"] if isinstance(batch, dict) else batch
+
+
+def _official_reader(decoder: str):
+    from train.decode import open_video
+
+    if decoder == "decord":
+        return None  # the official loader itself
+
+    class _Reader:  # decord's get_batch on top of our reader, so the official code path is unchanged
+        def __init__(self, path):
+            self.r = open_video(path, decoder)
+
+        def __len__(self):
+            return len(self.r)
+
+        def get_batch(self, ids):
+            return self.r.get(ids)
+
+    return _Reader
+
+
+def measure(pipeline: str, decoder: str, num_sample: int, workers: int, paths: list[Path], clips: int,
+            batch: int, frames: int, rate: int, size: int, seed: int = 0) -> dict:
+    from bench.official_pipeline import OfficialPretrainDataset, official_collate
+    from train.data import Entry, VideoDataset, collate
+
+    if pipeline == "ours":
+        ds = VideoDataset([Entry(str(p)) for p in paths], "pretrain", frames, rate, size, num_sample=num_sample,
+                          seed=seed, decoder=decoder)
+        fn = TimedCollate(collate, lambda b: b["video"].shape[0])
+    else:
+        ds = OfficialPretrainDataset([str(p) for p in paths], frames, rate, size, num_sample,
+                                     open_video=_official_reader(decoder))
+        fn = TimedCollate(official_collate, lambda b: b.shape[0])
+    per_batch = batch * num_sample
+    n_batches = math.ceil(clips / per_batch) + workers  # + each worker's first (left-out) batch
+    keys = [(k // len(paths), k % len(paths)) for k in range(n_batches * batch)]
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=keys, num_workers=workers,
+                                         collate_fn=fn, prefetch_factor=2, persistent_workers=False)
+    seen: dict[int, list[tuple[float, int]]] = {}
+    t_start, counted, wall_clips = None, 0, 0
+    t0 = time.perf_counter()
+    for b, (out, n, wid, cpu) in enumerate(loader):
+        assert _video_of(out).dtype == (torch.uint8 if pipeline == "ours" else torch.float32)
+        seen.setdefault(wid, []).append((cpu, n))
+        if t_start is None and len(seen) == workers:
+            t_start = time.perf_counter()  # every worker has delivered its first batch
+        elif t_start is not None:
+            wall_clips += n
+        counted += 1
+    t_end = time.perf_counter()
+    cpu_s = sum(r[-1][0] - r[0][0] for r in seen.values())
+    cpu_clips = sum(n for r in seen.values() for _, n in r[1:])
+    wall_s = t_end - (t_start or t0)
+    return {"pipeline": pipeline, "decoder": decoder, "num_sample": num_sample, "workers": workers,
+            "batch": batch, "clips": cpu_clips, "cpu_s": cpu_s,
+            "clips_per_cpu_s": cpu_clips / cpu_s if cpu_s > 0 else None,
+            "wall_s": wall_s, "wall_clips": wall_clips,
+            "wall_clips_per_s": wall_clips / wall_s if wall_s > 0 and wall_clips else None,
+            "total_wall_s": t_end - t0, "batches": counted}
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt(x, nd=2):
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def table(rows: list[dict]) -> str:
+    base = {(r["num_sample"], r["workers"]): r for r in rows if r["pipeline"] == "official" and r["decoder"] == "decord"}
+    lines = ["| pipeline | decoder | num_sample | workers | clips / CPU-s | x official | wall clips/s | x official |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = base.get((r["num_sample"], r["workers"]))
+        rel = lambda k: _fmt(r[k] / b[k]) + "x" if b and r.get(k) and b.get(k) else "n/a"  # noqa: E731
+        lines.append(f"| {r['pipeline']} | {r['decoder']} | {r['num_sample']} | {r['workers']} | "
+                     f"{_fmt(r['clips_per_cpu_s'])} | {rel('clips_per_cpu_s')} | {_fmt(r['wall_clips_per_s'])} | "
+                     f"{rel('wall_clips_per_s')} |")
+    return "\n".join(lines)
+
+
+def goals(rows: list[dict], auto: str) -> list[dict]:
+    out = []
+    for ns, target in GOALS.items():
+        ours = next((r for r in rows if r["pipeline"] == "ours" and r["decoder"] == auto and r["num_sample"] == ns
+                     and r["workers"] == 1), None)
+        off = next((r for r in rows if r["pipeline"] == "official" and r["decoder"] == "decord"
+                    and r["num_sample"] == ns and r["workers"] == 1), None)
+        if ours is None or off is None:
+            continue
+        ratio = ours["clips_per_cpu_s"] / off["clips_per_cpu_s"]
+        out.append({"num_sample": ns, "target": target, "ratio": ratio, "met": ratio >= target,
+                    "ours": ours["clips_per_cpu_s"], "official": off["clips_per_cpu_s"], "decoder": auto})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--videos", nargs="*", help="video files or folders (default: Kinetics-like 320p clips, "
+                                                "made once in a temp folder)")
+    ap.add_argument("--n-videos", type=int, default=6, help="generated clips (default 6)")
+    ap.add_argument("--seconds", type=float, default=10, help="length of generated clips (default 10)")
+    ap.add_argument("--decoders", default="all",
+                    help="comma list of decoders for our pipeline, or 'all' (those that load)")
+    ap.add_argument("--official-decoders", default="all",
+                    help="decoders for the official pipeline: 'decord' (its own) or a list, or 'all'")
+    ap.add_argument("--num-sample", default="1,4")
+    ap.add_argument("--workers", default=None, help="comma list (default 1..cores)")
+    ap.add_argument("--clips", type=int, default=48, help="clips measured per row (default 48)")
+    ap.add_argument("--batch", type=int, default=2, help="videos per batch (default 2)")
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--rate", type=int, default=4)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--out", default=str(RESULTS_DIR))
+    ap.add_argument("--name")
+    ns = ap.parse_args(argv)
+    from train import decode
+
+    avail = decode.available_decoders()
+    for name in decode.DECODERS:
+        if name not in avail:
+            print(f"decoder {name}: skipped ({decode.why_unavailable(name)})", file=sys.stderr)
+    pick = lambda s: avail if s == "all" else [d for d in s.split(",") if d in avail]  # noqa: E731
+    ours_dec, off_dec = pick(ns.decoders), pick(ns.official_decoders)
+    auto = decode.resolve_decoder("auto", quiet=True)
+    paths = video_files(ns.videos) if ns.videos else kinetics_files(ns.n_videos, ns.seconds)
+    workers = [int(w) for w in ns.workers.split(",")] if ns.workers else list(range(1, (os.cpu_count() or 1) + 1))
+    samples = [int(s) for s in ns.num_sample.split(",")]
+    off_dec = sorted(off_dec, key=lambda d: d != "decord")  # the baseline row first
+    plan = [("official", d) for d in off_dec] + [("ours", d) for d in ours_dec]
+    rows = []
+    for w in workers:
+        for s in samples:
+            for pipeline, dec in plan:
+                r = measure(pipeline, dec, s, w, paths, ns.clips, ns.batch, ns.frames, ns.rate, ns.size)
+                rows.append(r)
+                print(f"  {pipeline:8s} {dec:10s} ns={s} workers={w}: {_fmt(r['clips_per_cpu_s'])} clips/CPU-s, "
+                      f"{_fmt(r['wall_clips_per_s'])} wall clips/s", file=sys.stderr, flush=True)
+    info = devmod.device_info(torch.device("cpu"))
+    versions = {m: devmod._version(m) for m in ("av", "decord", "torchcodec", "PIL")}
+    try:
+        import torchcodec
+
+        versions["torchcodec_ffmpeg_major"] = getattr(torchcodec, "ffmpeg_major_version", None)
+    except Exception:
+        pass
+    g = goals(rows, auto)
+    files = [describe(p) for p in paths]
+    dims = ", ".join(sorted({"%dx%d" % (f["width"], f["height"]) for f in files}))
+    head = (f"## Data loader: {info['name']}, {len(paths)} files ({dims}), "
+            f"{ns.frames} frames every {ns.rate}, {ns.size} px; auto decoder = {auto}")
+    lines = [head, "", table(rows), ""]
+    for x in g:
+        lines.append(f"- num_sample {x['num_sample']}, 1 worker: ours ({x['decoder']}) {x['ours']:.2f} vs official "
+                     f"(decord) {x['official']:.2f} clips/CPU-s = {x['ratio']:.2f}x, goal {x['target']}x: "
+                     f"{'met' if x['met'] else 'MISSED'}")
+    print("\n".join(lines))
+    result = {"schema": 1, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": "python -m bench.loader " + " ".join(sys.argv[1:] if argv is None else argv),
+              "device": info, "versions": versions, "auto_decoder": auto,
+              "unavailable": {d: decode.why_unavailable(d) for d in decode.DECODERS if d not in avail},
+              "config": {"frames": ns.frames, "rate": ns.rate, "size": ns.size, "batch": ns.batch,
+                         "clips": ns.clips, "workers": workers, "num_sample": samples},
+              "files": files, "rows": rows, "goals": g}
+    path = result_path(ns.out, ns.name, "loader", info)
+    write_json(result, path)
+    print(f"\nraw results: {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

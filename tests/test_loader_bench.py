@@ -1,0 +1,57 @@
+"""`python -m bench.loader` end to end on tiny inputs, and the Kinetics-like clip generator."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+av = pytest.importorskip("av", reason="PyAV (the `test` extra) writes and reads the clips")
+
+from bench import loader  # noqa: E402
+from train import decode  # noqa: E402
+from train.make_synthetic import make_kinetics_like, write_kinetics_like  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_kinetics_like_clip_is_h264_with_b_frames(tmp_path):
+    p = tmp_path / "k.mp4"
+    write_kinetics_like(p, seconds=1.2, fps=30, width=320, height=256, preset="veryfast")
+    with av.open(str(p)) as c:
+        s = c.streams.video[0]
+        pkts = [pk for pk in c.demux(s) if pk.size]
+        assert (s.codec_context.name, s.width, s.height, float(s.average_rate)) == ("h264", 320, 256, 30.0)
+    assert len(pkts) == 36 and pkts[0].is_keyframe
+    assert any(b.pts < a.pts for a, b in zip(pkts, pkts[1:]))  # B-frames: decode order != display order
+    with pytest.raises(ValueError, match="even"):
+        write_kinetics_like(tmp_path / "odd.mp4", seconds=0.2, width=321)
+
+
+def test_make_kinetics_like_writes_a_list(tmp_path):
+    paths = make_kinetics_like(tmp_path, n=2, seconds=0.4, sizes=((64, 48), (48, 64)), preset="ultrafast")
+    assert [p.name for p in paths] == ["kin000_64x48_25fps.mp4", "kin001_48x64_30fps.mp4"]
+    assert (tmp_path / "pretrain.txt").read_text().splitlines() == [f"videos/{p.name} 0 -1" for p in paths]
+
+
+def test_bench_loader_writes_rows_goals_and_a_table(tmp_path, capsys):
+    ours = "pyav"
+    official = "decord" if decode.why_unavailable("decord") is None else "pyav"
+    res = loader.main(["--videos", str(DATA / "carphone_distorted.mp4"), str(DATA / "bikes.mp4"),
+                       "--decoders", ours, "--official-decoders", official, "--num-sample", "1,2",
+                       "--workers", "1", "--clips", "2", "--batch", "1", "--frames", "4", "--size", "32",
+                       "--out", str(tmp_path), "--name", "t"])
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(res["rows"], default=str))
+    assert {(r["pipeline"], r["decoder"], r["num_sample"]) for r in saved["rows"]} == {
+        ("official", official, 1), ("official", official, 2), ("ours", ours, 1), ("ours", ours, 2)}
+    for r in saved["rows"]:
+        assert r["workers"] == 1 and r["clips"] >= 2 and r["cpu_s"] > 0 and r["clips_per_cpu_s"] > 0
+        assert r["wall_clips_per_s"] > 0
+    assert [f["file"] for f in saved["files"]] == ["carphone_distorted.mp4", "bikes.mp4"]
+    assert saved["config"]["frames"] == 4 and saved["auto_decoder"] == decode.resolve_decoder("auto")
+    if official == "decord" and saved["auto_decoder"] == ours:
+        assert [g["num_sample"] for g in saved["goals"]] == [1]  # (no goal is set for num_sample 2)
+    out = capsys.readouterr().out
+    assert "| pipeline | decoder | num_sample | workers | clips / CPU-s |" in out
+    assert out.count("\n| ours | pyav |") == 2

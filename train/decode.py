@@ -1,0 +1,341 @@
+"""Video decoders behind one interface: random access to the frames of one file.
+
+    reader = open_video(path, decoder="auto")   # "auto" | "torchcodec" | "decord" | "pyav"
+    len(reader)                                  # frame count (presentation order)
+    reader.get([0, 4, 8, 8])                     # (4, H, W, 3) uint8 torch.Tensor, in the order asked
+
+Every decoder numbers frames the same way (presentation order, every frame the container
+indexes) and returns the same RGB pixels for them: tests/test_decoders.py checks this bit for bit
+on real and synthetic H.264. They differ only in cost:
+
+* ``pyav`` (our reader on PyAV): indexes the packets once (demux, no decoding), seeks to the
+  keyframe at or before each needed frame and decodes forward, never the whole file; packets of
+  frames that are not needed are decoded with ``skip_frame=NONREF``, so non-reference frames
+  (most B-frames) between the needed ones are not decoded at all. The needed frames and every
+  reference frame are decoded in full, so the output is unchanged.
+* ``torchcodec`` (``seek_mode="exact"``): needs FFmpeg's shared libraries (4 to 8) installed on
+  the system (``.ci/install-system-deps`` installs Debian's); without them it does not load.
+* ``decord``: the official VideoMAE V2 decoder.
+
+``auto`` takes the first of ``AUTO_ORDER`` that loads here: the order ``python -m bench.loader``
+measured (pyav fastest on every file we have, then torchcodec, then decord). A decoder asked
+for by name that does not load (torchcodec without FFmpeg's libraries, say) costs one line on
+stderr, saying why and which decoder is used instead (``strict=True`` raises instead).
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+import torch
+
+DECODERS = ("torchcodec", "decord", "pyav")
+AUTO_ORDER = ("pyav", "torchcodec", "decord")
+
+_status: dict[str, str | None] = {}  # name -> None when it loads, else why not
+_announced: set[str] = set()
+
+
+# ----------------------------------------------------------------------------- availability
+def _probe(name: str) -> str | None:
+    if name == "pyav":
+        try:
+            import av  # noqa: F401  (importable is enough)
+        except Exception as exc:
+            return f"PyAV is not installed ({type(exc).__name__}: {exc}); `pip install av`"
+        return None
+    if name == "decord":
+        try:
+            import decord  # noqa: F401  (importable is enough)
+        except Exception as exc:
+            return f"decord is not installed ({type(exc).__name__}); `pip install decord` (Linux x86_64)"
+        return None
+    if name == "torchcodec":
+        try:
+            from torchcodec.decoders import VideoDecoder  # older releases load FFmpeg here
+        except ImportError as exc:
+            if "libtorchcodec" not in str(exc):
+                return "torchcodec is not installed; `pip install torchcodec` (needs FFmpeg 4-8 shared libraries)"
+            return _torchcodec_load_error(exc)
+        except Exception as exc:
+            return _torchcodec_load_error(exc)
+        # Newer releases load FFmpeg at the first decoder: open a few garbage bytes. A decoder
+        # that loaded fails on the data instead ("Invalid data ..."), one that did not says so.
+        try:
+            VideoDecoder(torch.zeros(64, dtype=torch.uint8))
+        except Exception as exc:
+            if "libtorchcodec" in str(exc):
+                return _torchcodec_load_error(exc)
+        return None
+    raise ValueError(f"unknown decoder {name!r}; choose one of auto, {', '.join(DECODERS)}")
+
+
+def _torchcodec_load_error(exc: BaseException) -> str:
+    import ctypes.util
+    from importlib import metadata
+
+    try:
+        ver = metadata.version("torchcodec")
+    except Exception:
+        ver = "?"
+    missing = [lib for lib in ("avutil", "avcodec", "avformat", "avfilter", "avdevice", "swscale", "swresample")
+               if ctypes.util.find_library(lib) is None]
+    if missing:
+        return (f"torchcodec {ver} needs FFmpeg's shared libraries (FFmpeg 4-8) and lib{', lib'.join(missing)} "
+                "are not installed: run .ci/install-system-deps (Debian/Ubuntu) or install FFmpeg")
+    return (f"torchcodec {ver} does not load against torch {torch.__version__} (their versions are tied: "
+            f"torch 2.6 needs torchcodec 0.2, see torchcodec's compatibility table): "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}")
+
+
+def why_unavailable(name: str) -> str | None:
+    """``None`` when decoder ``name`` loads here, else the reason (one line)."""
+    if name not in _status:
+        _status[name] = _probe(name)
+    return _status[name]
+
+
+def available_decoders() -> list[str]:
+    return [n for n in DECODERS if why_unavailable(n) is None]
+
+
+def resolve_decoder(name: str = "auto", *, strict: bool = False, quiet: bool = False) -> str:
+    """The decoder ``name`` stands for. ``auto``: the first of ``AUTO_ORDER`` that loads. A named
+    decoder that does not load: with ``strict``, ``RuntimeError`` with the reason; else one line
+    on stderr (the reason, and the decoder used instead; once per process) and ``auto``'s pick."""
+    if name != "auto":
+        if name not in DECODERS:
+            raise ValueError(f"unknown decoder {name!r}; choose one of auto, {', '.join(DECODERS)}")
+        why = why_unavailable(name)
+        if why is None:
+            return name
+        if strict:
+            raise RuntimeError(f"decoder {name}: {why}")
+        fallback = resolve_decoder("auto", quiet=True)
+        _say(name, f"decoder {name} unavailable: {why}; using {fallback}", quiet)
+        return fallback
+    for cand in AUTO_ORDER:
+        if why_unavailable(cand) is None:
+            return cand
+        _say(cand, f"decoder {cand} unavailable: {why_unavailable(cand)}; trying the next", quiet)
+    raise RuntimeError("no video decoder loads: install PyAV (`pip install av`), decord or torchcodec")
+
+
+def _say(key: str, line: str, quiet: bool) -> None:
+    if not quiet and key not in _announced:
+        _announced.add(key)
+        print(line, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- readers
+class VideoReader:
+    """Base: ``len(reader)`` frames; ``reader.get(indices)`` -> ``(len(indices), H, W, 3)`` uint8."""
+
+    name = "?"
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get(self, indices: Sequence[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check(self, indices: Sequence[int]) -> list[int]:
+        idx = [int(i) for i in indices]
+        bad = [i for i in idx if not 0 <= i < self.n]
+        if bad:
+            raise IndexError(f"frame indices {bad[:4]} out of range for {self.n} frames")
+        return idx
+
+
+class DecordReader(VideoReader):
+    name = "decord"
+
+    def __init__(self, path: str, threads: int = 1):
+        import decord
+
+        decord.bridge.set_bridge("native")
+        self.vr = decord.VideoReader(path, num_threads=threads, ctx=decord.cpu(0))
+        self.n = len(self.vr)
+
+    def get(self, indices):
+        return torch.from_numpy(self.vr.get_batch(self._check(indices)).asnumpy())
+
+    def close(self):
+        self.vr = None
+
+
+class TorchCodecReader(VideoReader):
+    name = "torchcodec"
+
+    def __init__(self, path: str, threads: int = 1):
+        from torchcodec.decoders import VideoDecoder
+
+        # "exact": the frame index comes from a scan of the whole file, as decord's and ours do,
+        # so every decoder numbers the same frames (approximate mode trusts the header's rate)
+        self.dec = VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=threads,
+                                dimension_order="NHWC", device="cpu")
+        self.n = len(self.dec)
+
+    def get(self, indices):
+        return self.dec.get_frames_at(self._check(indices)).data
+
+    def close(self):
+        self.dec = None
+
+
+class PyAVReader(VideoReader):
+    """Seek to the keyframe at or before each run of needed frames and decode forward from it.
+
+    The index (every frame's pts, and which are keyframes) comes from demuxing the file once,
+    without decoding: 1-3 ms for a 10 s clip, against 0.3-0.6 ms per decoded 320p frame.
+    """
+
+    name = "pyav"
+
+    def __init__(self, path: str, threads: int = 1, skip_nonref: bool = True):
+        self.path, self.threads, self.container = path, threads, None
+        self._open()
+        pts, keys = [], []
+        for pkt in self.container.demux(self.stream):
+            if pkt.size == 0:  # the flush packet at the end
+                continue
+            if pkt.pts is None:  # no timestamps (raw streams): decode in order, no seeking
+                pts = None
+                break
+            pts.append(pkt.pts)
+            if pkt.is_keyframe:
+                keys.append(pkt.pts)
+        if pts is None:
+            self.pts = None
+            self.n = sum(1 for p in self._packets_from_start() if p.size)
+        else:
+            self.pts = sorted(pts)
+            self.index_of = {p: i for i, p in enumerate(self.pts)}
+            self.keys = sorted(self.index_of[k] for k in keys) or [0]
+            self.n = len(self.pts)
+        self.skip_nonref = skip_nonref and self._can_skip()
+
+    def _open(self) -> None:
+        import av
+
+        if self.container is not None:
+            self.container.close()
+        # Opening probes the streams (avformat_find_stream_info), which by default decodes frames
+        # until it has seen enough: ~7 ms on a 10 s 320p clip with B-frames, as much as decoding
+        # the frames of a short clip. Probing with skip_frame=nonkey stops after the container's
+        # own header (0.3 ms); the decoder below is a fresh one and finds the pixel format in the
+        # stream itself (frames identical: tests/test_decoders.py).
+        self.container = av.open(self.path, stream_options=[{"skip_frame": "nonkey"}] * 8)
+        try:
+            self.stream = self.container.streams.video[0]
+        except IndexError:
+            self.container.close()
+            raise ValueError(f"{self.path}: no video stream") from None
+        ctx = self.stream.codec_context
+        ctx.thread_count = self.threads
+        if self.threads == 1:
+            ctx.thread_type = "NONE"  # a frame-threaded decoder would apply skip_frame late
+
+    def _can_skip(self) -> bool:
+        try:
+            self.stream.codec_context.skip_frame = "DEFAULT"
+            return self.stream.codec_context.thread_count == 1
+        except Exception:  # an old PyAV without the property
+            return False
+
+    def _packets_from_start(self):
+        self._open()  # (raw streams cannot seek: read them again from the start)
+        return self.container.demux(self.stream)
+
+    def get(self, indices):
+        idx = self._check(indices)
+        if not idx:
+            raise IndexError("no frame indices")
+        frames = self._decode_sorted(sorted(set(idx)))
+        first = frames[idx[0]]
+        out = np.empty((len(idx), *first.shape), np.uint8)
+        for k, i in enumerate(idx):  # repeats (padded short videos) are copies, not re-decodes
+            out[k] = frames[i]
+        return torch.from_numpy(out)
+
+    def _decode_sorted(self, need: list[int]) -> dict[int, np.ndarray]:
+        got: dict[int, np.ndarray] = {}
+        if self.pts is None:  # timestamp-less stream: count frames from the start
+            wanted = set(need)
+            for k, frame in enumerate(self._frames(self._packets_from_start(), None)):
+                if k in wanted:
+                    got[k] = frame.to_ndarray(format="rgb24")
+                if k >= need[-1]:
+                    break
+            return self._complete(got, need)
+        want = {self.pts[i] for i in need}
+        pos = 0  # need[pos]: the next frame still to get
+        while pos < len(need):
+            # the keyframe at or before the next needed frame (PyAV flushes the decoder on seek)
+            key = self.keys[bisect.bisect_right(self.keys, need[pos]) - 1]
+            self.container.seek(self.pts[key], stream=self.stream, backward=True, any_frame=False)
+            reseek = False
+            for frame in self._frames(self.container.demux(self.stream), want):
+                i = self.index_of.get(frame.pts)
+                if i is None:
+                    continue
+                if frame.pts in want and i not in got:
+                    got[i] = frame.to_ndarray(format="rgb24")
+                while pos < len(need) and need[pos] in got:
+                    pos += 1
+                if pos == len(need) or i > need[pos]:  # done, or a needed frame never came out
+                    break
+                # Decode forward unless a keyframe lies beyond the next frame and at or before the
+                # next needed one: then seeking there skips the frames in between.
+                if self.keys[bisect.bisect_right(self.keys, need[pos]) - 1] > i + 1:
+                    reseek = True
+                    break
+            if not reseek:
+                break
+        if self.skip_nonref:
+            self.stream.codec_context.skip_frame = "DEFAULT"
+        return self._complete(got, need)
+
+    def _frames(self, packets, want: set | None):
+        """Decoded frames of ``packets``; the packets of frames not in ``want`` are decoded with
+        ``skip_frame=NONREF`` (a non-reference frame nothing needs is not decoded at all)."""
+        ctx = self.stream.codec_context
+        skip = self.skip_nonref and want is not None
+        for pkt in packets:
+            if skip:
+                ctx.skip_frame = "DEFAULT" if (pkt.pts in want or pkt.pts is None) else "NONREF"
+            yield from ctx.decode(pkt)
+
+    def _complete(self, got, need):
+        missing = [i for i in need if i not in got]
+        if missing:
+            raise RuntimeError(f"frames {missing[:4]} could not be decoded (of {self.n} indexed)")
+        return got
+
+    def close(self):
+        if self.container is not None:
+            self.container.close()
+            self.container = None
+
+
+_READERS = {"decord": DecordReader, "torchcodec": TorchCodecReader, "pyav": PyAVReader}
+
+
+def open_video(path: str | os.PathLike, decoder: str = "auto", threads: int = 1) -> VideoReader:
+    """A reader for one video file with decoder ``decoder`` (``auto`` resolved first)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such video: {path}")
+    return _READERS[resolve_decoder(decoder)](path, threads=threads)  # (a named one that fails: see there)
