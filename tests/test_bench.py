@@ -12,7 +12,7 @@ from bench import dual_masking
 from bench.device import parse_device
 from bench.runner import Setup, clip_dtype, make_inputs, max_batch
 from bench.timing import Stats, is_oom, time_fn
-from train.common import resolve_device
+from train.distributed import resolve_device
 from vmae_fast.flops import count_macs
 
 TINY = ["--arch", "vit_s", "--frames", "4", "--img-size", "32", "--depth", "1", "--decoder-depth", "1",

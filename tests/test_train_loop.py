@@ -1,10 +1,14 @@
-"""The training loop on CPU: list parsing, skipping bad videos, learning, exact resume, non-finite
-stop, fine-tuning, and torchrun (gloo) DDP/FSDP against a single process."""
+"""The training loop on CPU with real (tiny, synthetic) videos: learning, fine-tuning and
+evaluation, exact resume with every RNG stream in use, metrics without repeated steps, the
+checkpoint a diverging run keeps, skipped videos, TensorBoard, and torchrun (gloo) DDP/FSDP
+against a single process."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -12,10 +16,13 @@ import torch
 
 pytest.importorskip("av", reason="PyAV writes the synthetic videos")
 
-from train import common as C  # noqa: E402
 from train import finetune, pretrain  # noqa: E402
-from train.data import read_list  # noqa: E402
+from train.checkpointing import CHECKPOINT, DCP_LATEST  # noqa: E402
+from train.cli import run_cli  # noqa: E402
+from train.data import VideoDataset, read_list  # noqa: E402
+from train.loop import LossWatch, NonFiniteLoss  # noqa: E402
 from train.make_synthetic import make_dataset  # noqa: E402
+from train.metrics import read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "vit_small_patch16_224", "--model-overrides",
@@ -26,10 +33,20 @@ TINY_CLF = ["--model", "vit_small_patch16_224", "--model-overrides", "depth=2,em
 QUIET = ["--num-workers", "0", "--no-progress"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models: one thread is as fast, and immune to other processes on a shared 2-core box
+    # (OpenMP threads spinning against them made steps 30x slower).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    make_dataset(root, n=96, frames=16, height=32, width=40, seed=0)
+    make_dataset(root, n=48, frames=16, height=32, width=40, seed=0)  # 36 train, 12 val videos
     return root
 
 
@@ -38,37 +55,25 @@ def pretrain_args(data, out, *extra):
             *TINY, *QUIET, *extra]
 
 
+def finetune_args(data, out, *extra):
+    return ["--train-list", str(data / "train.txt"), "--val-list", str(data / "val.txt"), "--num-classes", "4",
+            "--data-root", str(data), "--output-dir", str(out), *TINY_CLF, *QUIET, "--test-num-segment", "2",
+            "--test-num-crop", "1", *extra]
+
+
 def losses(out):
-    return {r["step"]: r["loss"] for r in C.read_metrics(out) if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
 
 
-# ----------------------------------------------------------------------------- data
-def test_bad_list_line_fails_with_line_number(tmp_path):
-    lst = tmp_path / "list.txt"
-    lst.write_text("a.mp4 0 -1\nb.mp4 0 -1\nc.mp4 zero -1\n")
-    with pytest.raises(ValueError, match=r"list.txt:3: expected '<path> <start_idx> <total_frames>'"):
-        read_list(lst, kind="pretrain")
-    lst.write_text("a.mp4 1\nb.mp4\n")
-    with pytest.raises(ValueError, match=r"list.txt:2:"):
-        read_list(lst, kind="finetune")
-    lst.write_text("a.mp4 0 -1\nb.mp4 0 0\n")
-    with pytest.raises(ValueError, match=r"list.txt:2:.*total_frames > 0 or -1"):  # the CLI stops at start
-        pretrain.main(["--data-list", str(lst), "--output-dir", str(tmp_path / "o"), *TINY, *QUIET, "--steps", "1"])
+class Crash(Exception):
+    pass
 
 
-def test_corrupt_and_missing_videos_are_skipped_and_counted(data, tmp_path):
-    (tmp_path / "corrupt.mp4").write_bytes(b"\x00not a video" * 100)
-    good = read_list(data / "pretrain.txt", kind="pretrain")[:2]
-    lst = tmp_path / "list.txt"
-    lst.write_text(f"{tmp_path}/corrupt.mp4 0 -1\n" + "".join(f"{e.path} 0 -1\n" for e in good)
-                   + f"{tmp_path}/missing.mp4 0 -1\n")
-    out = tmp_path / "run"
-    with pytest.warns(UserWarning, match="skipping video .*(corrupt|missing).mp4"):
-        res = pretrain.main(["--data-list", str(lst), "--data-root", str(data), "--output-dir", str(out),
-                             *TINY, *QUIET, "--batch-size", "4", "--steps", "1", "--lr", "1e-3"])
-    # the missing file's retry lands on the corrupt one, so 3 failed loads of 2 files
-    assert res["skipped"] == 3
-    assert C.read_metrics(out)[-1]["skipped_videos"] == 3
+def crash_at(step):
+    def on_step(done, loss):
+        if done == step:
+            raise Crash
+    return on_step
 
 
 # ----------------------------------------------------------------------------- learning
@@ -76,7 +81,7 @@ def test_corrupt_and_missing_videos_are_skipped_and_counted(data, tmp_path):
 def pretrained(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
     pretrain.main(pretrain_args(data, out, "--batch-size", "4", "--num-sample", "2", "--steps", "200",
-                                "--warmup-steps", "10", "--lr", "4e-3", "--log-every", "10", "--save-every", "1000"))
+                                "--warmup-steps", "5", "--lr", "4e-3", "--log-every", "10"))
     return out
 
 
@@ -86,63 +91,163 @@ def test_pretrain_loss_falls(pretrained):
     assert last < 0.8 * first, f"loss did not fall clearly: {first:.3f} -> {last:.3f} ({ls})"
     sd = torch.load(pretrained / "pretrain_official.pth", weights_only=True)["model"]
     assert "encoder.blocks.0.attn.q_bias" in sd and "decoder.head.weight" in sd and "mask_token" in sd
+    rows = [r for r in read_metrics(pretrained) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(10, 201, 10))
+    assert [r["epoch"] for r in rows] == [(s - 1) // 9 for s in range(10, 201, 10)]  # 36 videos / 4: 9 steps an epoch
 
 
-def test_finetune_from_pretrain_learns_above_chance(data, pretrained, tmp_path):
-    res = finetune.main(["--train-list", str(data / "train.txt"), "--val-list", str(data / "val.txt"),
-                         "--num-classes", "4", "--finetune", str(pretrained / "pretrain_official.pth"),
-                         "--data-root", str(data), "--output-dir", str(tmp_path), *TINY_CLF, *QUIET,
-                         "--batch-size", "8", "--steps", "80", "--warmup-steps", "10", "--lr", "3e-3",
-                         "--min-scale", "0.5", "--drop-path", "0", "--log-every", "50", "--save-every", "1000",
-                         "--test-num-segment", "2", "--test-num-crop", "1"])
-    acc = res["eval"]
-    assert acc["videos"] == 24
-    assert acc["acc1"] > 50.0, f"4 classes, chance 25%: {acc}"  # chance would be 25
+def test_finetune_learns_and_eval_only_reproduces_it(data, pretrained, tmp_path):
+    res = finetune.main(finetune_args(data, tmp_path / "ft", "--finetune", str(pretrained / "pretrain_official.pth"),
+                                      "--batch-size", "4", "--steps", "60", "--warmup-steps", "5", "--lr", "3e-3",
+                                      "--min-scale", "0.5", "--drop-path", "0", "--log-every", "20",
+                                      "--eval-every", "20"))
+    evals = [r for r in read_metrics(tmp_path / "ft") if "acc1" in r]
+    assert [r["step"] for r in evals] == [20, 40, 60]
+    assert res["eval"]["videos"] == 12 and res["eval"]["acc1"] == evals[-1]["acc1"]
+    assert res["eval"]["acc1"] > 50.0, f"4 classes, chance 25%: {evals}"
+    assert res["best"]["acc1"] == max(r["acc1"] for r in evals)  # the best, not the last
+    # --eval: the same multi-view numbers from the training checkpoint and from the export
+    for weights in (["--resume", str(tmp_path / "ft" / CHECKPOINT)],
+                    ["--finetune", str(tmp_path / "ft" / "finetune_official.pth")]):
+        out = tmp_path / f"eval{len(weights[0])}"
+        ev = finetune.main(finetune_args(data, out, "--eval", "--steps", "0", *weights))
+        assert ev["eval"] == res["eval"]
+        assert read_metrics(out)[-1]["eval_only"] is True and not (out / CHECKPOINT).exists()
 
 
 # ----------------------------------------------------------------------------- resume
-class Crash(Exception):
-    pass
-
-
-def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
+def test_pretrain_resume_is_exact_with_drop_path(data, tmp_path):
+    # drop path 0.5 on the tiny model's last block: a lost or shifted RNG stream shows at once
     common = ["--batch-size", "2", "--num-sample", "2", "--steps", "7", "--warmup-steps", "2", "--lr", "1e-3",
-              "--log-every", "1", "--save-every", "3"]
+              "--log-every", "1", "--save-every", "3", "--drop-path", "0.5"]
     full = pretrain.main(pretrain_args(data, tmp_path / "a", *common))
-
-    def crash(step, loss):
-        if step == 5:  # killed after the checkpoint of step 3: steps 4-5 are lost and redone
-            raise Crash
-    with pytest.raises(Crash):
-        pretrain.main(pretrain_args(data, tmp_path / "b", *common), on_step=crash)
-    assert torch.load(tmp_path / "b" / C.CHECKPOINT, weights_only=True)["step"] == 3
+    with pytest.raises(Crash):  # killed after step 5: the checkpoint of step 3 survives, 4-5 are redone
+        pretrain.main(pretrain_args(data, tmp_path / "b", *common), on_step=crash_at(5))
+    assert torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)["step"] == 3
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3, 4]
     pretrain.main(pretrain_args(data, tmp_path / "b", *common, "--resume", "auto"))
 
-    a, b = losses(tmp_path / "a"), C.read_metrics(tmp_path / "b")
-    restart = next(i for i in range(1, len(b)) if b[i]["step"] <= b[i - 1]["step"])
-    resumed = {r["step"]: r["loss"] for r in b[restart:]}  # rows after the crash
-    assert sorted(resumed) == [4, 5, 6, 7]
-    for s, v in resumed.items():
-        assert v == a[s], (s, v, a[s])
+    a, rows = losses(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 8))  # each step once
+    assert [r for r in rows if r.get("event") == "resume"][0]["step"] == 3
+    assert losses(tmp_path / "b") == a  # bit-exact, the resumed steps included
     wa = torch.load(full["export"], weights_only=True)["model"]
     wb = torch.load(tmp_path / "b" / "pretrain_official.pth", weights_only=True)["model"]
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
-    with pytest.raises(C.NonFiniteLoss, match="last good checkpoint"):
-        pretrain.main(pretrain_args(data, tmp_path, "--batch-size", "2", "--steps", "6", "--lr", "1e30",
-                                    "--warmup-steps", "0", "--log-every", "1", "--save-every", "1"))
-    ck = torch.load(tmp_path / C.CHECKPOINT, weights_only=True)
-    logged = losses(tmp_path)
-    bad = max(logged) + 1  # the step whose loss was not finite was never logged nor saved
-    assert ck["step"] == bad - 1 and all(v == v and abs(v) < float("inf") for v in logged.values())
+def test_finetune_resume_is_exact_with_the_recipe_defaults(data, tmp_path):
+    # The recipe's drop path, mixup/cutmix (numpy) and label smoothing, plus head dropout, EMA and
+    # gradient accumulation: every stream and every piece of state goes through the checkpoint.
+    common = ["--batch-size", "2", "--accum-steps", "2", "--steps", "6", "--warmup-steps", "2", "--lr", "1e-3",
+              "--log-every", "1", "--save-every", "2", "--head-drop", "0.3", "--model-ema", "--model-ema-decay",
+              "0.9"]
+    full = finetune.main(finetune_args(data, tmp_path / "a", *common))
+    with pytest.raises(Crash):
+        finetune.main(finetune_args(data, tmp_path / "b", *common), on_step=crash_at(5))
+    finetune.main(finetune_args(data, tmp_path / "b", *common, "--resume", "auto"))
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert [r["step"] for r in read_metrics(tmp_path / "b") if "loss" in r] == list(range(1, 7))
+    ca = torch.load(tmp_path / "a" / CHECKPOINT, weights_only=True)
+    cb = torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)
+    for part in (ca["model"], ca["task_state"]["ema"]):
+        other = cb["model"] if part is ca["model"] else cb["task_state"]["ema"]
+        assert all(torch.equal(part[k], other[k]) for k in part)
+    assert full["eval"] == {k: v for k, v in read_metrics(tmp_path / "b")[-1].items() if k in full["eval"]}
+    # resuming into a longer schedule says so, naming what changed
+    with pytest.warns(UserWarning, match=r"schedule changed \(total_steps 6 -> 8\)"):
+        finetune.main(finetune_args(data, tmp_path / "b", *[c if c != "6" else "8" for c in common],
+                                    "--resume", "auto"))
+
+
+# ----------------------------------------------------------------------------- divergence
+def test_loss_watch_keeps_the_lowest_and_names_the_factor():
+    w = LossWatch(d=types.SimpleNamespace(enabled=False), factor=10.0)
+    for s, v in enumerate([1.0, 0.5, 6.0], 1):
+        w.add(s, torch.tensor(v))
+    assert w.sync() is None and w.lowest == 0.5
+    assert w.too_high(6.0) == "loss 6 > 10 x the run's lowest step loss 0.5" and w.too_high(4.9) is None
+    w.add(4, torch.tensor(float("inf")))
+    w.add(5, torch.tensor(float("nan")))
+    assert w.sync() == (4, math.inf)
+    assert LossWatch(types.SimpleNamespace(enabled=False), factor=0).too_high(1e30) is None
+
+
+def test_diverging_run_keeps_only_a_checkpoint_with_sane_weights(data, tmp_path):
+    # The issue's case: lr 1e8, a checkpoint every 2 steps. The loss of step 2 (the weights
+    # after step 1, |w| ~ 1e8) is already nan: nothing is kept, and the message says so.
+    with pytest.raises(NonFiniteLoss, match="The last safe checkpoint is none: no checkpoint was kept"):
+        pretrain.main(pretrain_args(data, tmp_path / "a", "--batch-size", "2", "--steps", "6", "--lr", "1e8",
+                                    "--warmup-steps", "0", "--log-every", "1", "--save-every", "2"))
+    assert not (tmp_path / "a" / CHECKPOINT).exists() and not list((tmp_path / "a").glob("checkpoint-*"))
+    # Warmup from 0: step 1 runs at lr 0, so its checkpoint is sane; step 2 at 3.3e7 blows the
+    # weights up, and the checkpoint written after it must not replace the sane one, although
+    # the loss step 2 measured (of the weights before it) was fine.
+    out = tmp_path / "b"
+    with pytest.raises(NonFiniteLoss) as exc:
+        pretrain.main(pretrain_args(data, out, "--batch-size", "2", "--steps", "8", "--lr", "1e8",
+                                    "--warmup-steps", "4", "--log-every", "1", "--save-every", "1"))
+    ck = torch.load(out / CHECKPOINT, weights_only=True)
+    assert ck["step"] == 1
+    assert f"The last safe checkpoint is {out / CHECKPOINT} (step 1)" in str(exc.value)
+    assert max(v.abs().max().item() for v in ck["model"].values() if v.is_floating_point()) < 10
+    assert all(math.isfinite(v) for v in losses(out).values())
+    assert read_metrics(out)[-1]["event"] == "stopped"
+    assert not (out / "checkpoint-pending.pt").exists()
+
+
+# ----------------------------------------------------------------------------- data, logging
+def test_skipped_videos_are_counted_and_the_warning_names_our_code(data, tmp_path, capsys):
+    (tmp_path / "corrupt.mp4").write_bytes(b"\x00not a video" * 100)
+    good = read_list(data / "pretrain.txt", kind="pretrain")[:2]
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{tmp_path}/corrupt.mp4 0 -1\n" + "".join(f"{e.path} 0 -1\n" for e in good)
+                   + f"{tmp_path}/missing.mp4 0 -1\n")
+    # what the dataset itself reports for the 4 videos of the one step (a permutation of all 4)
+    ds = VideoDataset(read_list(lst, data, kind="pretrain"), "pretrain", 4, 2, 32, num_sample=1, seed=0)
+    with pytest.warns(UserWarning):
+        expected = sum(len(ds[(0, i)]["skipped"]) for i in range(4))
+    assert expected >= 2
+    out = tmp_path / "run"
+    rc = run_cli(pretrain.main, "vmae-pretrain", ["--data-list", str(lst), "--data-root", str(data), "--output-dir",
+                                                  str(out), *TINY, *QUIET, "--batch-size", "4", "--num-sample", "1",
+                                                  "--steps", "1", "--lr", "1e-3"])
+    assert rc == 0
+    assert read_metrics(out)[-1]["skipped_videos"] == expected
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "warning:" in ln]
+    assert warned and all(ln.startswith("vmae-pretrain: warning: ") and " at train/" in ln for ln in warned), warned
+
+
+def test_tensorboard_one_writer_per_run_and_resume_purges(data, tmp_path, monkeypatch):
+    writers = []
+
+    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter (tensorboard not needed)
+        def __init__(self, log_dir, purge_step=None):
+            self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, [], False
+            writers.append(self)
+
+        def add_scalar(self, k, v, step):
+            self.scalars.append((k, step))
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    monkeypatch.setattr("train.cli.tensorboard_available", lambda: True)
+    common = ["--batch-size", "2", "--steps", "4", "--lr", "1e-3", "--log-every", "1", "--save-every", "2",
+              "--tensorboard"]
+    with pytest.raises(Crash):
+        pretrain.main(pretrain_args(data, tmp_path, *common), on_step=crash_at(3))
+    pretrain.main(pretrain_args(data, tmp_path, *common, "--resume", "auto"))
+    assert len(writers) == 2 and all(w.closed and w.log_dir == str(tmp_path / "tb") for w in writers)
+    assert writers[0].purge_step is None and writers[1].purge_step == 3  # events after step 2 are redone
+    assert sorted({s for k, s in writers[1].scalars if k == "loss"}) == [3, 4]
 
 
 # ----------------------------------------------------------------------------- torchrun
 @pytest.mark.slow
 def test_torchrun_ddp_and_fsdp_match_single_process(data, tmp_path):
-    common = ["--steps", "3", "--warmup-steps", "1", "--lr", "1e-3", "--log-every", "1", "--save-every", "3",
+    common = ["--steps", "3", "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "1", "--save-every", "2",
               "--num-sample", "2"]
     pretrain.main(pretrain_args(data, tmp_path / "single", *common, "--batch-size", "4"))
     ref = losses(tmp_path / "single")
@@ -158,8 +263,12 @@ def test_torchrun_ddp_and_fsdp_match_single_process(data, tmp_path):
         # Step 1 sees the same weights, clips and masks: equal up to float reduction order.
         assert abs(got[1] - ref[1]) < 1e-5, (engine, got[1], ref[1])
         # Later steps: gradients all-reduced in another order, amplified by Adam's early
-        # normalized updates (measured ~5e-4 relative at step 2 with DDP).
+        # normalized updates (measured ~3e-4 relative at step 2).
         for s in ref:
             assert abs(got[s] - ref[s]) < 3e-3 * abs(ref[s]), (engine, s, got[s], ref[s])
         sd = torch.load(out / "pretrain_official.pth", weights_only=True)["model"]
         assert "encoder.blocks.1.mlp.fc2.weight" in sd
+        if engine == "fsdp":  # a sharded folder, named once committed
+            assert (out / (out / DCP_LATEST).read_text().strip()).is_dir()
+        else:
+            assert torch.load(out / CHECKPOINT, weights_only=True)["step"] == 3

@@ -1,62 +1,98 @@
 """Fine-tuning a VideoMAE V2 classifier from a pretrain file, with multi-view evaluation.
 
-    python -m train.finetune --train-list TRAIN --val-list VAL --num-classes 400 \
+    vmae-finetune --train-list TRAIN --val-list VAL --num-classes 400 \\
         --finetune pretrain.pth --data-root ROOT --output-dir OUT [--resume auto]
-    torchrun --nproc_per_node 8 -m train.finetune ...
+    vmae-finetune --eval --finetune classifier.pth --val-list VAL --num-classes 400 --output-dir OUT
+    torchrun --nproc_per_node 8 -m train.finetune ...          (python -m train.finetune: the same)
 
 Layer-wise lr decay, mixup/cutmix with label smoothing (timm), optional EMA (timm ModelEmaV3),
-top-1/top-5 over ``test_num_segment x test_num_crop`` views per video (softmax averaged).
+top-1/top-5 over test_num_segment x test_num_crop views per video (softmax averaged). Every
+default is the official Kinetics-400 recipe of --model (the table below).
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import math
-import time
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
 import vmae_fast
 from vmae_fast.flops import encoder_macs
-from vmae_fast.ops._common import imagenet_stats
+from vmae_fast.ops import normalize_uint8
 
-from . import common as C
-from .data import VideoDataset, collate, read_list
+from . import distributed as dist_
+from . import loop, recipe
+from .cli import UsageError, add_common_args, check_common, check_file, check_model_config, make_parser, model_options
+from .data import VideoDataset, collate, decoder_name, read_list
+from .optim import autocast, resolve_precision
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    ap = make_parser("finetune", __doc__)
     a = ap.add_argument
-    a("--train-list", required=True, help="lines 'path label'")
-    a("--val-list", default=None, help="lines 'path label' (evaluated every --eval-every steps and at the end)")
+    a("--train-list", default=None, help="lines 'path label' (not needed with --eval)")
+    a("--val-list", default=None, help="lines 'path label', evaluated every --eval-every steps and at the end")
     a("--num-classes", type=int, required=True)
-    a("--finetune", default="", help="pretrain (or classifier) checkpoint to start from")
-    a("--layer-decay", type=float, default=0.75)
-    a("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
-    a("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
+    a("--finetune", default="", help="weights to start from: a pretrain file, or a classifier (its head is kept "
+                                     "when --num-classes matches)")
+    a("--eval", action="store_true", help="only evaluate the weights of --resume or --finetune on --val-list")
+    a("--layer-decay", type=float, default=None, help="layer-wise lr decay (default: official recipe of --model)")
+    a("--mixup", type=float, default=None, help="mixup alpha, 0 = off (default: official 0.8)")
+    a("--cutmix", type=float, default=None, help="cutmix alpha, 0 = off (default: official 1.0)")
     a("--mixup-prob", type=float, default=1.0)
     a("--mixup-switch-prob", type=float, default=0.5)
-    a("--smoothing", type=float, default=0.1)
+    a("--smoothing", type=float, default=None, help="label smoothing (default: official 0.1)")
     a("--min-scale", type=float, default=0.08, help="random resized crop: smallest area fraction")
-    a("--head-drop", type=float, default=0.0)
+    a("--head-drop", type=float, default=None, help="dropout before the head (default: official recipe of --model)")
     a("--model-ema", action="store_true")
     a("--model-ema-decay", type=float, default=0.9999)
-    a("--test-num-segment", type=int, default=2)
-    a("--test-num-crop", type=int, default=3)
+    a("--test-num-segment", type=int, default=None, help="clips per video at evaluation (default: official 5)")
+    a("--test-num-crop", type=int, default=None, help="crops per clip at evaluation (default: official 3)")
     a("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
-    a("--eval-batch-size", type=int, default=None)
-    C.add_common_args(ap, base_lr=1e-3, epochs=90, warmup_epochs=5, batch_size=8)
-    ap.set_defaults(betas=(0.9, 0.999), min_lr=1e-6, drop_path=0.1)
-    return ap.parse_args(argv)
+    a("--eval-batch-size", type=int, default=None, help="videos per GPU at evaluation (default: --batch-size)")
+    add_common_args(ap, "finetune")
+    args = ap.parse_args(argv)
+    recipe.fill_defaults(args, "finetune")
+    validate(args)
+    return args
 
 
-def normalize(video: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(B, 3, T, H, W)`` -> float32 ImageNet-normalized (on the clip's device)."""
-    mean, std = imagenet_stats(video.device)
-    return (video.float() / 255 - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)
+def _model_options(args) -> dict:
+    return model_options(args, num_frames=args.num_frames, img_size=args.img_size, drop_path_rate=args.drop_path,
+                         head_drop_rate=args.head_drop)
 
 
+def validate(args) -> vmae_fast.VideoMAEConfig:
+    """Every check that needs no device and no data."""
+    check_common(args, eval_only=args.eval)
+    if args.num_classes < 1:
+        raise UsageError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.eval:
+        if not args.val_list:
+            raise UsageError("--eval needs --val-list")
+        if not (args.resume or args.finetune):
+            raise UsageError("--eval needs the weights to evaluate: --resume CHECKPOINT or --finetune FILE")
+    elif not args.train_list:
+        raise UsageError("--train-list is required (or --eval to evaluate only)")
+    for flag, path in (("--train-list", args.train_list), ("--val-list", args.val_list),
+                       ("--finetune", args.finetune)):
+        check_file(flag, path)
+    for flag, v in (("--test-num-segment", args.test_num_segment), ("--test-num-crop", args.test_num_crop),
+                    ("--eval-batch-size", args.eval_batch_size)):
+        if v is not None and v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}")
+    mixing = args.mixup > 0 or args.cutmix > 0
+    if mixing and not args.eval and (args.batch_size * args.num_sample) % 2:
+        raise UsageError(f"mixup/cutmix pair clips: --batch-size x --num-sample must be even, got "
+                         f"{args.batch_size} x {args.num_sample} (or --mixup 0 --cutmix 0)")
+    if args.model_ema and args.dist == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--model-ema is not supported with --dist fsdp (the EMA copy would be unsharded)")
+    return check_model_config(args, **_model_options(args))
+
+
+# ----------------------------------------------------------------------------- pieces
 def make_mixup(args):
     if args.mixup <= 0 and args.cutmix <= 0:
         return None
@@ -75,159 +111,160 @@ def apply_mixup(mixup, video: torch.Tensor, label: torch.Tensor):
     return x.view(B, Cc, T, H, W), y
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, args, d: C.Dist, precision: str) -> dict:
-    """Top-1/top-5 (%) of softmax averaged over every view of each video; all ranks take part."""
-    entries = read_list(args.val_list, args.data_root, "finetune")
+def _key_groups(keys, n: int = 4) -> str:
+    """``['decoder.blocks.0.x', 'decoder.norm.w', 'mask_token']`` -> ``'decoder.*, mask_token'``."""
+    heads = sorted({k.split(".")[0] + (".*" if "." in k else "") for k in keys})
+    return ", ".join(heads[:n]) + (", ..." if len(heads) > n else "")
+
+
+def summarize_load(report) -> str:
+    """A ``LoadReport`` in one line: counts, and the key groups rather than every key."""
+    parts = [f"{len(report.loaded)} tensors loaded ({report.format} file)"]
+    for what in ("missing", "unexpected", "skipped"):
+        keys = getattr(report, what)
+        if keys:
+            parts.append(f"{len(keys)} {what} ({_key_groups(keys)})")
+    return "; ".join(parts)
+
+
+def load_start_weights(model, args, d: dist_.Dist) -> None:
+    """``--finetune FILE`` into the classifier: its head is kept when it has ``--num-classes``
+    outputs, else left fresh (with ``--eval`` that is an error: there would be nothing to test)."""
+    try:
+        sd = vmae_fast.unwrap_state_dict(vmae_fast.load_checkpoint_file(args.finetune))
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(f"--finetune {args.finetune}: {exc}") from None
+    head = sd.get("head.weight")
+    keep_head = head is not None and head.shape[0] == args.num_classes
+    if args.eval and not keep_head:
+        has = "no classifier head" if head is None else f"a {head.shape[0]}-class head"
+        raise UsageError(f"--eval --finetune {args.finetune}: the file has {has}, --num-classes is {args.num_classes}")
+    try:
+        report = model.load_official_state_dict(sd, exclude=() if keep_head else ("head.",))
+    except ValueError as exc:
+        raise UsageError(f"--finetune {args.finetune}: {exc}") from None
+    if d.main:
+        print(f"loaded {args.finetune}: {summarize_load(report)}"
+              + ("" if keep_head else "; head left fresh"), flush=True)
+
+
+def make_evaluate(args, d: dist_.Dist, precision: str, ema=None):
+    """``evaluate(model) -> {acc1, acc5, videos}``: top-1/top-5 (%) of the softmax averaged over
+    every view of each video. Every rank takes part (FSDP needs equal batch counts: the last
+    rank pads with repeats that are not counted)."""
+    try:
+        entries = read_list(args.val_list, args.data_root, "finetune")
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
     ds = VideoDataset(entries, "test", args.num_frames, args.sampling_rate, args.img_size,
-                      num_segments=args.test_num_segment, num_crops=args.test_num_crop)
-    per_rank = math.ceil(len(ds) / d.world)  # equal counts on every rank (FSDP needs it); pads are ignored
+                      num_segments=args.test_num_segment, num_crops=args.test_num_crop, decoder=args.decoder)
+    per_rank = math.ceil(len(ds) / d.world)
     keys = [(0, min(d.rank + k * d.world, len(ds) - 1)) for k in range(per_rank)]
     valid = torch.tensor([d.rank + k * d.world < len(ds) for k in range(per_rank)])
     bs = args.eval_batch_size or args.batch_size
-    loader = torch.utils.data.DataLoader(ds, batch_size=bs, sampler=keys, num_workers=args.num_workers,
-                                         collate_fn=collate)
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(3, dtype=torch.float64)  # top1, top5, videos
     views = args.test_num_segment * args.test_num_crop
-    for b, batch in enumerate(loader):
-        video = batch["video"].to(d.device, non_blocking=True)
-        with C.autocast(precision, d):
-            logits = model(normalize(video))
-        prob = logits.float().softmax(-1).view(-1, views, logits.shape[-1]).mean(1).cpu()
-        label = batch["label"].view(-1, views)[:, 0]
-        top = prob.topk(min(5, prob.shape[-1]), dim=-1).indices
-        ok = valid[b * bs:b * bs + len(label)]
-        counts[0] += ((top[:, 0] == label) & ok).sum()
-        counts[1] += ((top == label[:, None]).any(-1) & ok).sum()
-        counts[2] += ok.sum()
-    if d.enabled:
-        counts = counts.to(d.device)
-        torch.distributed.all_reduce(counts)
-        counts = counts.cpu()
-    model.train(was_training)
-    return {"acc1": 100 * counts[0].item() / counts[2].item(), "acc5": 100 * counts[1].item() / counts[2].item(),
-            "videos": int(counts[2].item())}
+
+    @torch.no_grad()
+    def run_once(model) -> dict:
+        # Own generator: a loader's iterator draws worker seeds, never from the global stream.
+        loader = torch.utils.data.DataLoader(ds, batch_size=bs, sampler=keys, num_workers=args.num_workers,
+                                             collate_fn=collate, generator=torch.Generator().manual_seed(0))
+        was_training = model.training
+        model.eval()
+        counts = torch.zeros(3, dtype=torch.float64)  # top1, top5, videos
+        for b, batch in enumerate(loader):
+            video = normalize_uint8(batch["video"].to(d.device, non_blocking=True))
+            with autocast(precision, d.device):
+                logits = model(video)
+            prob = logits.float().softmax(-1).view(-1, views, logits.shape[-1]).mean(1).cpu()
+            label = batch["label"].view(-1, views)[:, 0]
+            top = prob.topk(min(5, prob.shape[-1]), dim=-1).indices
+            ok = valid[b * bs:b * bs + len(label)]
+            counts[0] += ((top[:, 0] == label) & ok).sum()
+            counts[1] += ((top == label[:, None]).any(-1) & ok).sum()
+            counts[2] += ok.sum()
+        if d.enabled:
+            counts = counts.to(d.device)
+            torch.distributed.all_reduce(counts)
+            counts = counts.cpu()
+        model.train(was_training)
+        return {"acc1": 100 * counts[0].item() / counts[2].item(), "acc5": 100 * counts[1].item() / counts[2].item(),
+                "videos": int(counts[2].item())}
+
+    def evaluate(model) -> dict:
+        res = run_once(model)
+        if ema is not None:
+            res.update({f"ema_{k}": v for k, v in run_once(ema.module).items() if k != "videos"})
+        return res
+
+    return evaluate
 
 
-def main(argv=None, on_step=None) -> dict:
-    args = parse_args(argv)
-    d = C.setup(args)
-    C.seed_all(args.seed)
-    fsdp = d.enabled and args.dist == "fsdp"
-    if fsdp and args.model_ema:
-        raise ValueError("--model-ema is not supported with --dist fsdp (the EMA copy would be unsharded)")
-    precision = C.resolve_precision(args, d)
-
-    options = dict(num_frames=args.num_frames, img_size=args.img_size, drop_path_rate=args.drop_path,
-                   head_drop_rate=args.head_drop)
-    model = vmae_fast.create_model(args.model, args.num_classes,
-                                   **{**options, **C.parse_overrides(args.model_overrides)})
-    log = C.Logger(args.output_dir, d, 0, 0, progress=False)  # messages before the bar exists
+def build(args, d: dist_.Dist) -> loop.Task:
+    dist_.seed_all(args.seed)  # the same initial weights on every rank (FSDP shards one model)
+    model = vmae_fast.create_model(args.model, args.num_classes, **_model_options(args))
     if args.finetune:
-        report = model.load_official_state_dict(vmae_fast.load_checkpoint_file(args.finetune), exclude=("head.",))
-        log.write(f"loaded {args.finetune}: {report}")
+        load_start_weights(model, args, d)
     model.to(d.device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     cfg = model.cfg
-
-    dataset = VideoDataset(read_list(args.train_list, args.data_root, "finetune"), "finetune", args.num_frames,
-                           args.sampling_rate, args.img_size, num_sample=args.num_sample, seed=args.seed,
-                           min_scale=args.min_scale)
-    _, global_clips, lr, total, warmup = C.batch_plan(args, d, len(dataset))
-
-    model = C.wrap(model, args, d)
-    opt = C.make_optimizer(model, args, d, layer_decay=args.layer_decay)
-    scaler = C.make_scaler(precision, d)
+    precision = resolve_precision(args.precision, d.device)
     ema = None
     if args.model_ema:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(C.unwrap(model), decay=args.model_ema_decay)
+        ema = ModelEmaV3(model, decay=args.model_ema_decay)
+    evaluate = make_evaluate(args, d, precision, ema) if args.val_list else None
+    config = dict(cfg.to_dict(), num_classes=args.num_classes, head_drop_rate=args.head_drop)
+    if args.eval:
+        return loop.Task(name="finetune", model=model, model_config=config, loss=None, dataset=None,
+                         evaluate=evaluate)
+    try:
+        entries = read_list(args.train_list, args.data_root, "finetune")
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
+    dataset = VideoDataset(entries, "finetune", args.num_frames, args.sampling_rate, args.img_size,
+                           num_sample=args.num_sample, seed=args.seed, min_scale=args.min_scale,
+                           decoder=args.decoder)
     mixup = make_mixup(args)
-    ck = C.Checkpointer(args.output_dir, d, fsdp)
-    start, skipped_total, best = 0, 0, None
-    path = C.resume_path(args, ck)
-    if path is not None:
-        extra = C.restore(ck, path, model, opt, scaler, d)
-        start, skipped_total = extra["step"], extra.get("skipped_total", 0)
-        if ema is not None and extra.get("ema") is not None:
-            ema.module.load_state_dict(extra["ema"])
 
-    sampler, loader = C.make_loader(dataset, args, d, start, total)
-    log.close()
-    log = C.Logger(args.output_dir, d, total, start, progress=not args.no_progress)
-    step_flops = 3 * 2 * (encoder_macs(cfg) + cfg.embed_dim * args.num_classes) * global_clips
-    peak = C.peak_flops(d.device)
-    log.write(f"finetune {cfg.arch}: {len(dataset)} videos, {args.num_classes} classes, {global_clips} clips/step, "
-              f"lr {lr:.3g}, steps {start}->{total} (warmup {warmup}), {precision}, world {d.world}")
+    def loss(model, batch) -> torch.Tensor:
+        video = normalize_uint8(batch["video"].to(d.device, non_blocking=True))
+        label = batch["label"].to(d.device, non_blocking=True)
+        if mixup is not None:
+            video, label = apply_mixup(mixup, video, label)  # soft targets, smoothing included
+            return torch.sum(-label * F.log_softmax(model(video).float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(model(video).float(), label, label_smoothing=args.smoothing)
 
-    model.train()
-    it = iter(loader)
-    loss_sum = torch.zeros((), device=d.device)
-    n_logged, t0, skipped_local, last_saved = 0, time.perf_counter(), 0, path
-    for step in range(start, total):
-        cur_lr = C.cosine_lr(step, lr, args.min_lr, total, warmup, args.warmup_lr)
-        C.set_lr(opt, cur_lr)
-        for micro in range(args.accum_steps):
-            batch = next(it)
-            if batch["skipped"]:
-                skipped_local += len(batch["skipped"])
-                log.write(f"rank {d.rank}: skipped unreadable video(s): {', '.join(batch['skipped'])}")
-            video = normalize(batch["video"].to(d.device, non_blocking=True))
-            label = batch["label"].to(d.device, non_blocking=True)
-            if mixup is not None:
-                video, label = apply_mixup(mixup, video, label)  # soft targets
-            sync = d.enabled and not fsdp and micro < args.accum_steps - 1
-            with (model.no_sync() if sync else contextlib.nullcontext()), C.autocast(precision, d):
-                logits = model(video)
-            if mixup is not None:
-                loss = torch.sum(-label * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-            else:
-                loss = F.cross_entropy(logits.float(), label, label_smoothing=args.smoothing)
-            scaler.scale(loss / args.accum_steps).backward()
-            loss_sum += loss.detach() / args.accum_steps
-        C.optimizer_step(model, opt, scaler, args.clip_grad)
-        if ema is not None:
-            ema.update(C.unwrap(model), step=step)
-        n_logged += 1
-        done = step + 1
-        log.tick()
-        if on_step is not None:
-            on_step(done, loss.detach())
-        save_now = done % args.save_every == 0 or done == total
-        if done % args.log_every == 0 or save_now:
-            mean_loss = C.all_mean(loss_sum, d).item() / n_logged
-            C.check_finite(mean_loss, done - n_logged + 1, done, last_saved, log)
-            clips_s, mfu = C.throughput(global_clips, n_logged, time.perf_counter() - t0, step_flops, peak,
-                                        d.world)
-            skipped = skipped_total + C.all_sum_int(skipped_local, d)
-            log.log(done, {"loss": mean_loss, "lr": cur_lr, "clips_per_s": clips_s, "mfu": mfu,
-                           "skipped_videos": skipped})
-            loss_sum.zero_()
-            n_logged, t0 = 0, time.perf_counter()
-        if args.val_list and ((args.eval_every and done % args.eval_every == 0) or done == total):
-            res = evaluate(model, args, d, precision)
-            if ema is not None:
-                res.update({f"ema_{k}": v for k, v in evaluate(ema.module, args, d, precision).items()})
-            log.log(done, res)
-            log.write(f"step {done}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
-            best = res
-        if save_now:
-            last_saved = ck.save(model, opt, {
-                "step": done, "skipped_total": skipped, "scaler": scaler.state_dict(),
-                "rng": C.gather_rng(None, d), "args": vars(args), "config": cfg.to_dict(),
-                "ema": ema.module.state_dict() if ema is not None else None,
-                "data": {"epoch": sampler.position(done)[0], "micro_in_epoch": sampler.position(done)[1]}})
-    export = C.export_official(model, d, fsdp, f"{args.output_dir}/finetune_official.pth")
-    if d.main:
-        log.write(f"done: {total} steps; weights in {export}")
-    log.close()
-    C.teardown(d)
-    return {"step": total, "export": export, "eval": best}
+    return loop.Task(
+        name="finetune", model=model, model_config=config, loss=loss, dataset=dataset,
+        flops_per_clip=3 * 2 * (encoder_macs(cfg) + cfg.embed_dim * args.num_classes),
+        layer_decay=args.layer_decay, evaluate=evaluate, eval_every=args.eval_every,
+        after_step=(lambda m, step: ema.update(dist_.unwrap(m), step=step)) if ema is not None else None,
+        state_dict=(lambda: {"ema": ema.module.state_dict()}) if ema is not None else None,
+        load_state_dict=(lambda s: ema.module.load_state_dict(s["ema"])) if ema is not None else None,
+        summary=f", {args.num_classes} classes, layer decay {args.layer_decay}, drop path {args.drop_path}"
+                + (f", mixup {args.mixup} / cutmix {args.cutmix}" if mixup is not None else "")
+                + f", decoder {decoder_name(args.decoder)}")
+
+
+def main(argv=None, on_step=None) -> dict:
+    """Runs the fine-tuning (or, with ``--eval``, the evaluation); returns a summary dict."""
+    args = parse_args(argv)
+    try:
+        d = dist_.setup(args)
+    except ValueError as exc:  # --device
+        raise UsageError(str(exc)) from None
+    return loop.run(args, d, build(args, d), eval_only=args.eval, on_step=on_step)
+
+
+def cli() -> None:
+    """The ``vmae-finetune`` console script."""
+    from .cli import run_cli
+
+    sys.exit(run_cli(main, "vmae-finetune"))
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,0 +1,193 @@
+"""The training CLIs fail early: each bad input ends the run with one line on stderr (exit 2),
+before the output folder exists. No video is decoded here: lists name files that are never
+opened, since every check comes before the first batch."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+import vmae_fast
+from train import finetune, pretrain
+from train.cli import _our_frame, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "vit_small_patch16_224", "--model-overrides",
+        "depth=2,embed_dim=64,num_heads=2,decoder_embed_dim=32,decoder_num_heads=2,patch_size=8",
+        "--decoder-depth", "1", "--num-frames", "4", "--sampling-rate", "2", "--img-size", "32",
+        "--num-workers", "0", "--no-progress", "--batch-size", "2", "--num-sample", "2", "--steps", "3"]
+TINY_CLF = ["--model", "vit_small_patch16_224", "--model-overrides", "depth=2,embed_dim=64,num_heads=2,patch_size=8",
+            "--num-frames", "4", "--sampling-rate", "2", "--img-size", "32", "--num-workers", "0", "--no-progress",
+            "--batch-size", "2", "--num-sample", "2"]
+
+
+@pytest.fixture
+def lists(tmp_path):
+    pt, ft = tmp_path / "pretrain.txt", tmp_path / "train.txt"
+    pt.write_text("".join(f"v{i}.mp4 0 -1\n" for i in range(8)))
+    ft.write_text("".join(f"v{i}.mp4 {i % 4}\n" for i in range(8)))
+    return {"pretrain": str(pt), "train": str(ft)}
+
+
+def read_only_dir(tmp_path) -> Path:
+    """A folder no file can be made in. Root ignores permission bits, so there it is sysfs,
+    which refuses new files even to root."""
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        return ro
+    if Path("/sys/kernel").is_dir():
+        return Path("/sys/kernel")
+    pytest.skip("running as root without sysfs: no folder here refuses root a new file")
+
+
+def one_error_line(capsys, main, prog, argv) -> str:
+    rc = run_cli(main, prog, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--img-size", "36"], "img_size=36 is not divisible by patch_size=8"),
+    (["--img-size", "24"], "needs an even token grid, got H/p=3, W/p=3 (--img-size 24 / patch 8 gives 3x3"),
+    (["--decoder-ratio", "0.3"], "decoder_ratio must be 0.25, 0.5 or 0.75 (or 0 for encoder-only masking), got 0.3"),
+    (["--model-overrides", "depth=2,wings=3"], "unknown model option(s) ['wings']"),
+    (["--resume", "/nonexistent/checkpoint-last.pt"], "--resume /nonexistent/checkpoint-last.pt: no such checkpoint"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--divergence-factor", "0.5"], "--divergence-factor must be > 1"),
+])
+def test_pretrain_bad_input_is_one_line_and_creates_nothing(lists, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    line = one_error_line(capsys, pretrain.main, "vmae-pretrain",
+                          ["--data-list", lists["pretrain"], "--output-dir", str(out), *TINY, *extra])
+    assert message in line
+    assert not out.exists()
+
+
+def test_read_only_output_dir(lists, tmp_path, capsys):
+    ro = read_only_dir(tmp_path)
+    line = one_error_line(capsys, pretrain.main, "vmae-pretrain",
+                          ["--data-list", lists["pretrain"], "--output-dir", str(ro / "run"), *TINY])
+    assert f"--output-dir {ro / 'run'}: cannot write in {ro}" in line
+    f = tmp_path / "file"
+    f.write_text("")
+    line = one_error_line(capsys, pretrain.main, "vmae-pretrain",
+                          ["--data-list", lists["pretrain"], "--output-dir", str(f / "run"), *TINY])
+    assert f"{f} is not a folder" in line
+
+
+def test_bad_list_line_names_file_and_line(tmp_path, capsys):
+    lst = tmp_path / "list.txt"
+    lst.write_text("a.mp4 0 -1\nb.mp4 zero -1\n")
+    line = one_error_line(capsys, pretrain.main, "vmae-pretrain",
+                          ["--data-list", str(lst), "--output-dir", str(tmp_path / "run"), *TINY])
+    assert "list.txt:2:" in line and not (tmp_path / "run").exists()
+
+
+def test_too_few_videos_for_one_step(lists, tmp_path, capsys):
+    line = one_error_line(capsys, pretrain.main, "vmae-pretrain",
+                          ["--data-list", lists["pretrain"], "--output-dir", str(tmp_path / "run"), *TINY,
+                           "--batch-size", "16"])
+    assert "fewer than one optimizer step needs" in line and not (tmp_path / "run").exists()
+
+
+def test_tensorboard_missing_fails_early(lists, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("train.cli.tensorboard_available", lambda: False)
+    line = one_error_line(capsys, pretrain.main, "vmae-pretrain",
+                          ["--data-list", lists["pretrain"], "--output-dir", str(tmp_path / "run"), *TINY,
+                           "--tensorboard"])
+    assert "the tensorboard package is not installed" in line
+
+
+def test_fresh_run_refuses_to_overwrite_a_checkpoint(lists, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-last.pt").write_bytes(b"x")
+    line = one_error_line(capsys, pretrain.main, "vmae-pretrain",
+                          ["--data-list", lists["pretrain"], "--output-dir", str(out), *TINY])
+    assert "holds the checkpoint of an earlier run" in line and "--resume auto" in line
+
+
+def test_resume_auto_names_a_checkpoint_of_the_other_layout(lists, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-latest.txt").write_text("checkpoint-step00000003.dcp")
+    line = one_error_line(capsys, pretrain.main, "vmae-pretrain",
+                          ["--data-list", lists["pretrain"], "--output-dir", str(out), *TINY, "--resume", "auto"])
+    assert "holds a sharded (FSDP) checkpoint (checkpoint-latest.txt); resume it with --dist fsdp" in line
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-latest.txt"]
+
+
+def test_resume_refuses_another_model_config_naming_the_fields(lists, tmp_path, capsys):
+    cfg = vmae_fast.config_for("vit_small_patch16_224", depth=3, embed_dim=64, num_heads=2, decoder_embed_dim=32,
+                               decoder_num_heads=2, patch_size=8, decoder_depth=1, num_frames=4, img_size=32,
+                               drop_path_rate=0.1)
+    ck = tmp_path / "old" / "checkpoint-last.pt"
+    ck.parent.mkdir()
+    torch.save({"task": "pretrain", "step": 3, "config": cfg.to_dict(), "model": {}, "optimizer": {}}, ck)
+    out = tmp_path / "run"
+    line = one_error_line(capsys, pretrain.main, "vmae-pretrain",
+                          ["--data-list", lists["pretrain"], "--output-dir", str(out), *TINY, "--resume", str(ck)])
+    assert "the checkpoint's model differs from this run's (depth 3 -> 2; drop_path_rate 0.1 -> 0.0)" in line
+    assert not out.exists()
+    plain = tmp_path / "weights.pth"
+    torch.save({"model": {"a": torch.zeros(1)}}, plain)
+    line = one_error_line(capsys, pretrain.main, "vmae-pretrain",
+                          ["--data-list", lists["pretrain"], "--output-dir", str(out), *TINY, "--resume", str(plain)])
+    assert "not a checkpoint written by train.pretrain" in line
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0 (to evaluate without training use --eval)"),
+    (["--eval"], "--eval needs --val-list"),
+    (["--finetune", "/nonexistent.pth"], "--finetune /nonexistent.pth: no such file"),
+    (["--batch-size", "3", "--num-sample", "1"], "--batch-size x --num-sample must be even"),
+])
+def test_finetune_bad_input_is_one_line(lists, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    line = one_error_line(capsys, finetune.main, "vmae-finetune",
+                          ["--train-list", lists["train"], "--num-classes", "4", "--output-dir", str(out), *TINY_CLF,
+                           *extra])
+    assert message in line and not out.exists()
+
+
+def test_eval_needs_weights_and_a_matching_head(lists, tmp_path, capsys):
+    base = ["--val-list", lists["train"], "--num-classes", "4", "--output-dir", str(tmp_path / "run"), *TINY_CLF,
+            "--eval"]
+    assert "--eval needs the weights to evaluate" in one_error_line(capsys, finetune.main, "vmae-finetune", base)
+    clf = vmae_fast.create_model("vit_small_patch16_224", 7, depth=2, embed_dim=64, num_heads=2, patch_size=8,
+                                 num_frames=4, img_size=32)
+    f = tmp_path / "clf.pth"
+    torch.save({"model": clf.official_state_dict()}, f)
+    line = one_error_line(capsys, finetune.main, "vmae-finetune", base + ["--finetune", str(f)])
+    assert "the file has a 7-class head, --num-classes is 4" in line
+
+
+def test_the_process_prints_one_line_and_no_traceback(lists, tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "train.pretrain", "--data-list", lists["pretrain"], "--output-dir",
+                        str(out), *TINY, "--decoder-ratio", "0.3"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr
+    assert r.stderr.startswith("vmae-pretrain: error: masking: running-cell decoder_ratio must be")
+    assert not out.exists()
+
+
+def test_warnings_name_the_innermost_line_of_our_code():
+    torch_file = str(Path(torch.__file__).parent / "utils" / "data" / "_utils" / "fetch.py")
+    ours = str(REPO / "train" / "loop.py"), str(REPO / "train" / "data.py")
+    stack = [traceback.FrameSummary(ours[0], 250, "_train"), traceback.FrameSummary(torch_file, 52, "fetch"),
+             traceback.FrameSummary(ours[1], 290, "__getitem__"), traceback.FrameSummary(torch_file, 60, "x")]
+    assert _our_frame(stack) == (os.path.join("train", "data.py"), 290)
+    assert _our_frame(stack[:2]) == (os.path.join("train", "loop.py"), 250)
+    assert _our_frame(stack[1:2]) is None

@@ -1,0 +1,240 @@
+"""The command line both loops share: options, checks made before anything is created, and the
+console entry that turns a user's mistake into one line on stderr (exit 2) instead of a traceback."""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+
+import vmae_fast
+
+from . import recipe
+from .checkpointing import CHECKPOINT, DCP_LATEST
+from .data import add_decoder_arg
+from .metrics import tensorboard_available
+from .optim import LR_SCALINGS
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+OUR_CODE = (str(PACKAGE_ROOT / "train") + os.sep, str(PACKAGE_ROOT / "vmae_fast") + os.sep)
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or its files; ``cli`` prints it as one line."""
+
+
+# ----------------------------------------------------------------------------- options
+def parse_overrides(text: str | None) -> dict:
+    """``"depth=2,embed_dim=64"`` (or a JSON object) -> ``{"depth": 2, "embed_dim": 64}``."""
+    if not text:
+        return {}
+    text = text.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    out = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise UsageError(f"--model-overrides takes key=value pairs separated by commas, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError):
+            out[k.strip()] = v.strip()
+    return out
+
+
+def make_parser(kind: str, doc: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"vmae-{kind}", description=doc, epilog=recipe.help_table(kind),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_common_args(ap: argparse.ArgumentParser, kind: str) -> None:
+    """Options of both loops. ``None`` defaults come from the official recipe of ``--model``
+    (train/recipe.py, listed at the end of ``--help``)."""
+    R = "(default: official recipe of --model)"
+    a = ap.add_argument
+    a("--data-root", default="", help="folder the lists' paths are relative to")
+    a("--model", default=recipe.B, choices=sorted(vmae_fast.ARCHS), help="arch (docs/semantics.md §6)")
+    a("--model-overrides", default="", help="VideoMAEConfig fields, e.g. 'depth=2,embed_dim=64'")
+    a("--num-frames", type=int, default=None, help=R)
+    a("--sampling-rate", type=int, default=None, help=f"frames between sampled frames {R}")
+    a("--img-size", type=int, default=224)
+    a("--num-sample", type=int, default=None, help=f"repeated augmentation: clips per decoded video {R}")
+    a("--batch-size", type=int, default=None, help=f"videos per GPU per micro-batch {R}")
+    a("--accum-steps", "--update-freq", type=int, default=1,
+      help="micro-batches per optimizer step (the official --update_freq)")
+    a("--epochs", type=int, default=None, help=R)
+    a("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    a("--warmup-epochs", type=float, default=None, help=R)
+    a("--warmup-steps", type=int, default=None, help="overrides --warmup-epochs")
+    a("--base-lr", type=float, default=None, help=f"lr before the batch scaling (the official --lr) {R}")
+    a("--lr-scaling", choices=LR_SCALINGS, default="official",
+      help="official (the default; what runs unless --lr is given): lr, min-lr and warmup-lr are each "
+           "multiplied by batch x GPUs x accum-steps / 256 (videos; num-sample clips of a video not counted), "
+           "as run_mae_pretraining.py / run_class_finetuning.py. clips: lr alone is multiplied by "
+           "batch x num-sample x GPUs x accum-steps / 256; min-lr and warmup-lr stay absolute")
+    a("--lr", type=float, default=None, help="absolute peak lr: nothing is scaled (min-lr, warmup-lr absolute)")
+    a("--min-lr", type=float, default=None, help=f"end of the cosine, scaled as --lr-scaling says {R}")
+    a("--warmup-lr", type=float, default=None, help=f"start of the linear warmup {R}: 0")
+    a("--weight-decay", type=float, default=None, help=R)
+    a("--betas", type=float, nargs=2, default=None, help=f"AdamW betas {R}")
+    a("--eps", type=float, default=None, help=f"AdamW eps {R}")
+    a("--clip-grad", type=float, default=None,
+      help=f"max grad norm, 0 = none {R}: none except ViT-g pretraining 0.02")
+    a("--drop-path", type=float, default=None, help=R)
+    a("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+      help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 (the official) adds a loss scaler")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+      help=f"activation checkpointing of every block {R}: on for ViT-H/g pretraining")
+    a("--dist", choices=("ddp", "fsdp"), default="ddp", help="engine when launched with torchrun")
+    a("--dist-backend", default=None, help="nccl on CUDA, gloo on CPU by default")
+    a("--device", default=None, help="cpu, cuda (under torchrun: the LOCAL_RANK GPU) or cuda:N "
+      "(default: cuda when available)")
+    add_decoder_arg(ap)
+    a("--num-workers", type=int, default=8)
+    a("--seed", type=int, default=0)
+    a("--output-dir", required=True)
+    a("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps (and at the end)")
+    a("--resume", default="", help="'auto' (the last checkpoint in --output-dir, if any) or a checkpoint path")
+    a("--log-every", type=int, default=10)
+    a("--divergence-factor", type=float, default=10.0,
+      help="a checkpoint is kept only if the loss of its weights (the next step's) is finite and at most this "
+           "many times the run's lowest step loss so far; a non-finite loss stops the run (0: no factor check)")
+    a("--no-progress", action="store_true", help="no tqdm bar (logs still go to metrics.jsonl)")
+    a("--tensorboard", action="store_true", help="also log to OUT/tb (needs the tensorboard package)")
+
+
+# ----------------------------------------------------------------------------- checks
+def check_positive(args, names: tuple[str, ...], minimum: int = 1) -> None:
+    for n in names:
+        v = getattr(args, n)
+        if v is not None and v < minimum:
+            raise UsageError(f"--{n.replace('_', '-')} must be >= {minimum}, got {v}")
+
+
+def check_file(flag: str, path: str | None) -> None:
+    if path and not Path(path).is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+
+
+def check_output_dir(path: str) -> None:
+    """The nearest existing folder on the way to ``path`` must take a new file (a probe file is
+    made and removed: permission bits alone say nothing for root or read-only mounts)."""
+    out = Path(path)
+    p = out
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    if not p.is_dir():
+        raise UsageError(f"--output-dir {out}: {p} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--output-dir {out}: cannot write in {p} ({exc.strerror or exc})") from None
+
+
+def model_options(args, **options) -> dict:
+    """``create_model`` keywords: CLI options, then ``--model-overrides`` on top."""
+    return {**options, **parse_overrides(args.model_overrides)}
+
+
+def check_model_config(args, **options) -> vmae_fast.VideoMAEConfig:
+    """The config the run will build, made now so that a bad size fails before anything else."""
+    # create_model's options that are not VideoMAEConfig fields (the classifier head's)
+    opts = {k: v for k, v in model_options(args, **options).items()
+            if k not in ("head_drop_rate", "use_mean_pooling", "head_init_scale", "grad_checkpointing")}
+    try:
+        return vmae_fast.config_for(args.model, **opts)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"model options: {exc}") from None
+
+
+def check_common(args, *, eval_only: bool = False) -> None:
+    """What both loops check before creating anything (the model's own checks are separate)."""
+    check_positive(args, ("batch_size", "num_sample", "accum_steps", "num_frames", "sampling_rate", "img_size",
+                          "save_every", "log_every", "epochs"))
+    check_positive(args, ("num_workers", "warmup_steps"), minimum=0)
+    if args.steps is not None and args.steps < 1 and not eval_only:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}"
+                         + (" (to evaluate without training use --eval)" if hasattr(args, "eval") else ""))
+    if args.warmup_epochs < 0:
+        raise UsageError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
+    for flag, v in (("--base-lr", args.base_lr), ("--lr", args.lr)):
+        if v is not None and not v > 0:
+            raise UsageError(f"{flag} must be > 0, got {v}")
+    for flag, v in (("--min-lr", args.min_lr), ("--warmup-lr", args.warmup_lr), ("--weight-decay", args.weight_decay)):
+        if v < 0:
+            raise UsageError(f"{flag} must be >= 0, got {v}")
+    if args.clip_grad is not None and args.clip_grad < 0:
+        raise UsageError(f"--clip-grad must be >= 0 (0: no clipping), got {args.clip_grad}")
+    if args.clip_grad == 0:
+        args.clip_grad = None
+    if args.divergence_factor != 0 and not args.divergence_factor > 1:
+        raise UsageError(f"--divergence-factor must be > 1 (or 0 for none), got {args.divergence_factor}")
+    if args.tensorboard and not tensorboard_available():
+        raise UsageError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+    if args.resume and args.resume != "auto" and not Path(args.resume).exists():
+        raise UsageError(f"--resume {args.resume}: no such checkpoint")
+    check_output_dir(args.output_dir)
+    out = Path(args.output_dir)
+    if not args.resume and not eval_only:
+        for name in (CHECKPOINT, DCP_LATEST):
+            if (out / name).is_file():
+                raise UsageError(f"--output-dir {out} holds the checkpoint of an earlier run ({name}); "
+                                 "continue it with --resume auto, or choose another --output-dir")
+
+
+# ----------------------------------------------------------------------------- console entry
+def _our_frame(stack) -> tuple[str, int] | None:
+    """Innermost frame of this repository's code (train/, vmae_fast/) on ``stack``."""
+    for fs in reversed(stack):
+        if fs.filename.startswith(OUR_CODE):
+            return os.path.relpath(fs.filename, PACKAGE_ROOT), fs.lineno
+    return None
+
+
+@contextlib.contextmanager
+def warnings_name_our_code(prog: str):
+    """Print each warning as ``prog: warning: message [file:line]`` where ``file:line`` is the
+    innermost line of our code that led to it: a warning raised inside torch (a DataLoader
+    fetch, an optimizer) names the line of ours that called torch, not torch's own file."""
+    saved = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        here = _our_frame(traceback.extract_stack()[:-1]) or (filename, lineno)
+        print(f"{prog}: warning: {message} [{category.__name__} at {here[0]}:{here[1]}]",
+              file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
+
+
+def run_cli(main, prog: str, argv=None) -> int:
+    """Run ``main(argv)``: a ``UsageError`` (any check before the run starts) becomes one line on
+    stderr and exit code 2; a stop for a non-finite loss, its message and exit code 3."""
+    from .loop import NonFiniteLoss
+
+    rank = int(os.environ.get("RANK", "0"))
+    tag = f"{prog}[rank {rank}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else prog
+    with warnings_name_our_code(tag):
+        try:
+            main(argv)
+        except UsageError as exc:
+            print(f"{tag}: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        except NonFiniteLoss as exc:
+            print(f"{tag}: stopped: {exc}", file=sys.stderr, flush=True)
+            return 3
+    return 0
