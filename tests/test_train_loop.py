@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -245,6 +246,20 @@ def test_tensorboard_one_writer_per_run_and_resume_purges(data, tmp_path, monkey
 
 
 # ----------------------------------------------------------------------------- torchrun
+def _run_group(cmd, env, timeout):
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun's workers
+    too, which a plain ``subprocess.run`` timeout would leave running)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{out[-6000:]}")
+    return proc.returncode, out
+
+
 @pytest.mark.slow
 def test_torchrun_ddp_and_fsdp_match_single_process(data, tmp_path):
     common = ["--steps", "3", "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "1", "--save-every", "2",
@@ -256,8 +271,8 @@ def test_torchrun_ddp_and_fsdp_match_single_process(data, tmp_path):
         out = tmp_path / engine
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "train.pretrain", *pretrain_args(data, out, *common, "--batch-size", "2", "--dist", engine)]
-        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        returncode, output = _run_group(cmd, env, timeout=300)
+        assert returncode == 0, output[-6000:]
         got = losses(out)
         assert sorted(got) == sorted(ref)
         # Step 1 sees the same weights, clips and masks: equal up to float reduction order.
