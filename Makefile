@@ -1,24 +1,62 @@
 # The README's two commands: `make test` and `make bench`. Both create .venv on first use.
+# `make test-oldest`: the same suite on the oldest supported torch (.ci/constraints-oldest.txt),
+# in .venv-oldest. .ci/run (CI) runs both.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+OLDEST_VENV        ?= .venv-oldest
+OLDEST_CONSTRAINTS := .ci/constraints-oldest.txt
+EXTRAS := .[test,bench,train]
+BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(wildcard kernels/*)
+PYTEST_ARGS ?=
 
-.PHONY: test bench bench-micro install clean
+.PHONY: test test-oldest bench bench-micro install clean
 
-$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard kernels/*)
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip "setuptools>=77" wheel
-	# torch first, from PyPI's normal resolution, so setup.py can find it to build vmae_fast._C
-	$(PIP) install -q "torch>=2.6"
-	$(PIP) install -q --no-build-isolation -e ".[test,bench,train]"
-	touch $(STAMP)
+# $(call make_venv,VENV,PIP_CONSTRAINT_ARGS): the venv, every dependency, then the extension.
+# 1. Every dependency (torch among them) and the package, without building vmae_fast._C.
+# 2. vmae_fast._C last, against the torch installed now, with --no-deps: nothing installed after
+#    it can move torch under it (an older torch built first and then upgraded by the resolver for
+#    timm/torchvision leaves a library that no longer loads). setup.py names the library after that
+#    torch, so the builds of .venv and .venv-oldest coexist in vmae_fast/.
+define make_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel
+	VMAE_FAST_NO_EXT=1 $(1)/bin/python -m pip install -q --no-build-isolation $(2) -e "$(EXTRAS)"
+	$(1)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	@echo "$(1):"; $(1)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|triton|torchvision|timm|torchcodec|numpy) ' || true
+	touch $(1)/.installed
+endef
+
+# $(call run_suite,VENV): the suite in two processes. Triton decides interpret-vs-compile when a
+# kernel is decorated, so the tests marked `interpret` run in their own process started with
+# TRITON_INTERPRET=1, the others without it. Both always run; pytest's exit code 5 ("no tests
+# collected") is not a failure.
+define run_suite
+	@rc=0; \
+	echo "== $(1): pytest -m 'not interpret'"; \
+	$(1)/bin/python -m pytest -q -m "not interpret" $(PYTEST_ARGS) || [ $$? -eq 5 ] || rc=1; \
+	echo "== $(1): TRITON_INTERPRET=1 pytest -m interpret"; \
+	TRITON_INTERPRET=1 $(1)/bin/python -m pytest -q -m interpret $(PYTEST_ARGS) || [ $$? -eq 5 ] || rc=1; \
+	exit $$rc
+endef
+
+$(STAMP): $(BUILD_INPUTS)
+	$(call make_venv,$(VENV),)
+
+$(OLDEST_VENV)/.installed: $(BUILD_INPUTS) $(OLDEST_CONSTRAINTS)
+	$(call make_venv,$(OLDEST_VENV),-c $(OLDEST_CONSTRAINTS))
 
 install: $(STAMP)
 
+# the suite on what PyPI resolves today
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(call run_suite,$(VENV))
+
+# the suite on the oldest supported torch, triton, torchvision and timm, pinned
+test-oldest: $(OLDEST_VENV)/.installed
+	$(call run_suite,$(OLDEST_VENV))
 
 bench: $(STAMP)
 	$(PY) -m bench.dual_masking $(BENCH_ARGS)
@@ -28,4 +66,4 @@ bench-micro: $(STAMP)
 	$(PY) -m pytest bench/micro --benchmark-only -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info vmae_fast/_C*.so
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info vmae_fast/_C*.so

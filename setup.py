@@ -4,11 +4,18 @@ The extension is C++ (``kernels/``) built through CMake against the installed to
 optional: ``VMAE_FAST_NO_EXT=1`` skips it, and a machine where it cannot build (no torch in the
 build environment, no compiler, no cmake) still installs the package; the ops then fall back to
 Triton / PyTorch and say once how to build it. To build it, torch must be importable at build
-time: ``pip install torch`` first, then ``pip install --no-build-isolation -e .`` (what
-``make test`` does).
+time, and must not change afterwards: install the dependencies first (``pip install -e .``, torch
+among them), then build the extension last, with ``pip install --no-build-isolation --no-deps -e .``
+(what ``make test`` does), so that no resolver can upgrade torch under the built library.
+
+The library is named after the torch it is built against (``vmae_fast/_C-torch<version><EXT_SUFFIX>``,
+the name ``vmae_fast/_native.py`` computes and looks for), so builds for several torch versions,
+one per virtualenv using this source tree (``make test`` / ``make test-oldest``), coexist.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -55,7 +62,28 @@ def _cmake() -> str | None:
     return found
 
 
+@functools.lru_cache(maxsize=None)
+def _library_name() -> str | None:
+    """``vmae_fast._native.library_name`` of the importable torch (None without torch). The
+    module is loaded from its file: importing the ``vmae_fast`` package would need its dependencies."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    spec = importlib.util.spec_from_file_location("_vmae_fast_native_at_build", ROOT / "vmae_fast" / "_native.py")
+    native = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(native)
+    return native.library_name(torch.__version__)
+
+
 class CMakeBuild(build_ext):
+    def get_ext_filename(self, fullname: str) -> str:
+        # setuptools builds into, copies in place and records the extension under this name
+        # (asked with "vmae_fast._C", and with "_C" by get_ext_fullpath)
+        filename = super().get_ext_filename(fullname)
+        name = _library_name() if fullname in ("vmae_fast._C", "_C") else None
+        return filename if name is None else os.path.join(os.path.dirname(filename), name)
+
     def run(self):
         reason = _skip_reason()
         if reason is not None:
@@ -71,14 +99,16 @@ class CMakeBuild(build_ext):
     @staticmethod
     def _warn(msg: str) -> None:
         print(f"\n*** vmae-fast: {msg}. Ops fall back to Triton/PyTorch; to build the native "
-              "extension run: pip install torch && pip install --no-build-isolation -e .\n",
-              file=sys.stderr)
+              "extension, after the dependencies (pip install -e .), run: "
+              "pip install --no-build-isolation --no-deps -e .\n", file=sys.stderr)
 
     def build_extension(self, ext: CMakeExtension) -> None:
         import torch
 
-        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_temp = Path(self.build_temp) / ext.name
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()  # .../vmae_fast/_C-torch<version><EXT_SUFFIX>
+        assert target.name.startswith("_C"), target
+        out_dir = target.parent
+        build_temp = Path(self.build_temp) / target.name.removesuffix(sysconfig.get_config_var("EXT_SUFFIX") or "")
         build_temp.mkdir(parents=True, exist_ok=True)
         cfg = os.environ.get("VMAE_FAST_BUILD_TYPE", "Release")
         cmake = _cmake() or "cmake"
@@ -86,7 +116,8 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-DVMAE_FAST_OUTPUT_DIR={out_dir}",
-            f"-DVMAE_FAST_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
+            # CMake names the library "_C" + this suffix: the torch-versioned name above
+            f"-DVMAE_FAST_EXT_SUFFIX={target.name[len('_C'):]}",
             f"-DPython3_EXECUTABLE={sys.executable}",
             # saves CMake a second `import torch`
             f"-DTORCH_ROOT={Path(torch.__file__).resolve().parent}",
@@ -96,6 +127,8 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, ext.sourcedir, *args], cwd=build_temp, check=True)
         jobs = str(min(os.cpu_count() or 1, 4))  # one or two translation units
         subprocess.run([cmake, "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp, check=True)
+        if not target.is_file():
+            raise RuntimeError(f"CMake did not produce {target}")
 
 
 setup(

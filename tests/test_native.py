@@ -1,10 +1,13 @@
 """The native CPU extension ``vmae_fast._C`` against the pure-PyTorch ``*_ref`` ops.
 
-Skipped as a module only when the extension is really not built; the loader's fallback (one
-warning, ``None``) is tested in any case.
+The tests of the extension skip only when it is really not built (or ``VMAE_FAST_NO_EXT=1``);
+a library that is built but cannot serve the running torch (built for another torch, or failing
+to load) fails them, with the loader's reason. The loader's states (not built / broken / disabled,
+one warning and ``None`` each) are tested in any case, on fake libraries in a temporary folder.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -25,25 +28,92 @@ def test_no_ext_env_falls_back_with_one_warning(monkeypatch):
             assert not _native.native_available()
         msgs = [str(w.message) for w in caught]
         assert len(msgs) == 1, msgs
-        assert "VMAE_FAST_NO_EXT" in msgs[0] and "pip install --no-build-isolation -e ." in msgs[0]
+        assert "VMAE_FAST_NO_EXT" in msgs[0] and "pip install --no-build-isolation --no-deps -e ." in msgs[0]
         assert _native.unavailable_reason() == "VMAE_FAST_NO_EXT is set"
+        assert _native.status() == ("disabled", "VMAE_FAST_NO_EXT is set")
     finally:
         monkeypatch.delenv("VMAE_FAST_NO_EXT")
         _native.cache_clear()
 
 
-def _built() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _native.native_available()
+# ------------------------------------------------------------- not built vs built but not loading
+
+@pytest.fixture
+def fake_lib_dir(tmp_path, monkeypatch):
+    """The loader looking in an empty folder, as if no library had been loaded in this process."""
+    monkeypatch.delenv("VMAE_FAST_NO_EXT", raising=False)
+    monkeypatch.setattr(_native, "LIB_DIR", tmp_path)
+    monkeypatch.setattr(_native, "_registered", lambda: False)
+    _native.cache_clear()
+    yield tmp_path
+    monkeypatch.undo()
+    _native.cache_clear()
 
 
-native = pytest.mark.skipif(not _built(), reason="vmae_fast._C not built (VMAE_FAST_NO_EXT or build failure)")
+def _state_and_one_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _native.native_ops() is None
+        assert _native.native_ops() is None
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert str(caught[0].message).endswith(_native.BUILD_COMMAND)
+    st = _native.status()
+    assert st.reason in str(caught[0].message)
+    return st
 
 
-@pytest.fixture(scope="module")
+def test_nothing_built_is_not_built(fake_lib_dir):
+    (fake_lib_dir / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"unversioned name: ignored")
+    st = _state_and_one_warning()
+    assert st.state == "not_built" and "is not built" in st.reason, st
+
+
+def test_library_failing_to_load_is_broken(fake_lib_dir):
+    path = _native.library_path()  # the name of a build for the running torch, but not a library
+    assert path.parent == fake_lib_dir and torch.__version__ in path.name
+    path.write_bytes(b"\x7fELF but truncated")
+    st = _state_and_one_warning()
+    assert st.state == "broken", st
+    assert f"{path.name}, built for torch {torch.__version__} (the running torch), does not load:" in st.reason
+    assert str(path) in st.reason  # the dlopen error names the file and says what is wrong with it
+
+
+def test_library_built_for_another_torch_only_is_broken(fake_lib_dir):
+    other = _native.library_path("1.2.3+cpu")
+    other.write_bytes(b"never loaded")
+    assert _native.built_libraries() == {"1.2.3+cpu": other}
+    st = _state_and_one_warning()
+    assert st.state == "broken", st
+    assert (f"built for torch 1.2.3+cpu ({other.name}), but the running torch is {torch.__version__}"
+            in st.reason)
+    assert "--no-deps" in st.reason
+
+
+def test_library_name_is_per_torch_version():
+    assert _native.library_name("2.6.0") != _native.library_name("2.6.0+cpu") != _native.library_name("2.14.1")
+    assert _native.library_path().name == _native.library_name(torch.__version__)
+    assert "/" not in _native.library_name("2.6.0/../x")
+
+
+def native(test):
+    """A test of the extension: skipped when it is not built (or disabled), FAILED with the
+    loader's reason when it is built but cannot serve the running torch."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        st = _native.status()
+        if st.state in ("not_built", "disabled"):
+            pytest.skip(f"vmae_fast._C not built: {st.reason}")
+        if st.state != "loaded":
+            pytest.fail(f"vmae_fast._C does not work under torch {torch.__version__}: {st.reason}", pytrace=False)
+        return test(*args, **kwargs)
+    return run
+
+
+@pytest.fixture
 def ops():
-    return _native.native_ops()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # when None, the test fails or skips, saying why
+        return _native.native_ops()
 
 
 def _clip(B, T, H, W, dtype, *, strided=False, seed=0):
@@ -258,13 +328,16 @@ def test_ops_reject_non_cpu_tensors(ops):
 
 @native
 def test_library_built_for_another_torch_is_refused(monkeypatch):
+    built_for = torch.__version__
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
     _native.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert _native.native_ops() is None
-        assert len(caught) == 1 and "built against torch" in str(caught[0].message)
+        assert len(caught) == 1, [str(w.message) for w in caught]
+        st = _native.status()
+        assert st.state == "broken" and "0.0.0-other" in st.reason and built_for in st.reason, st
     finally:
         monkeypatch.undo()
         _native.cache_clear()
@@ -289,7 +362,7 @@ def test_registered_ops_pass_opcheck_on_the_native_path(monkeypatch):
 
     monkeypatch.setenv("VMAE_FAST_KERNELS", "1")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert _dispatch.backend(torch.device("cpu"), "gather_cubes_cpu") == "native"
+    assert _dispatch.kernel_paths()["gather_cubes"]["cpu"] == "native"
     g = torch.Generator().manual_seed(0)
 
     def idx(B, n, N):
@@ -308,3 +381,34 @@ def test_registered_ops_pass_opcheck_on_the_native_path(monkeypatch):
     torch.library.opcheck(ops.masked_mse_loss.default, (pred, video, didx, w, 2, 8, True, 1e-6))
     torch.library.opcheck(ops.masked_mse_loss_backward.default,
                           (torch.tensor(0.7), pred.detach(), video, didx, w, 2, 8, True, 1e-6))
+
+
+@native
+def test_compile_fullgraph_through_the_native_ops(monkeypatch):
+    """torch.compile traces the model with the extension as the CPU backend, even when the first
+    call asking for the extension is the traced one (the probe itself cannot be traced)."""
+    import vmae_fast
+    from vmae_fast.ops import _dispatch
+
+    monkeypatch.setenv("VMAE_FAST_KERNELS", "1")
+    torch.manual_seed(0)
+    model = vmae_fast.create_pretrain_model("vit_small_patch16_224", num_frames=4, img_size=32, depth=1,
+                                            decoder_depth=1, embed_dim=48, num_heads=2, decoder_embed_dim=32,
+                                            decoder_num_heads=2, patch_size=8, learnable_pos_embed=True)
+    video = torch.randint(0, 256, (2, 3, 4, 32, 32), dtype=torch.uint8)
+    masks = model.sample_masks(2, encoder_ratio=0.75, decoder_ratio=0.5)
+
+    def step(fn):
+        model.zero_grad(set_to_none=True)
+        out = fn(video, masks)
+        out.loss.backward()
+        return out.loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    torch._dynamo.reset()
+    _native.cache_clear()  # the traced call is the first to ask
+    got = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert _dispatch.kernel_paths()["gather_cubes"]["cpu"] == "native"
+    loss, grads = step(model)
+    torch.testing.assert_close(got[0], loss, atol=1e-5, rtol=1e-4)
+    for k in grads:
+        torch.testing.assert_close(got[1][k], grads[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
