@@ -5,6 +5,7 @@ comes first."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import textwrap
@@ -74,3 +75,26 @@ def test_fresh_interpreter_import_orders(first):
     proc = subprocess.run([sys.executable, "-c", _SCRIPT.format(pkg=str(PKG), first=first, rest=rest)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **env})
+
+
+def test_import_does_not_pay_for_timm_and_registers_when_timm_comes():
+    r = _python("import sys, vmae_fast\n"
+                "assert 'timm' not in sys.modules and 'torchvision' not in sys.modules, 'timm imported eagerly'\n"
+                "import timm\n"
+                "assert 'vmae_fast_vit_small_patch16_224' in timm.list_models('vmae_fast*')\n")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _python("import timm, vmae_fast\nassert len(timm.list_models('vmae_fast*')) == 2 * len(vmae_fast.ARCHS)\n")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_opting_out_of_the_extension_gives_no_warning():
+    # -W error::RuntimeWarning: the "extension unavailable" warning would fail the import.
+    r = _python("import vmae_fast\nfrom vmae_fast.ops import _dispatch\n"
+                "assert _dispatch.kernel_paths()['gather_cubes']['cpu'].startswith('reference (native: VMAE_FAST_NO_EXT')\n",
+                VMAE_FAST_NO_EXT="1")
+    assert r.returncode == 0, r.stderr[-3000:]

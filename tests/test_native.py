@@ -17,7 +17,7 @@ from vmae_fast import _native
 from vmae_fast.ops import cube_targets_ref, decoder_input_ref, gather_cubes_ref, masked_mse_loss_ref
 
 
-def test_no_ext_env_falls_back_with_one_warning(monkeypatch):
+def test_no_ext_env_falls_back_without_a_warning(monkeypatch):
     monkeypatch.setenv("VMAE_FAST_NO_EXT", "1")
     _native.cache_clear()
     try:
@@ -26,9 +26,7 @@ def test_no_ext_env_falls_back_with_one_warning(monkeypatch):
             assert _native.native_ops() is None
             assert _native.native_ops() is None
             assert not _native.native_available()
-        msgs = [str(w.message) for w in caught]
-        assert len(msgs) == 1, msgs
-        assert "VMAE_FAST_NO_EXT" in msgs[0] and "pip install --no-build-isolation --no-deps -e ." in msgs[0]
+        assert [str(w.message) for w in caught] == []  # the user opted out: nothing to warn about
         assert _native.unavailable_reason() == "VMAE_FAST_NO_EXT is set"
         assert _native.status() == ("disabled", "VMAE_FAST_NO_EXT is set")
     finally:

@@ -7,33 +7,22 @@ Quick start::
     masks = vmae_fast.DualMask.sample(2, model.grid, encoder_ratio=0.9, decoder_ratio=0.5)
     out = model(video, masks)      # out.loss, out.pred
 """
-from . import _native, flops, ops  # noqa: F401  (_native: lazy loader of vmae_fast._C)
+from . import _native, flops, hf, labels, ops  # noqa: F401  (_native: lazy loader of vmae_fast._C)
 from .attention import AttentionBackendError
 from .checkpoint import load_checkpoint_file, save_atomic, unwrap_state_dict
 from .config import ARCHS, IMAGENET_MEAN, IMAGENET_STD, VideoMAEConfig, config_for
 from .masking import DualMask
 from .models import (LoadReport, PretrainOutput, VideoMAEv2Classifier, VideoMAEv2Pretrain, create_model,
-                     create_pretrain_model)
+                     create_pretrain_model, load_model)
 
 __version__ = "0.1.0"
 
 __all__ = ["ARCHS", "AttentionBackendError", "DualMask", "IMAGENET_MEAN", "IMAGENET_STD", "LoadReport",
            "PretrainOutput", "VideoMAEConfig", "VideoMAEv2Classifier", "VideoMAEv2Pretrain", "config_for",
-           "create_model", "create_pretrain_model", "flops", "load_checkpoint_file", "ops", "save_atomic",
-           "unwrap_state_dict"]
+           "create_model", "create_pretrain_model", "flops", "hf", "labels", "load_checkpoint_file", "load_model",
+           "ops", "save_atomic", "unwrap_state_dict"]
 
 
-def _register_timm() -> None:
-    try:
-        from .models.timm_registry import register
-    except ImportError:  # timm is a dependency, but a broken torchvision must not break us
-        return
-    try:
-        register()
-    except Exception as exc:  # pragma: no cover - depends on the timm install
-        import warnings
+from .models.timm_registry import register_with_timm  # noqa: E402
 
-        warnings.warn(f"vmae_fast: could not register models with timm ({exc})", stacklevel=2)
-
-
-_register_timm()
+register_with_timm()  # lazily: timm's import cost is paid only by those who import timm

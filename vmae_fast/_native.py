@@ -26,7 +26,6 @@ tests report as a failure, with the load error and both torch versions.
 from __future__ import annotations
 
 import functools
-import os
 import re
 import sysconfig
 import warnings
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from . import envs
 
 # Dependencies first (torch among them), the extension last and without dependencies, so that
 # no resolver can move torch under the built library afterwards.
@@ -83,7 +84,7 @@ def _rebuild_hint() -> str:
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[object | None, Status]:
     """``(torch.ops.vmae_fast, Status("loaded", None))`` once loaded, else ``(None, why)``; silent."""
-    if os.environ.get("VMAE_FAST_NO_EXT", "0") not in ("", "0"):
+    if envs.VMAE_FAST_NO_EXT:
         return None, Status("disabled", "VMAE_FAST_NO_EXT is set")
     running = torch.__version__
     path = library_path()
@@ -117,12 +118,11 @@ def _warn_once(reason: str) -> None:
                   f"Triton/PyTorch. To build the extension: {BUILD_COMMAND}", RuntimeWarning, stacklevel=4)
 
 
-@torch.compiler.assume_constant_result
 def _loaded_or_warn() -> bool:
-    # torch.compile runs this in Python while tracing and keeps the answer as a constant: the
-    # ops ask on every call, and the probe (file system, dlopen, a str-returning op) cannot be traced.
+    # Asked when the fused ops register their per-device kernels (at import), never while
+    # torch.compile traces. A user who opted out (VMAE_FAST_NO_EXT=1) gets no warning.
     ops, st = _load()
-    if ops is None:
+    if ops is None and st.state != "disabled":
         _warn_once(st.reason)
     return ops is not None
 

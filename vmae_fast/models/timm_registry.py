@@ -1,26 +1,88 @@
 """Registers every arch with timm: ``vmae_fast_<arch>`` (classifier) and
-``vmae_fast_pretrain_<arch>`` (pretraining model)."""
+``vmae_fast_pretrain_<arch>`` (pretraining model), each with a ``pretrained_cfg``.
+
+Weights come from files, never from a hub:
+
+- ``timm.create_model(name, checkpoint_path=FILE)``: timm reads the file and calls the model's
+  ``load_state_dict``, which sends official and Hugging Face layouts (a pretraining file into the
+  classifier, ...) through ``load_official_state_dict`` (strict, as timm asks). Note that timm
+  reads the file itself: before timm 1.0.16 (or so) with ``torch.load(weights_only=False)``.
+- ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=FILE))``: the file is
+  read by ``vmae_fast.load_checkpoint_file`` (``weights_only=True``) and loaded with
+  ``load_official_state_dict``; a head of another class count is left fresh (as timm's
+  ``pretrained`` loading drops a mismatched classifier), except a Kinetics-710 head into a
+  400/600/700-class model, which is refused with the conversion to use
+  (``vmae_fast.labels.convert_k710_head``).
+"""
 from __future__ import annotations
 
-from ..config import ARCHS
+import importlib.abc
+import importlib.util
+import sys
+
+from ..config import ARCHS, IMAGENET_MEAN, IMAGENET_STD
 from .factory import create_model, create_pretrain_model
 
-# timm passes these to every entry point; they don't apply (no hub weights are fetched).
-_TIMM_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+# The fields of timm's PretrainedCfg we fill (timm builds its dataclass from these).
+_CFG = dict(url="", hf_hub_id=None, input_size=(3, 224, 224), fixed_input_size=True, interpolation="bilinear",
+            crop_pct=1.0, crop_mode="center", mean=IMAGENET_MEAN, std=IMAGENET_STD, first_conv="patch_embed.proj",
+            paper_name="VideoMAE V2: Scaling Video Masked Autoencoders with Dual Masking",
+            paper_ids="arXiv:2303.16727", origin_url="https://github.com/OpenGVLab/VideoMAEv2",
+            notes=("no hub weights: load a file with checkpoint_path= or pretrained_cfg_overlay=dict(file=...)",))
+
+# Read by timm's register_model (per entry point name): timm.models.get_pretrained_cfg(name) works.
+default_cfgs: dict[str, dict] = {}
+for _arch in ARCHS:
+    default_cfgs["vmae_fast_" + _arch] = dict(_CFG, num_classes=400, classifier="head")
+    default_cfgs["vmae_fast_pretrain_" + _arch] = dict(_CFG, num_classes=0, classifier=None)
 
 
-def _entry(factory, arch, **kwargs):
-    if kwargs.pop("pretrained", False):
+def _pretrained_cfg(name: str, pretrained_cfg, overlay) -> dict:
+    cfg = dict(default_cfgs.get(name, {}))
+    if pretrained_cfg is not None and not isinstance(pretrained_cfg, str):
+        cfg.update(pretrained_cfg if isinstance(pretrained_cfg, dict) else pretrained_cfg.to_dict())
+    cfg.update(overlay or {})
+    cfg.setdefault("architecture", name)
+    return cfg
+
+
+def _load_file(model, path: str) -> None:
+    from ..checkpoint import load_checkpoint_file, unwrap_state_dict
+
+    sd = unwrap_state_dict(load_checkpoint_file(path))
+    exclude = ()
+    head = model.state_dict().get("head.weight")
+    if head is not None and "head.weight" in sd and sd["head.weight"].shape != head.shape:
+        if sd["head.weight"].shape[0] == 710 and head.shape[0] in (400, 600, 700):
+            raise ValueError(f"{path} has a Kinetics-710 head and the model {head.shape[0]} classes: convert it "
+                             f"as the official fine-tuning does, vmae_fast.labels.convert_k710_head(sd, "
+                             f"'k{head.shape[0]}'), then load_official_state_dict")
+        exclude = ("head.",)
+    model.load_official_state_dict(sd, exclude=exclude)
+
+
+def _entry(factory, name, arch, **kwargs):
+    pretrained = kwargs.pop("pretrained", False)
+    cfg = _pretrained_cfg(name, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None))
+    kwargs.pop("cache_dir", None)
+    if pretrained and not cfg.get("file"):
         raise ValueError("vmae_fast models have no hub weights; load a file with "
+                         "timm.create_model(..., checkpoint_path=FILE), "
+                         "pretrained_cfg_overlay=dict(file=FILE) with pretrained=True, or "
                          "model.load_official_state_dict(vmae_fast.load_checkpoint_file(path))")
-    for k in _TIMM_KWARGS:
-        kwargs.pop(k, None)
-    return factory(arch, **kwargs)
+    model = factory(arch, **kwargs)
+    c = model.cfg
+    cfg.update(input_size=(c.in_chans, c.img_size, c.img_size), num_frames=c.num_frames,
+               num_classes=getattr(model, "num_classes", 0))
+    model.pretrained_cfg = cfg
+    if pretrained:
+        _load_file(model, cfg["file"])
+    return model
 
 
-def _make_entry(factory, arch):
+def _make_entry(factory, name, arch):
     def entry(**kwargs):
-        return _entry(factory, arch, **kwargs)
+        return _entry(factory, name, arch, **kwargs)
     return entry
 
 
@@ -31,10 +93,50 @@ def register() -> list[str]:
     for arch in ARCHS:
         for prefix, factory in (("vmae_fast_", create_model), ("vmae_fast_pretrain_", create_pretrain_model)):
             name = prefix + arch
-            fn = _make_entry(factory, arch)
+            fn = _make_entry(factory, name, arch)
             fn.__name__ = fn.__qualname__ = name
             fn.__module__ = __name__
             fn.__doc__ = f"{factory.__name__}({arch!r}, **kwargs)"
             register_model(fn)
             names.append(name)
     return names
+
+
+class _RegisterWhenImported(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs ``register()`` right after ``timm.models`` finishes importing. timm (with torchvision)
+    costs ~1.7 s of imports: ``import vmae_fast`` should not pay that for users who never use timm,
+    and those who do find our names registered whatever the import order."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "timm.models":
+            return None
+        sys.meta_path.remove(self)  # one shot; also lets find_spec below see the real finders
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        self._loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _register_or_warn()
+
+
+def _register_or_warn() -> None:
+    try:
+        register()
+    except Exception as exc:  # pragma: no cover - depends on the timm install
+        import warnings
+
+        warnings.warn(f"vmae_fast: could not register models with timm ({exc})", stacklevel=2)
+
+
+def register_with_timm() -> None:
+    """Register now when timm is imported already, else as soon as it is."""
+    if "timm.models" in sys.modules:
+        _register_or_warn()
+    elif not any(isinstance(f, _RegisterWhenImported) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterWhenImported())
