@@ -22,7 +22,9 @@ from vmae_fast.config import config_for
 from vmae_fast.masking import cell_masked_slots, num_encoder_masked
 
 from . import device as devmod
-from .dual_masking import ALIASES, _arch
+from vmae_fast.config import ARCH_ALIASES
+
+from .dual_masking import _arch
 from .output import result_path, write_json
 from .runner import short_arch
 from .timing import PeakMemory, time_fn
@@ -58,7 +60,7 @@ def sdpa_kernels(device: torch.device) -> list[tuple[str, object]]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    ap.add_argument("--arch", default=None, help=f"comma list (default vit_b,vit_g); {sorted(ALIASES)}")
+    ap.add_argument("--arch", default=None, help=f"comma list (default vit_b,vit_g); {sorted(ARCH_ALIASES)}")
     ap.add_argument("--batch", type=int, help="default 32 (ViT-B) / 8 (ViT-g) on GPU, 1 on CPU")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
     ap.add_argument("--warmup", type=int, default=3)

@@ -9,19 +9,12 @@ from pathlib import Path
 import torch
 
 from vmae_fast import envs
+from vmae_fast.flops import datasheet_peak_tflops
 
 from .timing import time_fn
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Dense bf16 tensor-core peaks in TFLOP/s (datasheet, no 2:4 sparsity). Matched on the CUDA
-# device name, most specific first.
-BF16_DENSE_PEAK_TFLOPS: list[tuple[str, float]] = [
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM / HBM3
-    ("A100", 312.0),
-]
 
 
 def parse_device(text: str, *, cuda_available: bool, device_count: int, current: int
@@ -59,13 +52,6 @@ def select_device(text: str) -> torch.device:
     if index is not None:
         torch.cuda.set_device(index)
     return dev
-
-
-def datasheet_peak_tflops(device_name: str) -> float | None:
-    for key, peak in BF16_DENSE_PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
-            return peak
-    return None
 
 
 def _cpu_model() -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import vmae_fast
-from vmae_fast.config import ARCHS, arch_spec
+from vmae_fast.config import ARCH_ALIASES, ARCHS, arch_spec, resolve_arch
 from vmae_fast.flops import count_macs
 from vmae_fast.masking import running_cell_patterns
 
@@ -54,8 +54,6 @@ GOAL_SPEEDUP_VS_REF = 2.0
 GOAL_MEM_FRACTION = 0.5
 GOAL_MFU_HOPPER = 0.45
 
-ALIASES = {"vit_s": "vit_small_patch16_224", "vit_b": "vit_base_patch16_224", "vit_l": "vit_large_patch16_224",
-           "vit_h": "vit_huge_patch16_224", "vit_g": "vit_giant_patch14_224"}
 
 CPU_IMPLS = ["vmae_fast", "vmae_fast-unfused", "reference"]
 PRESETS = {
@@ -85,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="auto | cpu | cuda (the current CUDA device) | cuda:N (made current) (default: auto)")
     p.add_argument("--arch", action="append",
-                   help=f"model (repeatable): one of {sorted(ARCHS)} or {sorted(ALIASES)}; replaces the preset's")
+                   help=f"model (repeatable): one of {sorted(ARCHS)} or {sorted(ARCH_ALIASES)}; replaces the preset's")
     p.add_argument("--batch", type=int, help="clips per step (all setups)")
     p.add_argument("--frames", type=int, help="frames per clip (multiple of the tubelet, 2)")
     p.add_argument("--img-size", type=int, help="frame size in pixels (H = W)")
@@ -126,12 +124,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _arch(name: str) -> str:
-    key = name.strip().lower().replace("-", "_")
-    if key in ARCHS:
-        return key
-    if key in ALIASES:
-        return ALIASES[key]
-    raise ValueError(f"unknown --arch {name!r}; expected one of {sorted(ARCHS)} or {sorted(ALIASES)}")
+    try:
+        return resolve_arch(name)
+    except ValueError as exc:
+        raise ValueError(f"--arch: {exc}") from None
 
 
 def _maskings(text: str) -> list[float]:

@@ -10,11 +10,10 @@ from pathlib import Path
 import torch
 
 from vmae_fast.checkpoint import write_atomic
+from vmae_fast.flops import datasheet_peak_tflops
 
 METRICS = "metrics.jsonl"
 
-# bf16 dense peak FLOP/s per GPU; MFU is reported as n/a elsewhere (CPU, unknown GPUs).
-PEAK_BF16_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
 
 
 def tensorboard_available() -> bool:
@@ -119,11 +118,9 @@ class Logger:
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS:
-        if key in name:
-            return value
-    return None
+    # The datasheet bf16 dense peak; MFU is reported as n/a elsewhere (CPU, unknown GPUs).
+    peak = datasheet_peak_tflops(torch.cuda.get_device_name(device))
+    return None if peak is None else peak * 1e12
 
 
 def throughput(clips_per_step: int, steps: int, seconds: float, flops_per_clip: float, peak: float | None,

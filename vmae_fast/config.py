@@ -1,7 +1,7 @@
 """Model table (docs/semantics.md §6) and the full configuration of a model instance."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,23 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# Short names accepted wherever an arch is named (create_model, the benchmarks, train --model).
+ARCH_ALIASES = {"vit_s": "vit_small_patch16_224", "vit_b": "vit_base_patch16_224",
+                "vit_l": "vit_large_patch16_224", "vit_h": "vit_huge_patch16_224",
+                "vit_g": "vit_giant_patch14_224"}
+
+
+def resolve_arch(arch: str) -> str:
+    """The full arch name of ``arch`` or of its alias (case and ``-``/``_`` ignored)."""
+    key = arch.strip().lower().replace("-", "_") if isinstance(arch, str) else arch
+    key = ARCH_ALIASES.get(key, key)
+    if key not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)} or an alias {sorted(ARCH_ALIASES)}")
+    return key
+
+
 def arch_spec(arch: str) -> ArchSpec:
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
-    return ARCHS[arch]
+    return ARCHS[resolve_arch(arch)]
 
 
 @dataclass(frozen=True)
@@ -102,16 +115,14 @@ class VideoMAEConfig:
     def decoder_mlp_hidden(self) -> int:
         return int(self.decoder_embed_dim * self.mlp_ratio)
 
-    def replace(self, **kw) -> "VideoMAEConfig":
-        return replace(self, **kw)
-
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def config_for(arch: str, **overrides) -> VideoMAEConfig:
     """Config of a named arch (docs/semantics.md §6) with keyword overrides."""
-    a = arch_spec(arch)
+    arch = resolve_arch(arch)
+    a = ARCHS[arch]
     base = dict(embed_dim=a.embed_dim, depth=a.depth, num_heads=a.num_heads, mlp_ratio=a.mlp_ratio,
                 patch_size=a.patch_size, decoder_embed_dim=a.decoder_embed_dim,
                 decoder_num_heads=a.decoder_num_heads, arch=arch)

@@ -12,6 +12,23 @@ from .config import VideoMAEConfig, config_for
 from .masking import num_decoder_tokens, num_encoder_masked
 
 CONVENTIONS = ("official", "vmae_fast")
+
+# Dense bf16 tensor-core peaks in TFLOP/s (datasheets, no 2:4 sparsity), matched on the CUDA device
+# name, most specific first: the denominator of MFU for the bench and the training loop.
+BF16_DENSE_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM / HBM3
+    ("A100", 312.0),
+)
+
+
+def datasheet_peak_tflops(device_name: str) -> float | None:
+    """The bf16 dense datasheet peak of a CUDA device by its name, None when unknown."""
+    for key, peak in BF16_DENSE_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
 LN_MACS_PER_ELEMENT = 5
 
 
@@ -65,16 +82,6 @@ def encoder_macs(cfg: VideoMAEConfig) -> int:
     n = cfg.num_tokens
     b = _blocks(n, cfg.embed_dim, cfg.mlp_hidden, cfg.depth)
     return n * cfg.cube_numel * cfg.embed_dim + b["linear"] + b["attn"] + b["norm"]
-
-
-def format_table(rows: list[tuple[str, dict[str, int]]]) -> str:
-    lines = ["| config | total GMACs | patch_embed | encoder | decoder |", "|---|---|---|---|---|"]
-    for name, p in rows:
-        enc = p["encoder_linear"] + p["encoder_attn"] + p["encoder_norm"]
-        dec = p["decoder_linear"] + p["decoder_attn"] + p["decoder_norm"] + p["head"]
-        lines.append(f"| {name} | {p['total'] / 1e9:.2f} | {p['patch_embed'] / 1e9:.2f} | "
-                     f"{enc / 1e9:.2f} | {dec / 1e9:.2f} |")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ counted FLOPs (torch's counter)
