@@ -53,7 +53,7 @@ def test_cli_tiny_run_writes_json_and_table(tmp_path, capsys, timing):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--arch", "vit_zz"], "--arch: unknown arch .vit_zz."),
+    (["--arch", "vit_zz"], "--arch: unknown arch 'vit_zz'"),
     (["--masking", "0.3"], "--masking"),
     (["--impl", "fastest"], "--impl"),
     (["--batch", "0"], "--batch must be >= 1"),
