@@ -66,7 +66,7 @@ at::Tensor decoder_input_fwd_cpu(const at::Tensor& z, const at::Tensor& pos, con
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_input_bwd_cpu(const at::Tensor& grad_out,
+std::tuple<at::Tensor, at::Tensor> decoder_input_bwd_cpu(const at::Tensor& grad_out,
                                                                      const at::Tensor& visible_idx,
                                                                      const at::Tensor& decoder_idx,
                                                                      int64_t num_tokens, bool need_pos) {
@@ -84,7 +84,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_input_bwd_cpu(const at::T
                     n_vis, " + ", n_dec, " = ", n_vis + n_dec);
 
   const at::Tensor go = grad_out.contiguous();
-  at::Tensor grad_z = go.narrow(1, 0, n_vis).clone(at::MemoryFormat::Contiguous);
   at::Tensor grad_mask = at::empty({D}, go.options());
   at::Tensor grad_pos = need_pos ? at::empty({num_tokens, D}, go.options()) : at::empty({0}, go.options());
 
@@ -136,7 +135,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_input_bwd_cpu(const at::T
                        });
     }
   });
-  return {grad_z, grad_mask, grad_pos};
+  // grad_z is the visible slice of grad_out: the caller takes that view, nothing to compute here.
+  return {grad_mask, grad_pos};
 }
 
 }  // namespace
@@ -145,7 +145,7 @@ TORCH_LIBRARY_FRAGMENT(vmae_fast, m) {
   m.def("decoder_input_fwd_cpu(Tensor z, Tensor pos, Tensor mask_token, Tensor visible_idx, Tensor decoder_idx)"
         " -> Tensor");
   m.def("decoder_input_bwd_cpu(Tensor grad_out, Tensor visible_idx, Tensor decoder_idx, int num_tokens,"
-        " bool need_pos) -> (Tensor, Tensor, Tensor)");
+        " bool need_pos) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vmae_fast, CPU, m) {

@@ -186,11 +186,10 @@ def test_decoder_input_fwd_bwd_match_autograd(ops, dtype, B, N, n_vis, n_dec, D)
 
     g = torch.randn(ref.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
     ref.backward(g)
-    gz, gm, gp = ops.decoder_input_bwd_cpu(g, vis, dec, N, True)
-    torch.testing.assert_close(gz, zr.grad, **TOL[dtype])
+    gm, gp = ops.decoder_input_bwd_cpu(g, vis, dec, N, True)
     torch.testing.assert_close(gm, mr.grad, **TOL[dtype])
     torch.testing.assert_close(gp, pr.grad, **TOL[dtype])
-    assert ops.decoder_input_bwd_cpu(g, vis, dec, N, False)[2].numel() == 0
+    assert ops.decoder_input_bwd_cpu(g, vis, dec, N, False)[1].numel() == 0
 
 
 @native

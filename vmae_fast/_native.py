@@ -8,7 +8,7 @@ namespace::
 
     gather_cubes_cpu(video, idx, tubelet, patch, thwc) -> Tensor
     decoder_input_fwd_cpu(z, pos, mask_token, visible_idx, decoder_idx) -> Tensor
-    decoder_input_bwd_cpu(grad_out, visible_idx, decoder_idx, num_tokens, need_pos) -> (Tensor, Tensor, Tensor)
+    decoder_input_bwd_cpu(grad_out, visible_idx, decoder_idx, num_tokens, need_pos) -> (Tensor, Tensor)
     masked_mse_fwd_cpu(pred, video, decoder_idx, weight, tubelet, patch, normalize, eps) -> Tensor
     masked_mse_bwd_cpu(grad_loss, pred, video, decoder_idx, weight, tubelet, patch, normalize, eps) -> Tensor
     native_torch_version() -> str   (the torch it was built against; another torch is refused)
@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-
-from . import envs
 
 # Dependencies first (torch among them), the extension last and without dependencies, so that
 # no resolver can move torch under the built library afterwards.
@@ -84,6 +82,8 @@ def _rebuild_hint() -> str:
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[object | None, Status]:
     """``(torch.ops.vmae_fast, Status("loaded", None))`` once loaded, else ``(None, why)``; silent."""
+    from . import envs  # here, not at the top: setup.py loads this file on its own for library_name()
+
     if envs.VMAE_FAST_NO_EXT:
         return None, Status("disabled", "VMAE_FAST_NO_EXT is set")
     running = torch.__version__

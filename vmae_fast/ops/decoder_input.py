@@ -239,7 +239,7 @@ def _(grad_out, visible_idx, decoder_idx, num_tokens, need_pos):
 
 def _native_backward(native):
     def run(grad_out, visible_idx, decoder_idx, num_tokens, need_pos):
-        _, gmask, gpos = native(grad_out, visible_idx, decoder_idx, num_tokens, need_pos)
+        gmask, gpos = native(grad_out, visible_idx, decoder_idx, num_tokens, need_pos)
         D = grad_out.shape[2]
         return gmask.float(), (gpos.float() if need_pos else grad_out.new_empty((0, D), dtype=torch.float32))
     return run
