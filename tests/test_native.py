@@ -409,3 +409,13 @@ def test_compile_fullgraph_through_the_native_ops(monkeypatch):
     torch.testing.assert_close(got[0], loss, atol=1e-5, rtol=1e-4)
     for k in grads:
         torch.testing.assert_close(got[1][k], grads[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def test_loader_file_loads_standalone_as_setup_py_loads_it():
+    # setup.py names the library through this file without importing the package (no parent
+    # package, so no relative imports at module level).
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_native_standalone", _native.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.library_name(torch.__version__) == _native.library_name(torch.__version__)
