@@ -17,15 +17,15 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 import vmae_fast
 from vmae_fast.config import config_for
 from vmae_fast.flops import counted_flops as _counted_flops
 from vmae_fast.layers import Blocks
+from vmae_fast.memory import checkpoint_block, measure_train_step, parse_policy
 from vmae_fast.reference import ReferencePretrain
 
-from .timing import PeakMemory, SavedActivations, Stats, free_memory, is_oom, synchronize, time_fn
+from .timing import PeakMemory, Stats, free_memory, is_oom, synchronize, time_fn
 
 IMPLS = ("vmae_fast", "vmae_fast-unfused", "reference", "reference+compile", "vmae_fast+compile")
 IMPL_HELP = {
@@ -46,7 +46,7 @@ class Setup:
     frames: int = 16
     img_size: int = 224
     batch: int = 32
-    ckpt: bool = False
+    ckpt: bool | int | str = False  # the memory policy: False, True, n blocks or "selective"
     depth: int | None = None  # overrides, for tiny smoke configs
     decoder_depth: int = 4
     embed_dim: int | None = None  # width overrides (smoke runs), else the arch's
@@ -66,7 +66,9 @@ class Setup:
             s += f" depth{self.depth}"
         if self.embed_dim is not None or self.decoder_embed_dim is not None:
             s += f" width{self.embed_dim or ''}/{self.decoder_embed_dim or ''}"
-        return s + (" ckpt" if self.ckpt else "")
+        if self.ckpt is True:
+            return s + " ckpt"
+        return s + (f" ckpt={self.ckpt}" if self.ckpt else "")
 
 
 def short_arch(arch: str) -> str:
@@ -81,23 +83,39 @@ def masking_label(decoder_ratio: float) -> str:
 
 class _Checkpointed(nn.Module):
     """A reference block run under non-reentrant activation checkpointing (the official code
-    wraps its blocks the same way when ``use_checkpoint`` is set)."""
+    wraps its blocks the same way when ``use_checkpoint`` is set), fully or selectively."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, mode: str = "full"):
         super().__init__()
         self.block = block
         self.enabled = True
+        self.mode = mode
 
     def forward(self, x):
         if self.enabled and torch.is_grad_enabled():
-            return checkpoint(self.block, x, use_reentrant=False)
+            return checkpoint_block(self.block, x, self.mode)
         return self.block(x)
 
 
-def checkpoint_reference(ref: ReferencePretrain) -> ReferencePretrain:
-    for blocks in (ref.encoder.blocks, ref.decoder.blocks):
-        for i in range(len(blocks)):
-            blocks[i] = _Checkpointed(blocks[i])
+def split_policy(policy) -> tuple:
+    """``(encoder policy, decoder policy)`` of a ``Setup.ckpt``: one policy for both, or a string
+    ``"<encoder>/<decoder>"`` of ``none``, ``full``, ``selective`` or block counts."""
+    if isinstance(policy, str) and "/" in policy:
+        names = {"none": False, "full": True}
+        parts = [p.strip() for p in policy.split("/")]
+        if len(parts) != 2:
+            raise ValueError(f"a per-stack policy is '<encoder>/<decoder>', got {policy!r}")
+        return tuple(int(p) if p.isdigit() else names.get(p, p) for p in parts)
+    return policy, policy
+
+
+def checkpoint_reference(ref: ReferencePretrain, policy: bool | int | str = True) -> ReferencePretrain:
+    """Wrap the reference's blocks for ``policy`` (as ``set_grad_checkpointing`` takes it, or
+    ``"<encoder>/<decoder>"``)."""
+    for blocks, pol in zip((ref.encoder.blocks, ref.decoder.blocks), split_policy(policy)):
+        n, mode = parse_policy(pol, len(blocks))
+        for i in range(n):
+            blocks[i] = _Checkpointed(blocks[i], mode)
     return ref
 
 
@@ -146,10 +164,11 @@ def build(impl: str, setup: Setup, state: dict, device: torch.device) -> nn.Modu
         ref = ReferencePretrain.from_model(model)
         del model
         if setup.ckpt:
-            checkpoint_reference(ref)
+            checkpoint_reference(ref, setup.ckpt)
         return torch.compile(ref) if impl.endswith("+compile") else ref
     if setup.ckpt:
-        model.set_grad_checkpointing(True)
+        enc, dec = split_policy(setup.ckpt)
+        model.set_grad_checkpointing(enc, decoder=dec)
     return torch.compile(model) if impl.endswith("+compile") else model
 
 
@@ -318,6 +337,9 @@ def _count(impl, module, setup, decoder_ratio, opt, row, video, masks) -> None:
     module.zero_grad(set_to_none=True)
     row["counted_flops_train_step"] = hw
     row["counted_flops_model_step"] = model
+    # FLOPs of checkpointing's recomputation, and their share of the step as run
+    row["recompute_flops"] = hw - model if (hw is not None and model is not None) else None
+    row["recompute_share"] = (hw - model) / hw if (hw and model is not None) else None
     errors = [m for m in (missed, missed_model) if isinstance(m, str)]
     if errors:
         row["flop_counter_error"] = errors[0]
@@ -357,13 +379,35 @@ def _memory_flops_maxbatch(impl, module, setup, decoder_ratio, opt, optimizer, s
     row["peak_mem_bytes"] = mem.peak
     row["base_mem_bytes"] = mem.base
     row["act_mem_per_clip_bytes"] = None if mem.delta is None else mem.delta / setup.batch
-    mask_tensors = [getattr(masks, f) for f in ("encoder_masked", "decoder_masked", "visible_idx", "decoder_idx")]
-    with SavedActivations(exclude=[*module.parameters(), video, *mask_tensors]) as saved:
-        step()
-    row["saved_act_per_clip_bytes"] = saved.bytes / setup.batch
+    row.update(exact_memory(impl, module, setup, decoder_ratio, opt, optimizer, video, masks))
+    # what the step holds from forward to backward, per clip: exact, checkpointed blocks included
+    row["saved_act_per_clip_bytes"] = row.get("exact_held_per_clip_bytes")
     _count(impl, module, setup, decoder_ratio, opt, row, video, masks)
     if opt.max_batch:
         row["max_batch"] = _search_max_batch(impl, module, setup, decoder_ratio, opt, optimizer)
+    return row
+
+
+def exact_memory(impl, module, setup, decoder_ratio, opt, optimizer, video, masks) -> dict:
+    """The exact bytes of one more train step of the cell (``vmae_fast.memory.measure_train_step``:
+    live tensor storages op by op, checkpointing's recomputation included, the same count on
+    every device; on CUDA ``torch.cuda.max_memory_allocated`` of the same step beside it). The
+    step is the timed one (same optimizer, autocast dtype and clip), after it has run, so
+    gradients and optimizer state are those of a running loop."""
+    if "compile" in impl:
+        return {"exact_memory": None, "exact_memory_why": "not counted under torch.compile"}
+    mask_tensors = [getattr(masks, f) for f in ("encoder_masked", "decoder_masked", "visible_idx", "decoder_idx")]
+    fwd = loss_fn(impl, module, video, masks, decoder_ratio)
+    with vmae_fast.ops.use_kernels(impl != "vmae_fast-unfused"):
+        m = measure_train_step(module, fwd, optimizer, inputs=[video, *mask_tensors], autocast_dtype=opt.dtype,
+                               warmup_steps=0)
+    b = setup.batch
+    row = {"exact_memory": m.to_dict(), "exact_peak_bytes": m.peak_total,
+           "exact_act_peak_per_clip_bytes": m.peak_activations / b,
+           "exact_held_per_clip_bytes": m.held_after_forward / b}
+    if m.cuda_max_allocated is not None:  # the allocator's view of the same step, beside the count
+        row["cuda_max_allocated_bytes"] = m.cuda_max_allocated
+        row["exact_over_cuda_allocated"] = m.peak_total / m.cuda_max_allocated
     return row
 
 

@@ -203,34 +203,5 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-class SavedActivations:
-    """Context manager: bytes of the tensors autograd saves for backward inside the region
-    (distinct storages; parameters and the given inputs excluded). That is the activation
-    memory a train step holds between forward and backward, counted exactly on any device and
-    free of allocator caching, unlike an RSS reading. Tensors saved inside non-reentrant
-    checkpointed blocks are hidden by the checkpoint's own hooks and not counted."""
-
-    def __init__(self, exclude=()):
-        self._skip = {t.untyped_storage().data_ptr() for t in exclude if isinstance(t, torch.Tensor)}
-        self._seen: dict[tuple, int] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        try:
-            s = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
-            return t
-        if s.data_ptr() not in self._skip:
-            self._seen[(str(s.device), s.data_ptr())] = s.nbytes()
-        return t
-
-    def __enter__(self) -> "SavedActivations":
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-    @property
-    def bytes(self) -> int:
-        return sum(self._seen.values())
+# The exact count of what a train step holds (saved activations included, also inside
+# checkpointed blocks) is vmae_fast.memory.measure_train_step; bench.runner.exact_memory uses it.

@@ -185,8 +185,8 @@ DECODER_SIDE = ("decoder.", "encoder_to_decoder.", "mask_token")
 
 FORMATS = {
     "hf-videomae": "a Hugging Face transformers VideoMAE checkpoint (keys 'videomae.embeddings...', "
-                   "'...encoder.layer.N.attention.attention...'); Hugging Face checkpoints are not supported "
-                   "yet: convert it to the official key names (docs/semantics.md §7) first",
+                   "'...encoder.layer.N.attention.attention...'), converted to the official keys on load "
+                   "(vmae_fast.hf.convert_hf_state_dict)",
     "pretrain": "an official pretraining checkpoint (encoder.*, decoder.*, encoder_to_decoder, mask_token)",
     "encoder-only": "an encoder-only checkpoint (patch_embed.*, blocks.*, with or without 'encoder.')",
     "classifier": "an official fine-tuning classifier checkpoint (patch_embed.*, blocks.*, fc_norm/norm, head)",

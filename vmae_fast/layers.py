@@ -1,12 +1,14 @@
 """Transformer building blocks with the official parameter names (docs/semantics.md §4 and §7)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .attention import attention, effective_backend
+from .memory import checkpoint_block, parse_policy, policy_label, saved_casts_context, uncached_weight_casts
 
 LN_EPS = 1e-6
 
@@ -34,28 +36,64 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """``fc1``, exact GELU, ``fc2``; ``drop`` (official ``drop_rate``): dropout after ``fc2``
+    (training only, off by default)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
+        if not 0.0 <= drop < 1.0:
+            raise ValueError(f"drop must be in [0, 1), got {drop}")
+        self.drop = float(drop)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        x = self.fc2(self.act(self.fc1(x)))
+        if self.drop > 0:
+            x = F.dropout(x, self.drop, self.training)
+        return x
 
 
 class Attention(nn.Module):
     """``qkv`` Linear without bias plus ``q_bias``/``v_bias`` (k bias is zero), ``proj``.
 
     Shapes: ``(B, N, D) -> (B, N, D)``.
+
+    Options of the official fine-tuning model, all off by default (the default path is the one
+    of docs/semantics.md §4, unchanged):
+
+    - ``qk_scale``: softmax scale instead of ``head_dim ** -0.5``.
+    - ``cos_attn``: cosine attention (the official ``CosAttention``): per head
+      ``softmax(exp(min(s, ln 100)) * q_n k_n^T) v`` with ``q_n``, ``k_n`` the L2-normalized
+      queries and keys and ``s`` a learnable ``(heads, 1, 1)`` parameter named ``scale`` (the
+      official key), initialized to ``ln 10``. It cannot be combined with ``qk_scale``.
+    - ``attn_drop``: dropout on the attention probabilities (training only).
+    - ``proj_drop``: dropout after ``proj`` (training only).
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa"):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "sdpa", *,
+                 qk_scale: float | None = None, cos_attn: bool = False, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
         self.backend = effective_backend(backend)
+        self.cos_attn = bool(cos_attn)
+        if qk_scale is not None and (isinstance(qk_scale, bool) or not qk_scale > 0):
+            raise ValueError(f"qk_scale must be a positive number or None, got {qk_scale!r}")
+        if self.cos_attn:
+            if qk_scale is not None:
+                raise ValueError("cos_attn learns its own logit scale; it cannot be combined with qk_scale "
+                                 "(the official CosAttention fails on that combination too)")
+            # DO NOT RENAME: the official key is ``attn.scale`` (and it gets no weight decay)
+            self.scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        else:
+            self.scale = float(qk_scale) if qk_scale is not None else self.head_dim ** -0.5
+        for name, p in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}")
+        self.attn_drop, self.proj_drop = float(attn_drop), float(proj_drop)
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
@@ -72,25 +110,66 @@ class Attention(nn.Module):
             return None
         return torch.cat((self.q_bias, self.k_bias, self.v_bias))
 
+    def logit_scale(self) -> torch.Tensor:
+        """Cosine attention's per-head multiplier ``exp(min(scale, ln 100))``, ``(heads, 1, 1)``."""
+        return torch.clamp(self.scale, max=COS_ATTN_MAX_LOG_SCALE).exp()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
-        qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
-        out = attention(qkv.view(B, N, 3, self.num_heads, self.head_dim), self.backend, self.scale)
-        return self.proj(out)
+        qkv = F.linear(x, self.qkv.weight, self.qkv_bias()).view(B, N, 3, self.num_heads, self.head_dim)
+        scale = self.scale
+        if self.cos_attn:
+            # q_n * exp(s) @ k_n^T equals the official (q_n @ k_n^T) * exp(s); repacked so that every
+            # backend runs it with scale 1
+            q, k, v = qkv.unbind(2)
+            ls = self.logit_scale().to(q.dtype).view(1, 1, self.num_heads, 1)
+            qkv = torch.stack((F.normalize(q, dim=-1) * ls, F.normalize(k, dim=-1), v), dim=2)
+            scale = 1.0
+        if self.attn_drop > 0 and self.training:
+            out = _attention_dropout(qkv, scale, self.attn_drop, math_form=self.backend == "math")
+        else:
+            out = attention(qkv, self.backend, scale)
+        out = self.proj(out)
+        if self.proj_drop > 0:
+            out = F.dropout(out, self.proj_drop, self.training)
+        return out
+
+
+# torch.log(torch.tensor(1 / 0.01)) rounded as the official code writes it
+COS_ATTN_MAX_LOG_SCALE = 4.6052
+
+
+def _attention_dropout(qkv: torch.Tensor, scale: float, p: float, math_form: bool) -> torch.Tensor:
+    """Attention with dropout on the probabilities (training with ``attn_drop > 0``): SDPA's
+    ``dropout_p``, or the explicit official form for the ``math`` backend. ``(B, N, 3, H, d)`` ->
+    ``(B, N, H*d)``."""
+    B, N, _, H, d = qkv.shape
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    if math_form:
+        attn = F.dropout(((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1), p, True)
+        out = attn @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scale)
+    return out.transpose(1, 2).reshape(B, N, H * d)
 
 
 class Block(nn.Module):
     """Pre-norm block: ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``, optional layer scale
-    (``gamma_1``/``gamma_2``) and drop path."""
+    (``gamma_1``/``gamma_2``) and drop path. ``qk_scale``, ``cos_attn``, ``attn_drop`` and ``drop``
+    (after ``attn.proj`` and ``mlp.fc2``, the official ``drop_rate``) are the official fine-tuning
+    options (``Attention``), off by default."""
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool = True,
-                 drop_path: float = 0.0, init_values: float = 0.0, backend: str = "sdpa"):
+                 drop_path: float = 0.0, init_values: float = 0.0, backend: str = "sdpa", *,
+                 qk_scale: float | None = None, cos_attn: bool = False, drop: float = 0.0,
+                 attn_drop: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = Attention(dim, num_heads, qkv_bias, backend)
+        self.attn = Attention(dim, num_heads, qkv_bias, backend, qk_scale=qk_scale, cos_attn=cos_attn,
+                              attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, mlp_hidden)
+        self.mlp = Mlp(dim, mlp_hidden, drop)
         if init_values > 0:
             self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values)))
             self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values)))
@@ -106,32 +185,47 @@ class Block(nn.Module):
 
 
 class Blocks(nn.ModuleList):
-    """A stack of blocks whose first ``checkpointed`` run under non-reentrant activation
-    checkpointing (recomputed in backward; RNG state is restored so drop path matches)."""
+    """A stack of blocks with a memory policy (``set_grad_checkpointing``; vmae_fast/memory.py):
+    the first ``checkpointed`` blocks run under non-reentrant activation checkpointing, fully
+    (``mode == "full"``) or selectively (``"selective"``); RNG state is restored for the
+    recomputation, so drop path and dropout draw what the forward drew."""
 
     def __init__(self, blocks):
         super().__init__(blocks)
         self.checkpointed = 0
+        self.mode = "none"
 
-    def set_grad_checkpointing(self, enable: bool | int = True) -> None:
-        if isinstance(enable, bool):
-            self.checkpointed = len(self) if enable else 0
-        elif isinstance(enable, int) and enable >= 0:
-            self.checkpointed = min(enable, len(self))
-        else:
-            raise ValueError(f"grad checkpointing takes a bool or a block count >= 0, got {enable!r}")
+    def set_grad_checkpointing(self, enable: bool | int | str = True) -> None:
+        """``False``, ``True``, ``n`` (the first ``n`` blocks) or ``"selective"`` (every block, keeping
+        matmul and attention outputs); loss and gradients are the same under every policy."""
+        self.checkpointed, self.mode = parse_policy(enable, len(self))
+
+    @property
+    def grad_checkpointing(self) -> bool | int | str:
+        """The policy, as ``set_grad_checkpointing`` takes it."""
+        return policy_label(self.checkpointed, self.mode, len(self))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ckpt = self.checkpointed if torch.is_grad_enabled() else 0
-        for i, blk in enumerate(self):
-            x = checkpoint(blk, x, use_reentrant=False) if i < ckpt else blk(x)
+        ckpt = min(self.checkpointed, len(self)) if torch.is_grad_enabled() else 0
+        mode = self.mode if self.mode != "none" else "full"  # checkpointed > 0 set directly
+        blocks = list(self)
+        with uncached_weight_casts(x):  # no copy of all weights alive at the end of forward
+            for blk in blocks[:ckpt]:
+                x = checkpoint_block(blk, x, mode)
+            if ckpt < len(blocks):
+                with saved_casts_context(x):  # no second copies of autocast's casts (memory.SavedCasts)
+                    for blk in blocks[ckpt:]:
+                        x = blk(x)
         return x
 
 
-def make_blocks(dim, depth, num_heads, mlp_hidden, qkv_bias, drop_path_rate, init_values, backend) -> Blocks:
+def make_blocks(dim, depth, num_heads, mlp_hidden, qkv_bias, drop_path_rate, init_values, backend, *,
+                qk_scale: float | None = None, cos_attn: bool = False, drop: float = 0.0,
+                attn_drop: float = 0.0) -> Blocks:
     # float32 linspace as the official code, on the CPU even under a meta-device context
     dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
-    return Blocks(Block(dim, num_heads, mlp_hidden, qkv_bias, dpr[i], init_values, backend)
+    return Blocks(Block(dim, num_heads, mlp_hidden, qkv_bias, dpr[i], init_values, backend, qk_scale=qk_scale,
+                        cos_attn=cos_attn, drop=drop, attn_drop=attn_drop)
                   for i in range(depth))
 
 

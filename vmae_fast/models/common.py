@@ -7,9 +7,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from ..checkpoint import FORMATS, describe_keys, guess_format, unwrap_state_dict
 from ..config import VideoMAEConfig
+from ..hf import convert_hf_state_dict
 from ..pos_embed import sincos_table
 
 
@@ -81,15 +83,17 @@ def as_embed_dtype(x: torch.Tensor, video: torch.Tensor, weight: torch.Tensor) -
 class LoadReport:
     """What a load did. ``missing``: model keys the file lacked (left as initialized);
     ``unexpected``: file keys the model has no place for (ignored); ``loaded``: keys copied;
-    ``skipped``: file keys left out on purpose (``exclude``, or the decoder side of a pretraining
-    file loaded into the classifier); ``format``: what the file looks like
-    (``vmae_fast.checkpoint.FORMATS``)."""
+    ``skipped``: file keys left out on purpose (``exclude``, the decoder side of a pretraining
+    file loaded into the classifier, a Hugging Face key bias, a fixed positional table equal to
+    the model's); ``format``: what the file looks like (``vmae_fast.checkpoint.FORMATS``);
+    ``notes``: why keys were skipped or converted, one line each."""
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     loaded: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     format: str = ""
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return (f"LoadReport(format={self.format!r}, loaded={len(self.loaded)}, missing={self.missing}, "
@@ -122,28 +126,43 @@ class OfficialCheckpointMixin:
                                  exclude: Sequence[str] = ()) -> LoadReport:
         """Load official weights (a file's dict or its ``model``/``module``/``state_dict`` entry).
 
-        Keys starting with any prefix in ``exclude`` are skipped (e.g. ``("head.",)`` to keep a
-        fresh head of another class count). Raises ``ValueError``, loading nothing, when: the
-        file is a Hugging Face VideoMAE checkpoint (not supported yet); a shape mismatches (every
-        offending key named); fewer than ``min_backbone_fraction`` of the backbone's tensors
-        (patch embedding and blocks) would load, naming the format the file looks like;
-        ``strict=True`` and keys are missing or unexpected.
+        A Hugging Face transformers VideoMAE state dict (``VideoMAEForPreTraining``,
+        ``VideoMAEForVideoClassification`` or ``VideoMAEModel``) is converted to the official keys
+        first (``vmae_fast.hf.convert_hf_state_dict``; its LayerNorm eps differences are not
+        weights: see ``vmae_fast.hf``). Keys starting with any prefix in ``exclude`` are skipped
+        (e.g. ``("head.",)`` to keep a fresh head of another class count). A positional table in
+        the file where the model's is a fixed (non-persistent) table is skipped when it equals
+        the model's, and refused otherwise. Raises ``ValueError``, loading nothing, when: a shape
+        mismatches (every offending key named); fewer than ``min_backbone_fraction`` of the
+        backbone's tensors (patch embedding and blocks) would load, naming the format the file
+        looks like; ``strict=True`` and keys are missing or unexpected.
         """
         sd = unwrap_state_dict(state_dict)
         fmt = guess_format(sd)
         name = type(self).__name__
-        if fmt == "hf-videomae":
-            raise ValueError(f"cannot load into {name}: the state dict looks like {FORMATS[fmt]} "
-                             f"({describe_keys(sd)})")
         exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
         file_keys = list(sd)
+        notes: list[str] = []
+        converted_away: list[str] = []
+        if fmt == "hf-videomae":
+            conv = convert_hf_state_dict(sd)
+            sd = conv.state_dict
+            converted_away = sorted(conv.dropped)
+            notes += [f"{k}: {why}" for k, why in sorted(conv.dropped.items())]
+            notes.append(f"converted from Hugging Face transformers VideoMAE keys ({conv.kind}, "
+                         f"q/v bias layout {conv.layout!r})")
         sd, dropped = self.checkpoint_filter(sd, self)
         own = self.state_dict()
-        report = LoadReport(skipped=sorted(dropped), format=fmt)
+        fixed = {k: b for k, b in self.named_buffers() if k not in own}
+        report = LoadReport(skipped=sorted(dropped) + converted_away, format=fmt, notes=notes)
         to_load, mismatched = {}, []
         for k, v in sd.items():
             if k.startswith(exclude):
                 report.skipped.append(k)
+            elif k in fixed:
+                _check_fixed_table(k, v, fixed[k], name)
+                report.skipped.append(k)
+                report.notes.append(f"{k}: equals the model's fixed table (not a parameter here)")
             elif k not in own:
                 report.unexpected.append(k)
             elif tuple(v.shape) != tuple(own[k].shape):
@@ -172,3 +191,46 @@ class OfficialCheckpointMixin:
                 own[k].copy_(v)
         report.loaded = sorted(to_load)
         return report
+
+    def needs_official_adapter(self, state_dict: Mapping[str, Any]) -> bool:
+        """Whether ``state_dict`` is not this model's own ``state_dict()`` layout but one that
+        ``load_official_state_dict`` adapts: a wrapper (``model``/``module``/``state_dict``) or
+        a stripped prefix, Hugging Face keys, or keys this model's ``checkpoint_filter`` maps."""
+        if not isinstance(state_dict, Mapping):
+            return False
+        try:
+            sd = unwrap_state_dict(state_dict)
+        except ValueError:
+            return False
+        if sd.keys() != state_dict.keys():
+            return True
+        if guess_format(sd) == "hf-videomae":
+            return True
+        adapted, skipped = self.checkpoint_filter(sd, self)
+        return bool(skipped) or adapted.keys() != sd.keys()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, unchanged for this model's own keys. A state dict in
+        another layout that ``load_official_state_dict`` adapts (``needs_official_adapter``: an
+        official file's wrapper, a pretraining file into the classifier, Hugging Face keys, ...)
+        goes through it instead, so ``timm.create_model(..., checkpoint_path=FILE)`` loads
+        official files; returns ``(missing_keys, unexpected_keys)`` as torch does, and with
+        ``strict=True`` raises ``ValueError`` on either."""
+        if self.needs_official_adapter(state_dict):
+            if assign:
+                raise ValueError("assign=True is not supported for state dicts that need adapting; "
+                                 "use load_official_state_dict on a materialized model")
+            report = self.load_official_state_dict(state_dict, strict=strict)
+            return _IncompatibleKeys(report.missing, report.unexpected)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _check_fixed_table(key: str, value: torch.Tensor, table: torch.Tensor, model_name: str) -> None:
+    """A file's positional table where the model's is fixed: it must be that table."""
+    v = value.unsqueeze(0) if value.dim() == table.dim() - 1 else value  # (N, D) saved without the batch axis
+    if tuple(v.shape) != tuple(table.shape):
+        raise ValueError(f"{key}: the file's positional table has shape {tuple(value.shape)}, {model_name}'s fixed "
+                         f"table {tuple(table.shape)} (a class-token row, or another num_frames/img_size?)")
+    if not torch.allclose(v.to(table.device, torch.float64), table.double(), rtol=0, atol=1e-5):
+        raise ValueError(f"{key}: the file's positional table is not the fixed sin-cos table this {model_name} "
+                         f"uses: build the model with learnable_pos_embed=True to load it")

@@ -107,11 +107,19 @@ class VideoMAEv2Pretrain(OfficialCheckpointMixin, nn.Module):
     def grid(self) -> tuple[int, int, int]:
         return self.cfg.grid
 
-    def set_grad_checkpointing(self, enable: bool | int = True) -> None:
-        """Activation checkpointing of the first ``n`` blocks (all for ``True``) of the encoder
-        and of the decoder. Non-reentrant; loss and grads are unchanged."""
+    def set_grad_checkpointing(self, enable: bool | int | str = True, *, decoder: bool | int | str | None = None
+                               ) -> None:
+        """The memory policy of the encoder's and the decoder's blocks (vmae_fast/memory.py):
+        ``False``, ``True`` (every block checkpointed), ``n`` (the first ``n``) or ``"selective"``
+        (every block, keeping matmul and attention outputs); ``decoder``: the decoder's own
+        policy (default: ``enable``). Non-reentrant; loss and grads are unchanged."""
         self.encoder.blocks.set_grad_checkpointing(enable)
-        self.decoder.blocks.set_grad_checkpointing(enable)
+        self.decoder.blocks.set_grad_checkpointing(enable if decoder is None else decoder)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names kept out of weight decay besides the 1-d parameters (timm's ``no_weight_decay``):
+        the positional tables (when learnable) and the mask token, as the official recipe."""
+        return {"pos_embed", "encoder.pos_embed", "mask_token"}
 
     def sample_masks(self, batch_size: int, encoder_ratio: float = 0.9, decoder_ratio: float = 0.5,
                      **kw) -> DualMask:

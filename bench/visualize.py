@@ -1,0 +1,204 @@
+"""Reconstruction picture of a pretraining checkpoint, as the official VideoMAE visualizer shows it.
+
+    python -m bench.visualize VIDEO --checkpoint FILE [--out recon.png] [--encoder-ratio 0.9]
+        [--mask-type tube|random] [--decoder-ratio 0] [--start N] [--sampling-rate 4] [--seed 0]
+
+A PNG grid, one column per frame of the clip, three rows:
+
+1. the original frames;
+2. what the encoder sees: its visible cubes, every masked cube black;
+3. the reconstruction: visible cubes as they are, each reconstructed cube the decoder's
+   prediction. The model predicts each cube's pixels standardized per channel (with
+   ``normalize_target``, the default), so, as the official visualizer does, the prediction is
+   un-normalized with the statistics of that cube in the original clip:
+   ``pred * (sqrt(unbiased var) + 1e-6) + mean``, then clipped to ``[0, 1]``. Without
+   ``normalize_target`` the prediction is the pixels themselves.
+
+The clip: ``num_frames`` frames ``start + i * sampling_rate`` (default start: the middle of the
+video), short side resized to ``img_size`` and center-cropped. Masks: the encoder mask at
+``--encoder-ratio`` and, by default, encoder-only decoding (every masked cube reconstructed, as
+the official visualizer). With ``--decoder-ratio 0.5`` (dual masking) the cubes the decoder does
+not reconstruct stay black in row 3.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+import vmae_fast
+from vmae_fast.checkpoint import write_atomic
+from vmae_fast.config import IMAGENET_MEAN, IMAGENET_STD
+from vmae_fast.ops.masked_mse import cube_targets_ref
+
+GAP = 2  # pixels of white between the tiles
+
+
+def pixels01(video: torch.Tensor) -> torch.Tensor:
+    """``(B, C, T, H, W)`` normalized float or uint8 clip -> float32 pixels in ``[0, 1]``."""
+    if video.dtype == torch.uint8:
+        return video.float() / 255
+    mean = torch.tensor(IMAGENET_MEAN, device=video.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=video.device).view(1, -1, 1, 1, 1)
+    return video.float() * std + mean
+
+
+def _cubes_to_video(cubes: torch.Tensor, shape: tuple[int, ...], tubelet: int, patch: int) -> torch.Tensor:
+    """``(B, N, t*p*p*C)`` in target order ``(t, h, w, c)``, all N tokens -> ``(B, C, T, H, W)``."""
+    B, C, T, H, W = shape
+    Tt, Hp, Wp = T // tubelet, H // patch, W // patch
+    x = cubes.view(B, Tt, Hp, Wp, tubelet, patch, patch, C)
+    return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, C, T, H, W)
+
+
+def _to_cubes(pix: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+    """``(B, C, T, H, W)`` -> ``(B, N, t*p*p, C)``."""
+    B, C, T, H, W = pix.shape
+    x = pix.view(B, C, T // tubelet, tubelet, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, -1, tubelet * patch * patch, C)
+
+
+def reconstruct(video: torch.Tensor, pred: torch.Tensor, masks: vmae_fast.DualMask, *, tubelet: int, patch: int,
+                normalize_target: bool = True, eps: float = 1e-6) -> dict[str, torch.Tensor]:
+    """The three rows as float32 ``(B, C, T, H, W)`` pixels in ``[0, 1]``: ``original``,
+    ``masked`` (encoder-masked cubes 0), ``reconstructed`` (module docstring). ``pred``: the
+    model's ``(B, n_decoder, C*t*p*p)`` predictions in target order, row ``j`` for token
+    ``masks.decoder_idx[:, j]``."""
+    pix = pixels01(video)
+    B, C, T, H, W = pix.shape
+    cubes = _to_cubes(pix, tubelet, patch)  # (B, N, tpp, C)
+    N = cubes.shape[1]
+    idx = masks.decoder_idx[:, :, None, None].expand(-1, -1, *cubes.shape[2:])
+    own = cubes.gather(1, idx)  # the decoder rows' cubes in the original clip
+    rec = pred.detach().float().reshape(own.shape)
+    if normalize_target:
+        mean = own.mean(dim=-2, keepdim=True)
+        std = own.var(dim=-2, unbiased=True, keepdim=True).sqrt() + eps
+        rec = rec * std + mean
+    rec = rec.clamp(0, 1)
+    enc_masked = masks.encoder_masked[:, :, None, None]
+    out = torch.where(enc_masked, torch.zeros_like(cubes), cubes)  # row 2: masked cubes black
+    # row 3: the decoder rows the encoder did not see get the prediction (rows it saw stay)
+    use = masks.encoder_masked.gather(1, masks.decoder_idx)[:, :, None, None]
+    full = out.scatter(1, idx, torch.where(use, rec, own))
+    shape = (B, C, T, H, W)
+    flat = lambda c: c.reshape(B, N, -1)  # noqa: E731
+    return {"original": pix, "masked": _cubes_to_video(flat(out), shape, tubelet, patch),
+            "reconstructed": _cubes_to_video(flat(full), shape, tubelet, patch)}
+
+
+def grid_image(rows: Sequence[torch.Tensor], frames: Sequence[int] | None = None, gap: int = GAP) -> np.ndarray:
+    """Rows of ``(C, T, H, W)`` pixels in ``[0, 1]`` -> one ``(rows*H + gaps, cols*W + gaps, 3)``
+    uint8 image, white between tiles; ``frames``: which frames become columns (default all)."""
+    C, T, H, W = rows[0].shape
+    frames = list(range(T)) if frames is None else list(frames)
+    img = np.full((len(rows) * H + (len(rows) - 1) * gap, len(frames) * W + (len(frames) - 1) * gap, 3),
+                  255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        tiles = (row.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+        for c, f in enumerate(frames):
+            y, x = r * (H + gap), c * (W + gap)
+            img[y:y + H, x:x + W] = tiles[f]
+    return img
+
+
+def save_png(img: np.ndarray, path: str | os.PathLike) -> Path:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return write_atomic(path, buf.getvalue())
+
+
+@torch.no_grad()
+def visualize(model: vmae_fast.VideoMAEv2Pretrain, video: torch.Tensor, masks: vmae_fast.DualMask,
+              out: str | os.PathLike | None = None, frames: Sequence[int] | None = None) -> np.ndarray:
+    """Run ``model`` on one clip ``(1, C, T, H, W)`` with ``masks`` and return the grid image
+    (uint8 ``(3*H + 2*gap, T*W + (T-1)*gap, 3)``); saved as PNG to ``out`` when given."""
+    was = model.training
+    model.eval()
+    try:
+        pred = model(video, masks).pred
+    finally:
+        model.train(was)
+    cfg = model.cfg
+    rows = reconstruct(video, pred, masks, tubelet=cfg.tubelet_size, patch=cfg.patch_size,
+                       normalize_target=cfg.normalize_target)
+    img = grid_image([rows[k][0] for k in ("original", "masked", "reconstructed")], frames)
+    if out is not None:
+        save_png(img, out)
+    return img
+
+
+def perfect_prediction(video: torch.Tensor, masks: vmae_fast.DualMask, *, tubelet: int, patch: int,
+                       normalize_target: bool = True) -> torch.Tensor:
+    """The loss's own target at the decoder rows: what a perfect model predicts."""
+    return cube_targets_ref(video, masks.decoder_idx, tubelet=tubelet, patch=patch, normalize=normalize_target)
+
+
+def read_clip(path: str, num_frames: int, img_size: int, sampling_rate: int = 4, start: int | None = None,
+              decoder: str = "auto") -> torch.Tensor:
+    """``(1, 3, num_frames, img_size, img_size)`` uint8 clip of a video file (``train.data``)."""
+    from train.data import Entry, VideoSource
+    from vmae_fast.predict import crop_offsets, resize_frames
+
+    src = VideoSource(Entry(path=os.path.abspath(path)), decoder)
+    try:
+        n = len(src)
+        span = (num_frames - 1) * sampling_rate + 1
+        if start is None:
+            start = max(n - span, 0) // 2
+        frames = src.get([min(start + i * sampling_rate, n - 1) for i in range(num_frames)])
+    finally:
+        src.close()
+    x = resize_frames(frames, img_size)  # (T, 3, h, w)
+    (top, left), = crop_offsets(x.shape[-2], x.shape[-1], img_size, 1)
+    return x[:, :, top:top + img_size, left:left + img_size].transpose(0, 1).unsqueeze(0).contiguous()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.visualize", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("video")
+    p.add_argument("--checkpoint", required=True, help="pretraining checkpoint (official or Hugging Face)")
+    p.add_argument("--out", default=None, help="PNG path (default: <video name>_recon.png here)")
+    p.add_argument("--num-frames", type=int, default=None, help="default 16")
+    p.add_argument("--img-size", type=int, default=None, help="default 224")
+    p.add_argument("--num-heads", type=int, default=None)
+    p.add_argument("--decoder-num-heads", type=int, default=None)
+    p.add_argument("--encoder-ratio", type=float, default=0.9)
+    p.add_argument("--mask-type", default="tube", choices=("tube", "random"))
+    p.add_argument("--decoder-ratio", type=float, default=0.0, help="0: encoder-only (every masked cube)")
+    p.add_argument("--sampling-rate", type=int, default=4)
+    p.add_argument("--start", type=int, default=None, help="first frame (default: the middle of the video)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--decoder", default="auto", help="video decoder (train.decode)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    extra = {k: v for k, v in (("num_heads", args.num_heads), ("decoder_num_heads", args.decoder_num_heads)) if v}
+    model = vmae_fast.load_model(args.checkpoint, "pretrain", num_frames=args.num_frames, img_size=args.img_size,
+                                 **extra).to(args.device)
+    cfg = model.cfg
+    clip = read_clip(args.video, cfg.num_frames, cfg.img_size, args.sampling_rate, args.start, args.decoder)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    masks = vmae_fast.DualMask.sample(1, model.grid, args.encoder_ratio, args.decoder_ratio,
+                                      encoder_mask_type=args.mask_type, device=args.device, generator=gen)
+    out = args.out or f"{Path(args.video).name.split('.')[0]}_recon.png"
+    img = visualize(model, clip.to(args.device), masks, out)
+    print(f"{out}: {img.shape[1]}x{img.shape[0]} (original / encoder-visible / reconstructed, "
+          f"{cfg.num_frames} frames)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Encoder features: the classifier's forward_features(pool=True|False), and
+python -m train.extract_features (sliding windows as the official TAD extractor, resume, bad
+videos) on real videos."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vmae_fast
+from train import extract_features as E
+
+from conftest import rel_err
+
+VIDEO = str(Path(__file__).resolve().parent / "data" / "carphone_distorted.mp4")  # 120 frames, 176x144
+KW = dict(depth=1, num_frames=4, img_size=32, patch_size=8)
+
+
+@pytest.mark.parametrize("mean_pooling", [True, False])
+def test_forward_features_pooled_and_per_token(mean_pooling):
+    m = vmae_fast.create_model("vit_small_patch16_224", num_classes=3, use_mean_pooling=mean_pooling, **KW).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        x = torch.randn(2, 3, 4, 32, 32)
+        tokens = m.forward_features(x, pool=False)
+        pooled = m.forward_features(x, pool=True)
+        raw = m.blocks(m.patch_embed(x) + m.pos_embed)  # the encoder on every token, by hand
+        assert tokens.shape == (2, 32, 384) and pooled.shape == (2, 384)
+        if mean_pooling:  # raw tokens; the head sees fc_norm of their mean
+            assert torch.equal(tokens, raw) and rel_err(pooled, m.fc_norm(raw.mean(1))) < 1e-6
+        else:  # the final norm per token; the head sees the first token's
+            assert rel_err(tokens, m.norm(raw)) < 1e-6 and rel_err(pooled, tokens[:, 0]) < 1e-6
+        assert rel_err(m.head(pooled), m(x)) < 1e-6
+
+
+def test_window_starts_as_official():
+    assert E.window_starts(100, 16, 4) == list(range(0, 100 - 15, 4))  # official range(0, n - 15, 4)
+    assert E.window_starts(100, 16, 16) == list(range(0, 85, 16))
+    assert E.window_starts(10, 16, 4) == [0] and E.window_frames(0, 10, 16)[-7:] == [9] * 7
+    assert E.window_starts(20, 4, 2, sampling_rate=3) == list(range(0, 20 - 9, 2))
+
+
+def _ckpt(tmp_path):
+    torch.manual_seed(0)
+    m = vmae_fast.create_model("vit_small_patch16_224", num_classes=10, **KW).eval()
+    path = tmp_path / "clf.pth"
+    torch.save({"model": m.state_dict()}, path)
+    return m, str(path)
+
+
+def test_extract_features_windows_values_and_resume(tmp_path):
+    pytest.importorskip("av", reason="PyAV (the test extra) reads the test videos")
+    from train.data import Entry, VideoSource
+
+    model, ckpt = _ckpt(tmp_path)
+    out = tmp_path / "feats"
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video")
+    args = [VIDEO, str(bad), "--checkpoint", ckpt, "--output-dir", str(out), "--num-frames", "4", "--img-size", "32",
+            "--stride", "16", "--batch-size", "3", "--no-progress", "--device", "cpu"]
+    with pytest.warns(UserWarning, match="skipping .*broken.mp4"):
+        assert E.main(args) == 1  # the broken file is named and counted; the good one is written
+    feats = np.load(out / "carphone_distorted.npy")
+    starts = E.window_starts(120, 4, 16)
+    assert feats.shape == (len(starts), 384) == (8, 384) and feats.dtype == np.float32
+    # windows 0 and 7, computed directly: frames s..s+3, /255, resized to 32x32, ImageNet-normalized
+    src = VideoSource(Entry(path=os.path.abspath(VIDEO)))
+    for k in (0, 7):
+        clip = E.preprocess(src.get(E.window_frames(starts[k], 120, 4)), 32).transpose(0, 1)[None]
+        with torch.no_grad():
+            assert rel_err(torch.from_numpy(feats[k]), model.forward_features(clip)[0]) < 1e-5
+    # --input-norm none: the official extractor's unnormalized [0, 1] frames
+    x01 = src.get(E.window_frames(0, 120, 4)).permute(3, 0, 1, 2).float()[None] / 255
+    src.close()
+    raw = E.video_features(model, VideoSource(Entry(path=os.path.abspath(VIDEO))).get, 120, stride=16,
+                           input_norm="none")
+    with torch.no_grad():
+        want = model.forward_features(torch.nn.functional.interpolate(x01[0].transpose(0, 1), size=(32, 32),
+                                                                      mode="bilinear").transpose(0, 1)[None])
+    assert rel_err(torch.from_numpy(raw[0]), want[0]) < 1e-5
+    # resume: the written file is skipped, not rewritten; per-token features go to their own folder
+    before = os.stat(out / "carphone_distorted.npy").st_mtime_ns
+    done = E.extract(model, [VIDEO], out, stride=16, progress=False)
+    assert done == {"written": [], "skipped": [VIDEO], "failed": []}
+    assert os.stat(out / "carphone_distorted.npy").st_mtime_ns == before
+    assert E.main(args[:1] + args[2:] + ["--no-pool", "--output-dir", str(tmp_path / "tok")]) == 0
+    assert np.load(tmp_path / "tok" / "carphone_distorted.npy").shape == (8, 32, 384)

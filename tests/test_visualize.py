@@ -1,0 +1,59 @@
+"""bench.visualize: a perfect prediction reproduces the clip (the un-normalization with each
+cube's statistics), the masked row shows only encoder-visible cubes, and the PNG grid's shape."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import vmae_fast
+from bench import visualize as V
+
+VIDEO = str(Path(__file__).resolve().parent / "data" / "carphone_distorted.mp4")
+
+
+@pytest.mark.parametrize("normalize_target", [True, False])
+@pytest.mark.parametrize("clip_dtype", [torch.uint8, torch.float32])
+def test_perfect_prediction_reproduces_the_clip(normalize_target, clip_dtype):
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randint(0, 256, (1, 3, 4, 32, 48), dtype=torch.uint8, generator=g)
+    if clip_dtype == torch.float32:  # ImageNet-normalized float clip
+        clip = (clip.float() / 255 - torch.tensor(vmae_fast.IMAGENET_MEAN).view(1, 3, 1, 1, 1)) \
+            / torch.tensor(vmae_fast.IMAGENET_STD).view(1, 3, 1, 1, 1)
+    masks = vmae_fast.DualMask.sample(1, (2, 4, 6), 0.75, 0.0, generator=g)
+    pred = V.perfect_prediction(clip, masks, tubelet=2, patch=8, normalize_target=normalize_target)
+    rows = V.reconstruct(clip, pred, masks, tubelet=2, patch=8, normalize_target=normalize_target)
+    assert (rows["reconstructed"] - rows["original"]).abs().max() < 1e-5
+    # row 2: encoder-masked cubes black, visible cubes the original
+    cube_masked = masks.encoder_masked.view(2, 4, 6).repeat_interleave(2, 0).repeat_interleave(8, 1) \
+        .repeat_interleave(8, 2)  # (T, H, W)
+    assert (rows["masked"][0][:, cube_masked] == 0).all()
+    assert torch.equal(rows["masked"][0][:, ~cube_masked], rows["original"][0][:, ~cube_masked])
+    # a wrong prediction does not reproduce it (the test can fail)
+    bad = V.reconstruct(clip, pred + 0.5, masks, tubelet=2, patch=8, normalize_target=normalize_target)
+    assert (bad["reconstructed"] - rows["original"]).abs().max() > 0.01
+
+
+def test_grid_png_of_a_model_on_a_video(tmp_path):
+    pytest.importorskip("av", reason="PyAV (the test extra) reads the test video")
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = vmae_fast.create_pretrain_model("vit_small_patch16_224", depth=1, decoder_depth=1, num_frames=4,
+                                            img_size=32, patch_size=8)
+    ckpt = tmp_path / "pt.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    out = tmp_path / "recon.png"
+    assert V.main([VIDEO, "--checkpoint", str(ckpt), "--num-frames", "4", "--img-size", "32", "--out", str(out),
+                   "--encoder-ratio", "0.75"]) == 0
+    with Image.open(out) as im:
+        assert im.size == (4 * 32 + 3 * V.GAP, 3 * 32 + 2 * V.GAP) and im.mode == "RGB"
+    # the function: the top row is the clip itself, tile by tile
+    clip = V.read_clip(VIDEO, 4, 32)
+    masks = vmae_fast.DualMask.sample(1, model.grid, 0.75, 0.0)
+    img = V.visualize(model, clip, masks)
+    assert img.shape == (3 * 32 + 2 * V.GAP, 4 * 32 + 3 * V.GAP, 3)
+    for f in range(4):
+        x = f * (32 + V.GAP)
+        assert (torch.from_numpy(img[:32, x:x + 32]) == clip[0, :, f].permute(1, 2, 0)).all()
