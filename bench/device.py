@@ -9,49 +9,13 @@ from pathlib import Path
 import torch
 
 from vmae_fast import envs
+from vmae_fast.device import parse_device, select_device  # noqa: F401  (the benches' --device)
 from vmae_fast.flops import datasheet_peak_tflops
 
 from .timing import time_fn
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-
-def parse_device(text: str, *, cuda_available: bool, device_count: int, current: int
-                 ) -> tuple[torch.device, int | None]:
-    """``(device, index for torch.cuda.set_device or None)`` for a ``--device`` value (no side
-    effects, so it is testable without CUDA). ``auto``: the current CUDA device, else the CPU;
-    bare ``cuda``: the current CUDA device; ``cuda:N``: device N, which must also become the
-    current device, since CUDA events, streams, Triton launches and library handles follow the
-    current device, not the tensors'. Bad values raise ``ValueError``."""
-    if text == "auto":
-        text = "cuda" if cuda_available else "cpu"
-    try:
-        dev = torch.device(text)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {text!r} is not a device ({exc})") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {text!r}")
-    if dev.type == "cpu":
-        return dev, None
-    if not cuda_available:
-        raise ValueError(f"--device {text!r}: CUDA is not available on this machine")
-    if dev.index is None:
-        return torch.device("cuda", current), None
-    if dev.index >= device_count:
-        raise ValueError(f"--device {text!r}: this machine has {device_count} CUDA device(s), "
-                         f"cuda:0..cuda:{device_count - 1}")
-    return dev, dev.index
-
-
-def select_device(text: str) -> torch.device:
-    """``parse_device`` on this machine, then make a ``cuda:N`` device the current one."""
-    avail = torch.cuda.is_available()
-    dev, index = parse_device(text, cuda_available=avail, device_count=torch.cuda.device_count() if avail else 0,
-                              current=torch.cuda.current_device() if avail else 0)
-    if index is not None:
-        torch.cuda.set_device(index)
-    return dev
 
 
 def _cpu_model() -> str:

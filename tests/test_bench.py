@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from bench import dual_masking
-from bench.device import parse_device
+from vmae_fast.device import parse_device
 from bench.runner import Setup, clip_dtype, make_inputs, max_batch
 from bench.timing import Stats, is_oom, time_fn
-from train.distributed import resolve_device
 from vmae_fast.flops import count_macs
 
 TINY = ["--arch", "vit_s", "--frames", "4", "--img-size", "32", "--depth", "1", "--decoder-depth", "1",
@@ -176,8 +175,8 @@ def test_search_and_timed_step_use_the_training_clip_dtype():
 @pytest.mark.parametrize("text, avail, count, current, want", [
     ("cpu", True, 2, 0, ("cpu", None)),
     ("auto", False, 0, 0, ("cpu", None)),
-    ("auto", True, 2, 1, ("cuda:1", None)),   # the current device, already current
-    ("cuda", True, 2, 1, ("cuda:1", None)),
+    ("auto", True, 2, 1, ("cuda:1", 1)),   # the current device
+    ("cuda", True, 2, 1, ("cuda:1", 1)),
     ("cuda:1", True, 2, 0, ("cuda:1", 1)),    # made current: events, streams, handles follow it
     ("cuda:0", True, 2, 1, ("cuda:0", 0)),
 ])
@@ -187,7 +186,7 @@ def test_bench_device_selection(text, avail, count, current, want):
 
 
 @pytest.mark.parametrize("text, avail, message", [
-    ("cuda:2", True, "has 2 CUDA device"), ("cuda", False, "CUDA is not available"),
+    ("cuda:2", True, "this machine has 2 CUDA device"), ("cuda", False, "CUDA is not available"),
     ("mps", True, "must be cpu or cuda"), ("gpu0", True, "is not a device"),
 ])
 def test_bench_device_selection_errors(text, avail, message):
@@ -204,7 +203,7 @@ def test_bench_device_selection_errors(text, avail, message):
     ("cuda:2", True, 0, 1, 0, ("cuda:2", 2)),  # the named device, made current
 ])
 def test_train_device_selection(text, avail, local, world, current, want):
-    dev, index = resolve_device(text, cuda_available=avail, device_count=4 if avail else 0, current=current,
+    dev, index = parse_device(text, cuda_available=avail, device_count=4 if avail else 0, current=current,
                                 local_rank=local, world=world)
     assert (str(dev), index) == want
 
@@ -217,7 +216,7 @@ def test_train_device_selection(text, avail, local, world, current, want):
 ])
 def test_train_device_selection_errors(text, avail, local, world, message):
     with pytest.raises(ValueError, match=message):
-        resolve_device(text, cuda_available=avail, device_count=4 if avail else 0, current=0,
+        parse_device(text, cuda_available=avail, device_count=4 if avail else 0, current=0,
                        local_rank=local, world=world)
 
 

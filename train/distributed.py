@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from vmae_fast.device import parse_device
 from vmae_fast.layers import Block
 
 
@@ -31,35 +32,6 @@ class Dist:
         return self.world > 1
 
 
-def resolve_device(text: str | None, *, cuda_available: bool, device_count: int, current: int, local_rank: int,
-                   world: int) -> tuple[torch.device, int | None]:
-    """``(device, index for torch.cuda.set_device or None)`` for ``--device`` (no side effects,
-    testable without CUDA). Default: CUDA when available, else the CPU. Bare ``cuda``: the GPU
-    of this rank's ``LOCAL_RANK`` under torchrun, else the current device. ``cuda:N``: device N
-    (one process only; torchrun's ranks would all land on it). Every CUDA device is made the
-    current one, since streams, events, NCCL and library handles follow the current device."""
-    text = text or ("cuda" if cuda_available else "cpu")
-    try:
-        dev = torch.device(text)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {text!r} is not a device ({exc})") from None
-    if dev.type != "cuda":
-        return dev, None
-    if not cuda_available:
-        raise ValueError(f"--device {text!r}: CUDA is not available on this machine")
-    if dev.index is None:
-        index = local_rank if world > 1 else current
-    elif world > 1:
-        raise ValueError(f"--device {text!r} names one GPU for all {world} processes torchrun started; "
-                         "use --device cuda (each rank takes the GPU of its LOCAL_RANK)")
-    else:
-        index = dev.index
-    if index >= device_count:
-        raise ValueError(f"--device {text!r}: CUDA device {index} does not exist "
-                         f"(this machine has {device_count})")
-    return torch.device("cuda", index), index
-
-
 def world_from_env() -> tuple[int, int, int]:
     """``(rank, world, local_rank)`` as torchrun sets them (a single process without it)."""
     return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
@@ -69,7 +41,7 @@ def world_from_env() -> tuple[int, int, int]:
 def pick_device(args) -> tuple[torch.device, int | None]:
     rank, world, local = world_from_env()
     avail = torch.cuda.is_available()
-    return resolve_device(args.device, cuda_available=avail, local_rank=local, world=world,
+    return parse_device(args.device, cuda_available=avail, local_rank=local, world=world,
                           device_count=torch.cuda.device_count() if avail else 0,
                           current=torch.cuda.current_device() if avail else 0)
 
