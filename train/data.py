@@ -1,8 +1,9 @@
 """Video lists, decoding, augmentation, collation and a resumable sampler (docs/semantics.md §9).
 
-Lists, paths relative to ``--data-root``:
-    pretraining  ``path start_idx total_frames``  (``total_frames`` -1 for a video file)
-    fine-tuning  ``path label``
+Lists, paths relative to ``--data-root`` (``read_list``; a UTF-8 BOM is ignored):
+    pretraining  ``path start_idx total_frames``  (``total_frames`` -1 for a video file), or the
+                 official hybrid list's ``path start_idx total_frames label``
+    fine-tuning  ``path label``, or the official rawframes list's ``folder total_frames label``
 A path is a video file (``train/decode.py``: torchcodec, decord or PyAV, ``decoder="auto"`` picks
 the fastest that loads) or a folder of frames named by ``fname_tmpl`` (default ``img_{:05}.jpg``;
 frame ``i`` is ``fname_tmpl.format(start_idx + i)``). Pretraining follows the official hybrid
@@ -51,43 +52,81 @@ def _fail(list_path, lineno, expected, line, why=""):
                      f"got {line.rstrip()!r}")
 
 
-def read_list(list_path: str | os.PathLike, data_root: str | os.PathLike = "", kind: str = "pretrain") -> list[Entry]:
-    """Parse a dataset list; any bad line raises ``ValueError`` naming the file and line number.
+# The list formats, by kind: field names after the path (the numbers are split off the right).
+LIST_FORMATS = {
+    "pretrain": (("start_idx", "total_frames"),            # this repository's / VideoMAE's
+                 ("start_idx", "total_frames", "label")),  # the official HybridVideoMAE's
+    "finetune": (("label",),                               # video files (Kinetics), or folders
+                 ("total_frames", "label")),               # the official rawframes format (SSv2)
+}
+RAWFRAMES_START_IDX = 1  # the official fine-tuning ``--start_idx`` default for ``folder total_frames label``
 
-    ``kind="pretrain"``: ``path start_idx total_frames``; ``kind="finetune"``: ``path label``.
-    Paths may contain spaces (the numbers are split off the right).
+
+def _trailing_ints(tokens: list[str]) -> int:
+    """How many of ``tokens[1:]`` (the first token is always path) are integers, from the right."""
+    n = 0
+    for t in reversed(tokens[1:]):
+        try:
+            int(t)
+        except ValueError:
+            break
+        n += 1
+    return n
+
+
+def read_list(list_path: str | os.PathLike, data_root: str | os.PathLike = "", kind: str = "pretrain") -> list[Entry]:
+    """Parse a dataset list; any bad line raises ``ValueError`` naming the file and line number,
+    the formats expected and the line got. A UTF-8 BOM is ignored.
+
+    ``kind="pretrain"``: ``path start_idx total_frames`` or the official hybrid list's
+    ``path start_idx total_frames label``. ``kind="finetune"``: ``path label`` or the official
+    rawframes list's ``folder total_frames label`` (frames ``img_{:05}.jpg`` from 1, the official
+    ``--start_idx``). A file has one format: the longest one every line fits (paths may contain
+    spaces; the numbers are split off the right).
     """
-    if kind not in ("pretrain", "finetune"):
+    if kind not in LIST_FORMATS:
         raise ValueError(f"list kind must be 'pretrain' or 'finetune', got {kind!r}")
     list_path = Path(list_path)
     if not list_path.is_file():
         raise FileNotFoundError(f"dataset list not found: {list_path}")
-    expected = "<path> <start_idx> <total_frames>" if kind == "pretrain" else "<path> <label>"
-    nfields = 3 if kind == "pretrain" else 2
-    out = []
-    with open(list_path, encoding="utf-8") as f:
+    formats = LIST_FORMATS[kind]
+    expected = " or ".join("<path> " + " ".join(f"<{f}>" for f in fmt) for fmt in formats)
+    lines = []
+    with open(list_path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
+            tokens = line.split()
+            if not tokens:
                 continue
-            parts = line.strip().rsplit(maxsplit=nfields - 1)
-            if len(parts) != nfields:
-                _fail(list_path, lineno, expected, line, f"{nfields} fields")
-            try:
-                nums = [int(p) for p in parts[1:]]
-            except ValueError:
-                _fail(list_path, lineno, expected, line, "integer fields")
-            path = os.path.join(data_root, parts[0]) if data_root else parts[0]
-            if kind == "pretrain":
-                start, total = nums
-                if start < 0 or total < -1 or total == 0:
-                    _fail(list_path, lineno, expected, line, "start_idx >= 0 and total_frames > 0 or -1")
-                out.append(Entry(path, start, total))
-            else:
-                if nums[0] < 0:
-                    _fail(list_path, lineno, expected, line, "a label >= 0")
-                out.append(Entry(path, label=nums[0]))
-    if not out:
+            fits = _trailing_ints(tokens)
+            if fits < len(formats[0]):
+                _fail(list_path, lineno, expected, line, f"{len(tokens)} field(s), "
+                      f"{fits} of them integers after the path")
+            lines.append((lineno, line, tokens, fits))
+    if not lines:
         raise ValueError(f"{list_path}: the dataset list is empty")
+    fmt = max((fm for fm in formats if all(fits >= len(fm) for _, _, _, fits in lines)), key=len)
+    k = len(fmt)
+    this = "<path> " + " ".join(f"<{f}>" for f in fmt)
+    out = []
+    for lineno, line, tokens, _ in lines:
+        nums = dict(zip(fmt, (int(t) for t in tokens[-k:])))
+        path_s = line.strip().rsplit(maxsplit=k)[0]  # the line up to the numbers, inner spaces kept
+        path = os.path.join(data_root, path_s) if data_root else path_s
+        label = nums.get("label", -1)
+        if kind == "pretrain":
+            start, total = nums["start_idx"], nums["total_frames"]
+            if start < 0 or total < -1 or total == 0:
+                _fail(list_path, lineno, this, line, "start_idx >= 0 and total_frames > 0 or -1")
+            out.append(Entry(path, start, total, label))
+        else:
+            if label < 0:
+                _fail(list_path, lineno, this, line, "a label >= 0")
+            if "total_frames" in nums:
+                if nums["total_frames"] < 1:
+                    _fail(list_path, lineno, this, line, "total_frames >= 1")
+                out.append(Entry(path, RAWFRAMES_START_IDX, nums["total_frames"], label))
+            else:
+                out.append(Entry(path, label=label))
     return out
 
 
@@ -125,6 +164,27 @@ class FrameFolder(_decode.VideoReader):
         return torch.from_numpy(np.stack(frames))
 
 
+_av_quiet = False
+
+
+def quiet_pyav() -> None:
+    """FFmpeg's own log lines (PyAV prints them to stderr from C: "moov atom not found", "Invalid
+    data found" ...) kept off the console: a file that fails is said once, by the skip warning.
+    Once per process, and only when PyAV's log level is unset (a level the user set is kept).
+    decord and torchcodec have no such switch; fd 2 is left alone."""
+    global _av_quiet
+    if _av_quiet:
+        return
+    _av_quiet = True
+    try:
+        import av.logging
+
+        if av.logging.get_level() is None:
+            av.logging.set_level(av.logging.PANIC)
+    except Exception:  # no PyAV, or one without the switch
+        pass
+
+
 class VideoSource:
     """Random access to the frames of one entry: ``len(src)`` and ``src.get(indices)`` ->
     ``(len(indices), H, W, 3)`` uint8 tensor. A video file with ``total_frames > 0`` is cut to
@@ -139,6 +199,7 @@ class VideoSource:
             self.reader = FrameFolder(p, fname_tmpl, entry.start_idx, entry.total_frames)
             self.offset, self.n = 0, len(self.reader)
         else:
+            quiet_pyav()
             self.reader = _decode.open_video(p, decoder, threads=threads)
             self.kind = self.reader.name
             self.offset, self.n = 0, len(self.reader)
@@ -192,7 +253,13 @@ class VideoDataset(torch.utils.data.Dataset):
 
     ``dataset[(epoch, i)]`` -> dict ``video``: a list of ``V`` uint8 ``(3, T, S, S)`` views
     (``V = num_sample``, or all test views; not contiguous: ``collate`` writes each once into the
-    batch), ``label``, ``index``, ``skipped`` (files that failed and were replaced).
+    batch), ``label``, ``index``, ``skipped`` (files that failed and were replaced, each named
+    once: a file that failed is remembered, in memory shared with the loader's workers, and not
+    tried again; the replacement is the same as if it had been).
+
+    ``substitute=False`` (evaluation): a file that fails is not replaced; the sample is then
+    ``video=None`` with the entry's ``label`` and ``index`` and the file in ``skipped``
+    (``collate`` leaves it out of the batch and marks it in ``loaded``).
 
     Pretraining options (the official ``GroupMultiScaleCrop`` / ``HybridVideoMAE`` ones):
     ``scales``, ``max_distort``, ``fix_crop``, ``more_fix_crop``; ``fname_tmpl`` for frame
@@ -207,7 +274,7 @@ class VideoDataset(torch.utils.data.Dataset):
                  min_scale: float = 0.08, num_segments: int = 1, num_crops: int = 1, *, decoder: str = "auto",
                  max_distort: int = 1, fix_crop: bool = True, more_fix_crop: bool = True,
                  fname_tmpl: str = FRAME_PATTERN, hybrid_rules: bool = True, skip_short: bool = False,
-                 threads: int = 1):
+                 threads: int = 1, substitute: bool = True):
         if mode not in ("pretrain", "finetune", "test"):
             raise ValueError(f"mode must be pretrain, finetune or test, got {mode!r}")
         if num_sample < 1 or num_frames < 1 or sampling_rate < 1:
@@ -222,7 +289,9 @@ class VideoDataset(torch.utils.data.Dataset):
             self.decoder = _decode.resolve_decoder(decoder)
         except RuntimeError:  # no video decoder at all: frame folders still load, files fail (skipped)
             self.decoder = decoder
-        self.threads = threads
+        self.threads, self.substitute = threads, substitute
+        # Files that failed: shared memory, so a loader's workers (fork or spawn) see each other's.
+        self.failed = torch.zeros(len(entries), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -275,17 +344,19 @@ class VideoDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
         skipped = []
-        for attempt in range(MAX_RETRIES):
+        for attempt in range(MAX_RETRIES if self.substitute else 1):
             j = (i + attempt) % len(self.entries)
             entry = self.entries[j]
-            rng = np.random.default_rng([self.seed, epoch, j, attempt])
-            try:
-                video = self._load(entry, rng)
-            except Exception as exc:  # corrupt, missing or too short: skip, say which, go on
-                warnings.warn(f"skipping video {entry.path}: {type(exc).__name__}: {exc}", stacklevel=2)
-                skipped.append(entry.path)
-                continue
-            return {"video": video, "label": entry.label, "index": j, "skipped": skipped}
+            if not self.failed[j]:  # a file that failed once is not tried again
+                rng = np.random.default_rng([self.seed, epoch, j, attempt])
+                try:
+                    return {"video": self._load(entry, rng), "label": entry.label, "index": j, "skipped": skipped}
+                except Exception as exc:  # corrupt, missing or too short: skip, say which, go on
+                    warnings.warn(f"skipping video {entry.path}: {type(exc).__name__}: {exc}", stacklevel=2)
+                    self.failed[j] = True
+                    skipped.append(entry.path)
+            if not self.substitute:
+                return {"video": None, "label": entry.label, "index": j, "skipped": skipped}
         raise RuntimeError(f"{MAX_RETRIES} videos in a row failed to load, starting at {self.entries[i].path}; "
                            "check --data-root and the list")
 
@@ -309,12 +380,22 @@ def _batch_buffer(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
 class Collate:
     """Views are flattened into the batch: ``video`` ``(B*V, 3, T, S, S)`` uint8 (contiguous),
     ``label`` ``(B*V,)``. Each view is copied once, straight into its slot of a preallocated batch
-    (no stack, permute or contiguous copies). ``pin_memory``: ``None`` pins in a process with CUDA."""
+    (no stack, permute or contiguous copies). ``pin_memory``: ``None`` pins in a process with CUDA.
+
+    Samples with ``video=None`` (not loaded, ``VideoDataset(substitute=False)``) are left out of
+    ``video``, ``label`` and ``index``; ``loaded`` ``(B,)`` bool marks the samples kept (``video``
+    is ``None`` when none was)."""
 
     def __init__(self, pin_memory: bool | None = None):
         self.pin_memory = pin_memory
 
     def __call__(self, samples: list[dict]) -> dict:
+        loaded = torch.tensor([s["video"] is not None for s in samples], dtype=torch.bool)
+        skipped = [p for s in samples for p in s["skipped"]]
+        samples = [s for s in samples if s["video"] is not None]
+        if not samples:
+            return {"video": None, "label": torch.zeros(0, dtype=torch.int64),
+                    "index": torch.zeros(0, dtype=torch.int64), "loaded": loaded, "skipped": skipped}
         views = [list(s["video"]) for s in samples]  # a list of views, or a (V, 3, T, S, S) tensor
         v = len(views[0])
         if any(len(x) != v for x in views):
@@ -326,7 +407,7 @@ class Collate:
         return {"video": out,
                 "label": torch.tensor([s["label"] for s in samples]).repeat_interleave(v),
                 "index": torch.tensor([s["index"] for s in samples]),
-                "skipped": [p for s in samples for p in s["skipped"]]}
+                "loaded": loaded, "skipped": skipped}
 
 
 collate = Collate()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,10 @@ from .optim import autocast, resolve_precision
 def parse_args(argv=None):
     ap = make_parser("finetune", __doc__)
     a = ap.add_argument
-    a("--train-list", default=None, help="lines 'path label' (not needed with --eval)")
-    a("--val-list", default=None, help="lines 'path label', evaluated every --eval-every steps and at the end")
+    a("--train-list", default=None, help="lines 'path label', or 'folder total_frames label' (official rawframes "
+                                        "lists); not needed with --eval")
+    a("--val-list", default=None, help="the same formats, evaluated every --eval-every steps and at the end; a video "
+                                      "that fails to load is skipped (val_skipped), not replaced")
     a("--num-classes", type=int, required=True)
     a("--finetune", default="", help="weights to start from: a pretrain file, or a classifier (its head is kept "
                                      "when --num-classes matches)")
@@ -149,15 +152,18 @@ def load_start_weights(model, args, d: dist_.Dist) -> None:
 
 
 def make_evaluate(args, d: dist_.Dist, precision: str, ema=None):
-    """``evaluate(model) -> {acc1, acc5, videos}``: top-1/top-5 (%) of the softmax averaged over
-    every view of each video. Every rank takes part (FSDP needs equal batch counts: the last
-    rank pads with repeats that are not counted)."""
+    """``evaluate(model) -> {acc1, acc5, videos, val_skipped}``: top-1/top-5 (%) of the softmax
+    averaged over every view of each video, over the ``videos`` that were read; a video that fails
+    to load is not replaced by another (that would count one twice, with its label) but counted in
+    ``val_skipped``. Every rank takes part (FSDP needs equal batch counts: the last rank pads with
+    repeats that are not counted; a batch with no video read runs a dummy one)."""
     try:
         entries = read_list(args.val_list, args.data_root, "finetune")
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
     ds = VideoDataset(entries, "test", args.num_frames, args.sampling_rate, args.img_size,
-                      num_segments=args.test_num_segment, num_crops=args.test_num_crop, decoder=args.decoder)
+                      num_segments=args.test_num_segment, num_crops=args.test_num_crop, decoder=args.decoder,
+                      substitute=False)
     per_rank = math.ceil(len(ds) / d.world)
     keys = [(0, min(d.rank + k * d.world, len(ds) - 1)) for k in range(per_rank)]
     valid = torch.tensor([d.rank + k * d.world < len(ds) for k in range(per_rank)])
@@ -171,15 +177,24 @@ def make_evaluate(args, d: dist_.Dist, precision: str, ema=None):
                                              collate_fn=collate, generator=torch.Generator().manual_seed(0))
         was_training = model.training
         model.eval()
-        counts = torch.zeros(3, dtype=torch.float64)  # top1, top5, videos
+        counts = torch.zeros(4, dtype=torch.float64)  # top1, top5, videos read, videos skipped
         for b, batch in enumerate(loader):
+            loaded = batch["loaded"]
+            ok_all = valid[b * bs:b * bs + len(loaded)]
+            counts[3] += (ok_all & ~loaded).sum()
+            if batch["video"] is None:  # nothing read: a dummy forward (FSDP: every rank gathers alike)
+                dummy = normalize_uint8(torch.zeros(views, 3, args.num_frames, args.img_size, args.img_size,
+                                                    dtype=torch.uint8, device=d.device))
+                with autocast(precision, d.device):
+                    model(dummy)
+                continue
             video = normalize_uint8(batch["video"].to(d.device, non_blocking=True))
             with autocast(precision, d.device):
                 logits = model(video)
             prob = logits.float().softmax(-1).view(-1, views, logits.shape[-1]).mean(1).cpu()
             label = batch["label"].view(-1, views)[:, 0]
             top = prob.topk(min(5, prob.shape[-1]), dim=-1).indices
-            ok = valid[b * bs:b * bs + len(label)]
+            ok = ok_all[loaded]
             counts[0] += ((top[:, 0] == label) & ok).sum()
             counts[1] += ((top == label[:, None]).any(-1) & ok).sum()
             counts[2] += ok.sum()
@@ -188,13 +203,18 @@ def make_evaluate(args, d: dist_.Dist, precision: str, ema=None):
             torch.distributed.all_reduce(counts)
             counts = counts.cpu()
         model.train(was_training)
-        return {"acc1": 100 * counts[0].item() / counts[2].item(), "acc5": 100 * counts[1].item() / counts[2].item(),
-                "videos": int(counts[2].item())}
+        n = counts[2].item()
+        if not n:
+            warnings.warn(f"evaluation: none of the {int(counts[3].item())} videos of {args.val_list} could be read",
+                          stacklevel=2)
+        return {"acc1": 100 * counts[0].item() / n if n else math.nan,
+                "acc5": 100 * counts[1].item() / n if n else math.nan,
+                "videos": int(n), "val_skipped": int(counts[3].item())}
 
     def evaluate(model) -> dict:
         res = run_once(model)
         if ema is not None:
-            res.update({f"ema_{k}": v for k, v in run_once(ema.module).items() if k != "videos"})
+            res.update({f"ema_{k}": v for k, v in run_once(ema.module).items() if k not in ("videos", "val_skipped")})
         return res
 
     return evaluate

@@ -224,7 +224,12 @@ class _Run:
         self.args, self.d, self.task, self.model, self.opt, self.scaler = args, d, task, model, opt, scaler
         self.ck, self.log, self.plan, self.plan_now, self.precision = ck, log, plan, plan_now, precision
         self.start = extra.get("step", 0)
-        self.skipped_before, self.skipped_here, self.skipped = extra.get("skipped_total", 0), 0, 0
+        # Skipped videos count files, each once (every rank's, and before a resume): a file that
+        # fails again in a later epoch, or on another rank or worker, is not counted again.
+        self.skipped_files = set(extra.get("skipped_files", ()))
+        self.skipped_base = extra.get("skipped_total", 0) - len(self.skipped_files)  # older checkpoints: a count
+        self.skipped_new: set[str] = set()
+        self.skipped = self.skipped_base + len(self.skipped_files)
         self.best, self.last_eval = extra.get("best"), None
         self.watch = LossWatch(d, args.divergence_factor, extra.get("lowest_loss", math.inf))
         self.committed, self.committed_step = path, (self.start if path is not None else None)
@@ -241,7 +246,7 @@ class _Run:
         total = torch.zeros((), device=self.d.device)
         for micro in range(args.accum_steps):
             batch = next(self.batches)
-            self.skipped_here += len(batch["skipped"])
+            self.skipped_new.update(batch["skipped"])
             # DDP: all-reduce the gradients once, on the last micro-batch. (FSDP reduce-scatters
             # every micro-batch: keeping unsharded gradients would undo its memory saving.)
             sync_off = ddp and micro < args.accum_steps - 1
@@ -279,7 +284,7 @@ class _Run:
     def log_row(self, done: int, lr: float) -> None:
         self.stop_if_non_finite()
         window = self.watch.take_window()
-        self.skipped = self.skipped_before + dist_.all_sum_int(self.skipped_here, self.d)
+        self.sync_skipped()
         now = time.perf_counter()
         clips_s, mfu = throughput(self.plan.clips_per_step, self.n_win, now - self.t0 - self.t_out,
                                   self.task.flops_per_clip, self.peak, self.d.world)
@@ -294,9 +299,18 @@ class _Run:
         self.last_loss = window[-1]
         self.log.log(done, row)
 
+    def sync_skipped(self) -> int:
+        """Every rank's newly skipped files into ``skipped_files`` (collective); the count."""
+        for new in dist_.gather_objects(sorted(self.skipped_new - self.skipped_files), self.d):
+            self.skipped_files.update(new)
+        self.skipped_new = set()
+        self.skipped = self.skipped_base + len(self.skipped_files)
+        return self.skipped
+
     def evaluate(self, done: int) -> None:
         res = self.last_eval = self.task.evaluate(self.model)
-        if self.best is None or res["acc1"] > self.best["acc1"]:
+        if self.best is None or res["acc1"] > self.best["acc1"] or (  # a NaN acc1: nothing was read
+                math.isnan(self.best["acc1"]) and not math.isnan(res["acc1"])):
             self.best = dict(res, step=done)
         self.log.log(done, {**res, "best_acc1": self.best["acc1"]})
         self.log.write(f"step {done}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float))
@@ -317,7 +331,8 @@ class _Run:
             "task": task.name, "step": done, "config": task.model_config, "plan": self.plan_now,
             "args": vars(self.args), "scaler": self.scaler.state_dict(), "rng": gather_rng(task.generators, self.d),
             "data": {"epoch": epoch, "micro_in_epoch": micro, "seed": self.args.seed},
-            "skipped_total": self.skipped, "lowest_loss": self.watch.lowest, "best": self.best,
+            "skipped_total": self.skipped, "skipped_files": sorted(self.skipped_files),
+            "lowest_loss": self.watch.lowest, "best": self.best,
             "task_state": task.state_dict() if task.state_dict is not None else None})
 
 
@@ -365,7 +380,7 @@ def _train(args, d, task, model, opt, scaler, ck, log, plan, plan_now, precision
         # The last checkpoint has no next step to vouch for it: its weights were checked finite
         # and the loss of the step that made them within the factor.
         r.committed = ck.commit()
-    skipped = r.skipped_before + dist_.all_sum_int(r.skipped_here, d)
+    skipped = r.sync_skipped()
     export = export_official(model, d, Path(args.output_dir) / f"{task.name}_official.pth")
     log.write(f"done: {total} steps, {skipped} videos skipped; checkpoint {r.committed}; weights in {export}")
     return {"step": total, "export": export, "skipped": skipped, "checkpoint": r.committed, "eval": r.last_eval,

@@ -26,7 +26,7 @@ from .data import VideoDataset, decoder_name, read_list
 def parse_args(argv=None):
     ap = make_parser("pretrain", __doc__)
     a = ap.add_argument
-    a("--data-list", required=True, help="lines 'path start_idx total_frames'")
+    a("--data-list", required=True, help="lines 'path start_idx total_frames [label]'")
     a("--encoder-ratio", type=float, default=None, help="encoder mask ratio (default: official 0.9)")
     a("--decoder-ratio", type=float, default=None,
       help="running-cell decoder mask ratio: 0.25, 0.5 (official) or 0.75; 0 = encoder-only masking")
