@@ -291,21 +291,26 @@ def saved_casts_context(x: torch.Tensor):
     return SavedCasts().hooks()
 
 
-@contextlib.contextmanager
 def uncached_weight_casts(x: torch.Tensor):
     """Autocast's weight-cast cache off inside the blocks. The cache keeps the bf16/fp16 copy of
     every parameter it cast until the outermost autocast region ends, so at the end of forward a
     copy of all the blocks' weights is alive, whatever backward keeps. Each block weight is used
-    once per forward, so uncached casts are the same number of casts of the same values."""
-    if not SAVED_CASTS or not torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
-        yield
-        return
-    prev = torch.is_autocast_cache_enabled()
-    torch.set_autocast_cache_enabled(False)
-    try:
-        yield
-    finally:
-        torch.set_autocast_cache_enabled(prev)
+    once per forward, so uncached casts are the same number of casts of the same values.
+    A plain function returning a context (not a generator context manager): torch.compile of
+    torch 2.6 cannot trace into the latter, and while compiling there is nothing to do."""
+    if not SAVED_CASTS or torch.compiler.is_compiling() or not torch.is_autocast_enabled(x.device.type):
+        return contextlib.nullcontext()
+    return _AutocastCacheOff()
+
+
+class _AutocastCacheOff:
+    def __enter__(self):
+        self.prev = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)
+
+    def __exit__(self, *exc):
+        torch.set_autocast_cache_enabled(self.prev)
+        return False
 
 
 # ``False``: blocks save what autograd saves and autocast caches its weight casts (the
