@@ -1,19 +1,21 @@
 """Exact train-step memory per checkpointing policy, and the largest batch per GPU it implies.
 
-    python -m bench.memory --arch vit_b --batch 1,2                       # measure, policies side by side
-    python -m bench.memory --arch vit_b --impl vmae_fast,reference --dtype bf16
+    python -m bench.memory --arch vit_b                                   # policies side by side
+    python -m bench.memory --arch vit_b --impl vmae_fast,reference --policies none,full,selective
     python -m bench.memory --arch vit_giant_patch14_224 --gpu-mem 40,80,141 [--dist ddp|fsdp --world N]
 
 Every number is an exact count of live tensor bytes during one train step (forward, backward,
 AdamW step; ``vmae_fast.memory.measure_train_step``), the same on every device for the same ops
-and dtypes: run it on a CPU with ``--dtype bf16`` and the counts are those a GPU holds under
-bf16 autocast (on a GPU, ``torch.cuda.max_memory_allocated`` of the same step is reported beside
-them). Activations per clip are the slope between two batch sizes (the intercept, per step, is
-what does not grow with the batch); for deep models the encoder is measured at two reduced
-depths, full width, and scaled exactly by depth (``--depth-scale``).
+and dtypes: on a CPU under bf16 autocast with CUDA's autocast op lists (the default
+``--autocast-rules cuda``) the counts are those a GPU holds (on a GPU,
+``torch.cuda.max_memory_allocated`` of the same step is reported beside them). Each step is
+measured at two batch sizes; op by op the bytes are a line in the batch, so the peak at any
+batch follows exactly, and the bytes per clip are the slope of the peak as the batch grows.
+Deep encoders are measured at two reduced depths, full width, and scaled by depth, exactly
+(``--depth-scale``; ``tests/test_memory.py`` checks both extrapolations against measurements).
 
-The planner (``--gpu-mem``) is an estimate: the measured per-step and per-clip bytes, the
-parameters, gradients and AdamW state as the ``--dist`` mode shards them, and an allocator margin
+The planner (``--gpu-mem``) is an estimate: the exact bytes at each batch, the parameters,
+gradients and AdamW state as the ``--dist`` mode holds them, and an allocator margin
 (``--margin``) for what no tensor count sees (allocator rounding and fragmentation, cuBLAS/cuDNN
 workspaces, NCCL buffers, kernels' own scratch).
 """
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import math
 import sys
 import time
 from dataclasses import replace
@@ -29,10 +30,9 @@ from pathlib import Path
 
 import torch
 
-import vmae_fast
 from vmae_fast.config import ARCHS
 from vmae_fast.flops import counted_flops
-from vmae_fast.memory import measure_train_step
+from vmae_fast.memory import CATEGORIES, measure_train_step
 
 from . import device as devmod
 from .output import result_path, write_json
@@ -49,6 +49,8 @@ MiB = 2 ** 20
 # rounding and fragmentation, cuBLAS/cuDNN workspaces, NCCL buffers, kernels' scratch. The
 # CUDA context itself lives outside the device memory torch reports, so it is not in here.
 DEFAULT_MARGIN = 0.10
+
+
 def parse_policy_arg(text: str):
     """``none``/``full``/``selective``, a block count, or ``<encoder>/<decoder>`` of those."""
     text = text.strip().lower()
@@ -119,7 +121,7 @@ def measure(setup: Setup, impl: str, policy, decoder_ratio: float, *, dtype: tor
 
 
 # ------------------------------------------------------------------------------ extrapolation
-CATS = ("parameters", "buffers", "gradients", "optimizer_state", "inputs", "activations")
+CATS = CATEGORIES  # the columns of a timeline row, after (phase, op, mark)
 _I = {c: i for i, c in enumerate(CATS)}
 ACT_PHASES = ("forward", "backward")
 
@@ -356,7 +358,8 @@ def max_batch(prof: dict, gpu_bytes: float, margin: float, dist: str = "single",
 # ---------------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--arch", default="vit_base_patch16_224", help=f"one of {sorted(ARCHS)} or {sorted(ALIASES)}")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--img-size", type=int, default=224)
@@ -367,7 +370,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma list: none, full, selective, n blocks, or <encoder>/<decoder> (e.g. selective/full)")
     p.add_argument("--impl", default="vmae_fast", help="comma list: vmae_fast, vmae_fast-unfused, reference")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="autocast dtype (default bf16)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu: the counts are device-independent)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu | cuda | cuda:N (default cpu: the counts are device-independent)")
     p.add_argument("--batch", default="2,3",
                    help="two batch sizes (default 2,3: at batch 1 some reshapes are views that copy at any "
                         "other batch, so batch 1 is not on the line of the others)")
@@ -513,15 +517,16 @@ def render(result: dict) -> str:
             if none:
                 parts.append(f"{x['act_per_clip'] / none['act_per_clip']:.2f}x vmae_fast none")
             if full and full.get("recompute_flops_per_clip") and x.get("recompute_flops_per_clip") is not None:
-                parts.append(f"recompute {x['recompute_flops_per_clip'] / full['recompute_flops_per_clip']:.2f}x full's")
+                share = x["recompute_flops_per_clip"] / full["recompute_flops_per_clip"]
+                parts.append(f"recompute {share:.2f}x full's")
             out.append(f"- {x['impl']} {x['policy']}: " + ", ".join(parts))
     if any(not x["aligned"] for x in result["summaries"]):
         out.append("- (steps of different batch sizes did not align event by event: a line through the "
                    "two peaks was used)")
     for pl in result.get("planners", ()):
         g = pl["gpu_mem_gib"]
-        out += ["", f"### Largest batch per GPU: ESTIMATE ({pl['dist']}"
-                + (f", {pl['world']} GPUs" if pl["dist"] != "single" else "") + f", {pl['margin']:.0%} allocator margin)",
+        gpus = f", {pl['world']} GPUs" if pl["dist"] != "single" else ""
+        out += ["", f"### Largest batch per GPU: ESTIMATE ({pl['dist']}{gpus}, {pl['margin']:.0%} allocator margin)",
                 "", "| impl | policy | " + " | ".join(f"{x:g} GiB" for x in g) + " |", "|---|---|" + "---|" * len(g)]
         for row in pl["rows"]:
             out.append(f"| {row['impl']} | {row['policy']} | "

@@ -165,3 +165,19 @@ def test_cuda_count_matches_allocator():
                            autocast_dtype=torch.bfloat16)
     assert m.cuda_max_allocated is not None
     assert m.peak_total <= m.cuda_max_allocated <= 1.1 * m.peak_total + (64 << 20)
+
+
+def test_bench_cell_counts_exactly():
+    """Every ``bench.dual_masking`` cell carries the exact count of its step and, under a
+    checkpointing policy, the FLOPs of the recomputation: here "selective" on a tiny setup."""
+    from bench.runner import CellOptions, build, make_optimizer, master_state, measure_cell
+
+    setup = replace(TINY, depth=1, decoder_depth=1, ckpt="selective")
+    module = build("vmae_fast", setup, master_state(setup, 0), CPU)
+    opt = CellOptions(device=CPU, dtype=torch.bfloat16, warmup=1, repeats=1)
+    row = measure_cell("vmae_fast", module, setup, 0.5, opt, make_optimizer(module, CPU))
+    m = row["exact_memory"]
+    assert m["peak_total"] == sum(m["at_peak"].values()) > m["parameters"] > 0
+    assert row["saved_act_per_clip_bytes"] == m["held_after_forward"] / setup.batch > 0
+    assert 0 < row["recompute_share"] < 0.1
+    assert row["recompute_flops"] == row["counted_flops_train_step"] - row["counted_flops_model_step"]
