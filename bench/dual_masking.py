@@ -35,7 +35,8 @@ from vmae_fast.masking import running_cell_patterns
 from . import device as devmod
 from .output import result_path, write_json
 from .runner import (DTYPES, IMPL_HELP, IMPLS, CellOptions, Setup, build, make_optimizer,
-                     masking_label, master_state, measure_cell, measure_cells_interleaved, param_count)
+                     masking_label, master_state, measure_cell, measure_cells_interleaved, param_count,
+                     unsupported)
 from .timing import free_memory, is_oom, pin_malloc_mmap_threshold
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -311,8 +312,9 @@ def run(plan: dict, ns: argparse.Namespace) -> dict:
             for r in maskings:
                 bar.set_description(f"{setup.label()} | {masking_label(r)} | all (interleaved)")
                 err = None
+                active = {impl: m for impl, m in mods.items() if not unsupported(impl, r)}
                 try:
-                    measured = measure_cells_interleaved(mods, setup, r, opt) if mods else {}
+                    measured = measure_cells_interleaved(active, setup, r, opt) if active else {}
                 except Exception as exc:
                     measured, err = {}, error_of(exc)
                 if err:
@@ -323,6 +325,8 @@ def run(plan: dict, ns: argparse.Namespace) -> dict:
                     row = base_row(impl, r)
                     if impl in errors:
                         row.update(status="error", error=errors[impl])
+                    elif unsupported(impl, r):
+                        row.update(status="unsupported", error=unsupported(impl, r))
                     elif err is not None:
                         row.update(status=err[0], error=err[1])
                     else:
@@ -339,6 +343,8 @@ def run(plan: dict, ns: argparse.Namespace) -> dict:
                 row = base_row(impl, r)
                 if build_error:
                     row.update(status="error", error=build_error)
+                elif unsupported(impl, r):
+                    row.update(status="unsupported", error=unsupported(impl, r))
                 else:
                     err = None
                     try:

@@ -27,14 +27,23 @@ from vmae_fast.reference import ReferencePretrain
 
 from .timing import PeakMemory, Stats, free_memory, is_oom, synchronize, time_fn
 
-IMPLS = ("vmae_fast", "vmae_fast-unfused", "reference", "reference+compile", "vmae_fast+compile")
+IMPLS = ("vmae_fast", "vmae_fast-unfused", "reference", "reference+compile", "vmae_fast+compile", "hf")
 IMPL_HELP = {
     "vmae_fast": "vmae_fast model, fused ops (VMAE_FAST_KERNELS=1), attention backend 'auto'",
     "vmae_fast-unfused": "vmae_fast model with VMAE_FAST_KERNELS=0 (pure-PyTorch ops), attention 'auto'",
     "reference": "vmae_fast/reference.py: the official computation, naive attention",
     "reference+compile": "the reference under torch.compile",
     "vmae_fast+compile": "vmae_fast (fused ops) under torch.compile",
+    "hf": "transformers' VideoMAEForPreTraining (SDPA attention), the same weights through vmae_fast.hf, "
+          "the same encoder masks; encoder-only masking only (no dual masking there)",
 }
+
+
+def unsupported(impl: str, decoder_ratio: float) -> str | None:
+    """Why ``impl`` cannot run a cell with this decoder ratio, or None."""
+    if impl == "hf" and decoder_ratio != 0:
+        return "transformers' VideoMAE has no dual masking (its decoder reconstructs every encoder-masked token)"
+    return None
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -160,6 +169,11 @@ def build(impl: str, setup: Setup, state: dict, device: torch.device) -> nn.Modu
                                             **setup.overrides())
     model.load_state_dict(state, strict=True)
     model.to(device).train()
+    if impl == "hf":
+        module = vmae_fast.hf.to_hf_model(model, attn_implementation="sdpa")
+        if setup.ckpt:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return module
     if impl.startswith("reference"):
         ref = ReferencePretrain.from_model(model)
         del model
@@ -173,6 +187,11 @@ def build(impl: str, setup: Setup, state: dict, device: torch.device) -> nn.Modu
 
 
 def loss_fn(impl: str, module: nn.Module, video: torch.Tensor, masks, decoder_ratio: float) -> Callable:
+    if impl == "hf":
+        why = unsupported(impl, decoder_ratio)
+        if why:
+            raise ValueError(why)
+        return lambda: vmae_fast.hf.hf_pretrain_step(module, video, masks, check_masks=False)
     if impl.startswith("reference"):
         dec = None if decoder_ratio == 0 else masks.decoder_masked
         return lambda: module(video, masks.encoder_masked, dec)[0]
@@ -271,7 +290,7 @@ def max_batch(run_once: Callable[[int], None], start: int, device: torch.device,
 def clip_dtype(impl: str) -> torch.dtype:
     """The clip dtype ``impl``'s training loop feeds: uint8 for vmae_fast (normalized on the
     device, 4x less input memory than float32), normalized float32 for the official code."""
-    return torch.float32 if impl.startswith("reference") else torch.uint8
+    return torch.float32 if impl.startswith("reference") or impl == "hf" else torch.uint8
 
 
 def make_inputs(setup: Setup, batch: int, decoder_ratio: float, encoder_ratio: float, device, seed: int,

@@ -293,3 +293,16 @@ def test_smoke_runs_the_gpu_plans_on_cpu(tmp_path, capsys, one_thread, preset, t
         assert mb["clip_dtype"] == r["clip_dtype"] == ("float32" if ref else "uint8")
         assert r["memory_kind"] == "rss_vmhwm" and r["peak_mem_bytes"] > 0 and r["saved_act_per_clip_bytes"] > 0
     assert "| HFU peak / ceiling |" in printed and "paper GFLOPs" in printed and "4+ |" in printed
+
+
+@pytest.mark.parametrize("timing", ["--interleave", "--no-interleave"])
+def test_hf_peer_runs_encoder_only_and_reports_dual_masking_unsupported(tmp_path, capsys, timing):
+    pytest.importorskip("transformers", reason="the hf peer needs transformers (test extra)")
+    dual_masking.main(TINY + [timing, "--impl", "vmae_fast,hf", "--out", str(tmp_path), "--name", "hf"])
+    rows = {(r["impl"], r["decoder_ratio"]): r for r in json.loads((tmp_path / "hf.json").read_text())["rows"]}
+    assert rows[("hf", 0.0)]["status"] == "ok" and rows[("vmae_fast", 0.0)]["status"] == "ok"
+    assert rows[("hf", 0.5)]["status"] == "unsupported" and "no dual masking" in rows[("hf", 0.5)]["error"]
+    assert rows[("vmae_fast", 0.5)]["status"] == "ok"
+    # same weights, same pixels and masks: the same loss (float clip vs uint8 normalized in-kernel)
+    assert abs(rows[("hf", 0.0)]["loss"] - rows[("vmae_fast", 0.0)]["loss"]) < 1e-4 * abs(rows[("vmae_fast", 0.0)]["loss"])
+    assert rows[("hf", 0.0)]["clip_dtype"] == "float32"
