@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from vmae_fast.config import ARCHS
+from vmae_fast.config import ARCH_ALIASES, ARCHS, resolve_arch
 from vmae_fast.flops import counted_flops
 from vmae_fast.memory import CATEGORIES, measure_train_step
 
@@ -40,8 +40,6 @@ from .runner import (DTYPES, Setup, build, checkpointing_disabled, clip_dtype, l
                      master_state, short_arch, split_policy)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-ALIASES = {"vit_s": "vit_small_patch16_224", "vit_b": "vit_base_patch16_224", "vit_l": "vit_large_patch16_224",
-           "vit_h": "vit_huge_patch16_224", "vit_g": "vit_giant_patch14_224"}
 POLICIES = {"none": False, "full": True, "selective": "selective"}
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -360,7 +358,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--arch", default="vit_base_patch16_224", help=f"one of {sorted(ARCHS)} or {sorted(ALIASES)}")
+    p.add_argument("--arch", default="vit_base_patch16_224", help=f"one of {sorted(ARCHS)} or {sorted(ARCH_ALIASES)}")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--decoder-depth", type=int, default=4)
@@ -395,11 +393,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _arch(name: str) -> str:
-    key = name.strip().lower().replace("-", "_")
-    key = ALIASES.get(key, key)
-    if key not in ARCHS:
-        raise ValueError(f"unknown --arch {name!r}; expected one of {sorted(ARCHS)} or {sorted(ALIASES)}")
-    return key
+    try:
+        return resolve_arch(name)
+    except ValueError as exc:
+        raise ValueError(f"--arch: {exc}") from None
 
 
 def plan(ns) -> dict:
