@@ -15,7 +15,7 @@ from .pretrain import VideoMAEv2Pretrain
 def create_pretrain_model(arch: str = "vit_base_patch16_224", *, num_frames: int = 16, img_size: int = 224,
                           decoder_depth: int = 4, tubelet_size: int = 2, drop_path_rate: float = 0.0,
                           init_values: float = 0.0, learnable_pos_embed: bool = False,
-                          attn_backend: str = "sdpa", grad_checkpointing: bool | int = False,
+                          attn_backend: str = "sdpa", grad_checkpointing: bool | int | str = False,
                           normalize_target: bool = True, **overrides) -> VideoMAEv2Pretrain:
     """A VideoMAE V2 pretraining model (encoder + decoder).
 
@@ -37,7 +37,7 @@ def create_model(arch: str = "vit_base_patch16_224", num_classes: int = 400, *, 
                  img_size: int = 224, tubelet_size: int = 2, drop_path_rate: float = 0.0,
                  head_drop_rate: float = 0.0, init_values: float = 0.0, learnable_pos_embed: bool = False,
                  use_mean_pooling: bool = True, head_init_scale: float = 0.001,
-                 attn_backend: str = "sdpa", grad_checkpointing: bool | int = False,
+                 attn_backend: str = "sdpa", grad_checkpointing: bool | int | str = False,
                  qk_scale: float | None = None, cos_attn: bool = False, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, **overrides) -> VideoMAEv2Classifier:
     """A VideoMAE V2 fine-tuning classifier (mean pooling, ``fc_norm``, head dropout, head).
