@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from vmae_fast.config import ARCH_ALIASES, ARCHS, resolve_arch
+from vmae_fast.config import ARCH_ALIASES, ARCHS
 from vmae_fast.flops import counted_flops
 from vmae_fast.memory import CATEGORIES, measure_train_step
 
 from . import device as devmod
+from .dual_masking import _arch
 from .output import result_path, write_json
 from .runner import (DTYPES, Setup, build, checkpointing_disabled, clip_dtype, loss_fn, make_inputs,
                      master_state, short_arch, split_policy)
@@ -390,13 +391,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--name", help="file stem (default memory-<arch>-<device>-<date>)")
     return p
-
-
-def _arch(name: str) -> str:
-    try:
-        return resolve_arch(name)
-    except ValueError as exc:
-        raise ValueError(f"--arch: {exc}") from None
 
 
 def plan(ns) -> dict:
