@@ -4,6 +4,7 @@ interpreter; ``capture_launches`` records launches without running them."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import pytest
 import torch
@@ -91,3 +92,37 @@ def test_the_op_equals_its_reference_on_cpu_and_traces_on_meta():
                                ops.gather_cubes_ref(video, idx, tubelet=2, patch=8), rtol=0, atol=0)
     out = torch.ops.vmae_fast.gather_cubes(video.to("meta"), idx.to("meta"), 2, 8, False)
     assert out.device.type == "meta" and out.shape == (1, 2, 3 * 2 * 8 * 8) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_the_registered_kernels_do_not_validate_again(monkeypatch, debug):
+    """The public op validates; the Triton launcher it dispatches to (``checked=True``) does not
+    repeat it on a GPU, unless VMAE_FAST_DEBUG asks (a compiled graph skips the wrapper's value
+    check). Called directly (``checked=False``), a launcher validates. Meta tensors stand in for
+    CUDA ones: ``capture_launches`` records the launches."""
+    # the modules (vmae_fast.ops exports functions of the same names)
+    gc, di, mm = (importlib.import_module(f"vmae_fast.ops.{m}") for m in ("gather_cubes", "decoder_input", "masked_mse"))
+
+    monkeypatch.setenv("VMAE_FAST_DEBUG", "1" if debug else "0")
+    calls = []
+    for mod in (gc, di, mm):
+        monkeypatch.setattr(mod, "_validate", lambda *a, _m=mod.__name__: calls.append(_m))
+    meta = torch.device("meta")
+    B, N, n_vis, n_dec, D = 2, 8, 3, 4, 16
+    video = torch.empty(B, 3, 4, 8, 8, device=meta)   # T=4, 8x8 frames, tubelet 2, patch 4: N = 8
+    vis = torch.zeros(B, n_vis, dtype=torch.int64, device=meta)
+    dec = torch.zeros(B, n_dec, dtype=torch.int64, device=meta)
+    z, pos, mt = (torch.empty(B, n_vis, D, device=meta), torch.empty(N, D, device=meta),
+                  torch.empty(D, device=meta))
+    pred = torch.empty(B, n_dec, 3 * 2 * 4 * 4, device=meta)
+    weight = torch.ones(B, n_dec, device=meta)
+    with _dispatch.capture_launches() as rec:
+        for checked in (True, False):
+            gc.gather_cubes_triton(video, vis, tubelet=2, patch=4, checked=checked)
+            di.decoder_input_triton(z, pos, mt, vis, dec, checked=checked)
+            mm.masked_mse_loss_triton(pred, video, dec, weight, tubelet=2, patch=4, checked=checked)
+            mm.masked_mse_loss_backward_triton(torch.ones((), device=meta), pred, video, dec, weight,
+                                               tubelet=2, patch=4, checked=checked)
+    assert len(rec) == 8  # every launcher launched, checked or not
+    per_pass = [gc.__name__, di.__name__, mm.__name__, mm.__name__]
+    assert calls == (per_pass if debug else []) + per_pass

@@ -58,6 +58,14 @@ def debug_enabled() -> bool:
     return envs.VMAE_FAST_DEBUG
 
 
+def revalidate(checked: bool, device: torch.device) -> bool:
+    """Whether a Triton launcher validates its inputs. Called as a registered kernel
+    (``checked=True``), the public wrapper has validated them already, so once is enough, except
+    where a compiled graph skipped the wrapper's index-value check (it is data-dependent while
+    tracing) and that check is free (CPU: the interpreter) or asked for (``VMAE_FAST_DEBUG``)."""
+    return not checked or device.type == "cpu" or envs.VMAE_FAST_DEBUG
+
+
 def native_op(name: str) -> Callable[..., Any] | None:
     """``torch.ops.vmae_fast.<name>`` from the native extension, or None when it is not loaded
     (or is built without that op)."""

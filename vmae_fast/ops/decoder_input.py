@@ -15,7 +15,7 @@ import torch
 
 from ._common import check_index, kernels_enabled
 from ._dispatch import (HAS_TRITON, check_device, check_kernel_device, debug_enabled, launch, next_pow2,
-                        register_kernels)
+                        register_kernels, revalidate)
 
 
 def decoder_input_ref(z: torch.Tensor, pos: torch.Tensor, mask_token: torch.Tensor,
@@ -136,10 +136,13 @@ def _out_dtype(z, pos, mask_token) -> torch.dtype:
 
 
 def decoder_input_triton(z: torch.Tensor, pos: torch.Tensor, mask_token: torch.Tensor,
-                         visible_idx: torch.Tensor, decoder_idx: torch.Tensor) -> torch.Tensor:
+                         visible_idx: torch.Tensor, decoder_idx: torch.Tensor, *,
+                         checked: bool = False) -> torch.Tensor:
     """Triton forward (CUDA, or CPU through the interpreter); contract of ``decoder_input_ref``,
-    no autograd."""
-    B, n_vis, n_dec, N, D = _validate(z, pos, mask_token, visible_idx, decoder_idx)
+    no autograd. ``checked``: the caller validated the inputs (``_dispatch.revalidate``)."""
+    if revalidate(checked, z.device):
+        _validate(z, pos, mask_token, visible_idx, decoder_idx)
+    (B, n_vis, D), N, n_dec = z.shape, pos.shape[0], decoder_idx.shape[1]
     device = z.device
     check_kernel_device(device)
     dtype = _out_dtype(z, pos, mask_token)
@@ -245,7 +248,11 @@ def _native_backward(native):
     return run
 
 
-register_kernels(_decoder_input_op, "decoder_input", triton_impl=decoder_input_triton if HAS_TRITON else None,
+def _triton_fwd(z, pos, mask_token, visible_idx, decoder_idx):
+    return decoder_input_triton(z, pos, mask_token, visible_idx, decoder_idx, checked=True)
+
+
+register_kernels(_decoder_input_op, "decoder_input", triton_impl=_triton_fwd if HAS_TRITON else None,
                  native_name="decoder_input_fwd_cpu", native_impl=lambda native: native)
 register_kernels(_decoder_input_backward_op, "decoder_input_backward",
                  triton_impl=decoder_input_backward_triton if HAS_TRITON else None,

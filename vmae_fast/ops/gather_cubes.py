@@ -12,7 +12,7 @@ import torch
 
 from ._common import check_index, check_video, imagenet_stats, kernels_enabled, normalize_uint8
 from ._dispatch import (HAS_TRITON, check_device, check_kernel_device, div_rn, launch, next_pow2,
-                        register_kernels)
+                        register_kernels, revalidate)
 
 LAYOUTS = ("cthw", "thwc")
 
@@ -114,10 +114,13 @@ if HAS_TRITON:
 
 
 def gather_cubes_triton(video: torch.Tensor, idx: torch.Tensor, *, tubelet: int, patch: int,
-                        layout: str = "cthw") -> torch.Tensor:
+                        layout: str = "cthw", checked: bool = False) -> torch.Tensor:
     """Launch the Triton gather (CUDA tensors, or CPU tensors through the interpreter).
-    Same contract as ``gather_cubes_ref``; no autograd."""
-    B, C, T, H, W, n = _validate(video, idx, tubelet, patch, layout)
+    Same contract as ``gather_cubes_ref``; no autograd. ``checked``: the caller validated the
+    inputs (``_dispatch.revalidate``)."""
+    if revalidate(checked, video.device):
+        _validate(video, idx, tubelet, patch, layout)
+    (B, C, T, H, W), n = video.shape, idx.shape[1]
     device = video.device
     check_kernel_device(device)
     dtype = torch.float32 if video.dtype == torch.uint8 else video.dtype
@@ -169,7 +172,8 @@ def _(video, idx, tubelet, patch, thwc):
 
 
 def _triton(video, idx, tubelet, patch, thwc):
-    return gather_cubes_triton(video, idx, tubelet=tubelet, patch=patch, layout="thwc" if thwc else "cthw")
+    return gather_cubes_triton(video, idx, tubelet=tubelet, patch=patch, layout="thwc" if thwc else "cthw",
+                               checked=True)
 
 
 register_kernels(_gather_cubes_op, "gather_cubes", triton_impl=_triton if HAS_TRITON else None,

@@ -26,7 +26,7 @@ import torch
 
 from ._common import check_index, check_video, imagenet_stats, kernels_enabled
 from ._dispatch import (HAS_TRITON, check_device, check_kernel_device, div_rn, launch, next_pow2,
-                        register_kernels)
+                        register_kernels, revalidate)
 from .gather_cubes import gather_cubes_raw
 
 
@@ -190,10 +190,13 @@ def _den(weight: torch.Tensor) -> torch.Tensor:
 
 def masked_mse_loss_triton(pred: torch.Tensor, video: torch.Tensor, decoder_idx: torch.Tensor,
                            weight: torch.Tensor, *, tubelet: int, patch: int, normalize: bool = True,
-                           eps: float = 1e-6) -> torch.Tensor:
+                           eps: float = 1e-6, checked: bool = False) -> torch.Tensor:
     """Triton forward (CUDA, or CPU through the interpreter): float32 scalar loss, contract of
-    ``masked_mse_loss_ref``; no autograd."""
-    B, n, P = _validate(pred, video, decoder_idx, weight, tubelet, patch)
+    ``masked_mse_loss_ref``; no autograd. ``checked``: the caller validated the inputs
+    (``_dispatch.revalidate``)."""
+    if revalidate(checked, pred.device):
+        _validate(pred, video, decoder_idx, weight, tubelet, patch)
+    B, n, P = pred.shape
     check_kernel_device(pred.device)
     rows = torch.empty((B, n), dtype=torch.float32, device=pred.device)
     if B * n:
@@ -204,9 +207,12 @@ def masked_mse_loss_triton(pred: torch.Tensor, video: torch.Tensor, decoder_idx:
 
 def masked_mse_loss_backward_triton(grad_loss: torch.Tensor, pred: torch.Tensor, video: torch.Tensor,
                                     decoder_idx: torch.Tensor, weight: torch.Tensor, *, tubelet: int,
-                                    patch: int, normalize: bool = True, eps: float = 1e-6) -> torch.Tensor:
+                                    patch: int, normalize: bool = True, eps: float = 1e-6,
+                                    checked: bool = False) -> torch.Tensor:
     """``d loss / d pred``, ``(B, n, P)`` in pred's dtype, the target recomputed in registers."""
-    B, n, P = _validate(pred, video, decoder_idx, weight, tubelet, patch)
+    if revalidate(checked, pred.device):
+        _validate(pred, video, decoder_idx, weight, tubelet, patch)
+    B, n, P = pred.shape
     check_kernel_device(pred.device)
     grad = torch.empty((B, n, P), dtype=pred.dtype, device=pred.device)
     if B * n:
@@ -254,12 +260,12 @@ def _(grad_loss, pred, video, decoder_idx, weight, tubelet, patch, normalize, ep
 
 def _triton_fwd(pred, video, decoder_idx, weight, tubelet, patch, normalize, eps):
     return masked_mse_loss_triton(pred, video, decoder_idx, weight, tubelet=tubelet, patch=patch,
-                                  normalize=normalize, eps=eps)
+                                  normalize=normalize, eps=eps, checked=True)
 
 
 def _triton_bwd(grad_loss, pred, video, decoder_idx, weight, tubelet, patch, normalize, eps):
     return masked_mse_loss_backward_triton(grad_loss, pred, video, decoder_idx, weight, tubelet=tubelet,
-                                           patch=patch, normalize=normalize, eps=eps)
+                                           patch=patch, normalize=normalize, eps=eps, checked=True)
 
 
 register_kernels(_masked_mse_op, "masked_mse_loss", triton_impl=_triton_fwd if HAS_TRITON else None,
