@@ -36,8 +36,17 @@ class CMakeExtension(Extension):
         self.sourcedir = str(sourcedir)
 
 
+def _library_module(name: str):
+    """``vmae_fast/<name>.py`` loaded from its file: importing the ``vmae_fast`` package would
+    need its dependencies. The build then reads switches and names by the library's own rules."""
+    spec = importlib.util.spec_from_file_location(f"_vmae_fast_{name}_at_build", ROOT / "vmae_fast" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _skip_reason() -> str | None:
-    if os.environ.get("VMAE_FAST_NO_EXT", "0") not in ("", "0"):
+    if _library_module("envs").VMAE_FAST_NO_EXT:
         return "VMAE_FAST_NO_EXT is set"
     if not list((ROOT / "kernels").glob("*.cpp")):
         return "kernels/ has no C++ sources"
@@ -64,16 +73,12 @@ def _cmake() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _library_name() -> str | None:
-    """``vmae_fast._native.library_name`` of the importable torch (None without torch). The
-    module is loaded from its file: importing the ``vmae_fast`` package would need its dependencies."""
+    """``vmae_fast._native.library_name`` of the importable torch (None without torch)."""
     try:
         import torch
     except ImportError:
         return None
-    spec = importlib.util.spec_from_file_location("_vmae_fast_native_at_build", ROOT / "vmae_fast" / "_native.py")
-    native = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(native)
-    return native.library_name(torch.__version__)
+    return _library_module("_native").library_name(torch.__version__)
 
 
 class CMakeBuild(build_ext):

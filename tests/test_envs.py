@@ -60,3 +60,22 @@ def test_normalize_uint8(channel_dim):
         xc = x.select(channel_dim, c).double()
         want = (xc / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
         torch.testing.assert_close(got.select(channel_dim, c).double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("value, skipped", [("1", True), ("yes", True), ("0", False), ("off", False),
+                                            ("false", False), ("", False)])
+def test_the_build_reads_no_ext_as_the_library_does(monkeypatch, value, skipped):
+    """setup.py decides whether to build vmae_fast._C by ``envs.VMAE_FAST_NO_EXT``'s own rule, so
+    ``VMAE_FAST_NO_EXT=off`` builds it and the library then does not call it opted out."""
+    import ast
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "setup.py"
+    tree = ast.parse(path.read_text())
+    tree.body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
+                                              and getattr(n.value.func, "id", "") == "setup")]
+    scope = {"__file__": str(path), "__name__": "setup_under_test"}
+    exec(compile(tree, str(path), "exec"), scope)  # the build script's functions, without building
+    monkeypatch.setenv("VMAE_FAST_NO_EXT", value)
+    assert (scope["_skip_reason"]() == "VMAE_FAST_NO_EXT is set") is skipped
+    assert envs.VMAE_FAST_NO_EXT is skipped
