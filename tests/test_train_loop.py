@@ -138,8 +138,9 @@ def test_pretrain_resume_is_exact_with_drop_path(data, tmp_path):
 
 
 def test_finetune_resume_is_exact_with_the_recipe_defaults(data, tmp_path):
-    # The recipe's drop path, mixup/cutmix (numpy) and label smoothing, plus head dropout, EMA and
-    # gradient accumulation: every stream and every piece of state goes through the checkpoint.
+    # The recipe's drop path, RandAugment and random erasing, mixup/cutmix (numpy) and label
+    # smoothing, plus head dropout, EMA and gradient accumulation: every stream and every piece of
+    # state goes through the checkpoint.
     common = ["--batch-size", "2", "--accum-steps", "2", "--steps", "6", "--warmup-steps", "2", "--lr", "1e-3",
               "--log-every", "1", "--save-every", "2", "--head-drop", "0.3", "--model-ema", "--model-ema-decay",
               "0.9"]

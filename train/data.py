@@ -12,7 +12,9 @@ named ``img_{:05}.jpg``, ``AVA2.2`` folders ``image_{:06}.jpg``.
 
 Workers return uint8 clips, cropped and resized as uint8 (``train/transforms.py``); ``collate``
 writes each clip once into a preallocated batch (shared memory in a worker, pinned memory in a
-CUDA process); normalization happens on the device (the model takes uint8).
+CUDA process); normalization happens on the device (the model takes uint8). Fine-tuning's
+RandAugment runs in the workers on the uint8 frames; its random erasing is drawn there (boxes,
+``batch["erase"]``) and filled on the device (``train/augment.py``).
 Every random choice of a sample comes from a generator seeded by ``(seed, epoch, index)``,
 so a sample is the same whatever the worker count, rank or resume point.
 """
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from . import decode as _decode
+from .augment import ClipRandAugment, EraseSpec, erase_boxes, parse_rand_augment, to_pil
 from .transforms import (PRETRAIN_SCALES, crop_resize, pretrain_frame_ids, pretrain_start, random_resized_box,
                          resize_uint8, sample_multiscale_crop)
 
@@ -249,7 +252,8 @@ def test_crops(x: torch.Tensor, size: int, num_crops: int) -> list[torch.Tensor]
 # ----------------------------------------------------------------------------- dataset
 class VideoDataset(torch.utils.data.Dataset):
     """``mode``: ``"pretrain"`` (official multi-scale crop, no flip), ``"finetune"`` (random resized
-    crop + flip) or ``"test"`` (``num_segments x num_crops`` views).
+    crop + flip; RandAugment and random erasing when asked) or ``"test"`` (``num_segments x
+    num_crops`` views).
 
     ``dataset[(epoch, i)]`` -> dict ``video``: a list of ``V`` uint8 ``(3, T, S, S)`` views
     (``V = num_sample``, or all test views; not contiguous: ``collate`` writes each once into the
@@ -267,6 +271,14 @@ class VideoDataset(torch.utils.data.Dataset):
     than the clip span (``num_frames * sampling_rate``) is padded as the official pads it (from
     frame 0, the last strided index repeated); ``skip_short=True`` skips it instead.
     ``decoder``: ``auto`` or a name from ``train.decode.DECODERS``, resolved here (once).
+
+    Fine-tuning options (the official ``--aa``, ``--train_interpolation``, ``--reprob``,
+    ``--remode``, ``--recount``; off by default here, on by default in ``train.finetune``):
+    ``auto_augment``, a RandAugment spec (``rand-m7-n4-mstd0.5-inc1``; None/``none``: off), run on
+    the decoded frames of each view before its crop, with ``train_interpolation``; ``erase``, an
+    ``EraseSpec`` (None or probability 0: off): each sample then also has ``erase``, a
+    ``(V, max_count, 5)`` int64 tensor of boxes that ``train.augment.erase_`` fills on the
+    normalized batch (``collate`` carries it as ``batch["erase"]``).
     """
 
     def __init__(self, entries: list[Entry], mode: str, num_frames: int, sampling_rate: int, img_size: int,
@@ -274,7 +286,8 @@ class VideoDataset(torch.utils.data.Dataset):
                  min_scale: float = 0.08, num_segments: int = 1, num_crops: int = 1, *, decoder: str = "auto",
                  max_distort: int = 1, fix_crop: bool = True, more_fix_crop: bool = True,
                  fname_tmpl: str = FRAME_PATTERN, hybrid_rules: bool = True, skip_short: bool = False,
-                 threads: int = 1, substitute: bool = True):
+                 threads: int = 1, substitute: bool = True, auto_augment: str | None = None,
+                 train_interpolation: str = "bicubic", erase: EraseSpec | None = None):
         if mode not in ("pretrain", "finetune", "test"):
             raise ValueError(f"mode must be pretrain, finetune or test, got {mode!r}")
         if num_sample < 1 or num_frames < 1 or sampling_rate < 1:
@@ -290,6 +303,13 @@ class VideoDataset(torch.utils.data.Dataset):
         except RuntimeError:  # no video decoder at all: frame folders still load, files fail (skipped)
             self.decoder = decoder
         self.threads, self.substitute = threads, substitute
+        self.rand_augment = self.erase = None
+        if mode == "finetune":  # pretraining and the test views are never augmented so
+            spec = parse_rand_augment(auto_augment)
+            if spec is not None:
+                self.rand_augment = ClipRandAugment(spec, img_size, train_interpolation)
+            if erase is not None and erase.probability > 0:
+                self.erase = erase
         # Files that failed: shared memory, so a loader's workers (fork or spawn) see each other's.
         self.failed = torch.zeros(len(entries), dtype=torch.bool).share_memory_()
 
@@ -303,7 +323,8 @@ class VideoDataset(torch.utils.data.Dataset):
                     return tmpl, rate or self.rate
         return self.fname_tmpl, self.rate
 
-    def _load(self, entry: Entry, rng: np.random.Generator) -> list[torch.Tensor]:
+    def _load(self, entry: Entry, rng: np.random.Generator) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """``(views, erase boxes or None)``."""
         tmpl, rate = self._folder_rules(entry.path) if os.path.isdir(entry.path) else (self.fname_tmpl, self.rate)
         src = VideoSource(entry, self.decoder, tmpl, self.threads)
         try:
@@ -317,7 +338,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 for idx in segment_indices(n, self.num_frames, rate, self.num_segments):
                     x = src.get(idx).permute(0, 3, 1, 2)  # (T, 3, H, W), channels-last
                     views += test_crops(x, self.size, self.num_crops)
-                return [v.transpose(0, 1) for v in views]
+                return [v.transpose(0, 1) for v in views], None
             if self.mode == "pretrain":
                 frames = src.get(pretrain_frame_ids(n, self.num_frames, rate,
                                                     pretrain_start(n, self.num_frames, rate, rng)))
@@ -328,18 +349,29 @@ class VideoDataset(torch.utils.data.Dataset):
         finally:
             src.close()
         H, W = frames.shape[1:3]
-        views = []
-        for _ in range(self.num_sample):  # decoded once, cropped num_sample times
+        views, boxes = [], []
+        pil = to_pil(frames) if self.rand_augment is not None else None
+        for _ in range(self.num_sample):  # decoded once, augmented and cropped num_sample times
             if self.mode == "pretrain":
                 box = sample_multiscale_crop(W, H, self.size, rng, self.scales, self.max_distort,
                                              self.fix_crop, self.more_fix_crop)
                 v = crop_resize(frames, box, self.size)
             else:
-                v = crop_resize(frames, random_resized_box(W, H, rng, (self.min_scale, 1.0)), self.size)
-                if rng.random() < 0.5:
+                # Draws: crop, flip, then RandAugment's seed and the erase boxes, so with both off
+                # the crops and flips are those of a run without them. Applied in the official
+                # order: RandAugment on the whole frames, crop, flip (erasing on the device).
+                box = random_resized_box(W, H, rng, (self.min_scale, 1.0))
+                flip = rng.random() < 0.5
+                clip = frames
+                if self.rand_augment is not None:
+                    clip = self.rand_augment.apply_uint8(pil, int(rng.integers(2 ** 32)))
+                v = crop_resize(clip, box, self.size)
+                if flip:
                     v = v.flip(-1)
+                if self.erase is not None:
+                    boxes.append(erase_boxes(rng, self.size, self.size, self.erase))
             views.append(v.transpose(0, 1))  # (3, T, S, S) view
-        return views
+        return views, (torch.stack(boxes) if boxes else None)
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
@@ -350,7 +382,11 @@ class VideoDataset(torch.utils.data.Dataset):
             if not self.failed[j]:  # a file that failed once is not tried again
                 rng = np.random.default_rng([self.seed, epoch, j, attempt])
                 try:
-                    return {"video": self._load(entry, rng), "label": entry.label, "index": j, "skipped": skipped}
+                    views, erase = self._load(entry, rng)
+                    out = {"video": views, "label": entry.label, "index": j, "skipped": skipped}
+                    if erase is not None:
+                        out["erase"] = erase
+                    return out
                 except Exception as exc:  # corrupt, missing or too short: skip, say which, go on
                     warnings.warn(f"skipping video {entry.path}: {type(exc).__name__}: {exc}", stacklevel=2)
                     self.failed[j] = True
@@ -384,7 +420,8 @@ class Collate:
 
     Samples with ``video=None`` (not loaded, ``VideoDataset(substitute=False)``) are left out of
     ``video``, ``label`` and ``index``; ``loaded`` ``(B,)`` bool marks the samples kept (``video``
-    is ``None`` when none was)."""
+    is ``None`` when none was). Erase boxes (fine-tuning with random erasing) are concatenated
+    like the views: ``erase`` ``(B*V, max_count, 5)`` int64, kept on the CPU."""
 
     def __init__(self, pin_memory: bool | None = None):
         self.pin_memory = pin_memory
@@ -404,10 +441,13 @@ class Collate:
         out = _batch_buffer((len(samples) * v, *views[0][0].shape), pin)
         for k, view in enumerate(x for vs in views for x in vs):
             out[k].copy_(view)
-        return {"video": out,
-                "label": torch.tensor([s["label"] for s in samples]).repeat_interleave(v),
-                "index": torch.tensor([s["index"] for s in samples]),
-                "loaded": loaded, "skipped": skipped}
+        batch = {"video": out,
+                 "label": torch.tensor([s["label"] for s in samples]).repeat_interleave(v),
+                 "index": torch.tensor([s["index"] for s in samples]),
+                 "loaded": loaded, "skipped": skipped}
+        if "erase" in samples[0]:
+            batch["erase"] = torch.cat([s["erase"] for s in samples])
+        return batch
 
 
 collate = Collate()

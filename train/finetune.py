@@ -5,9 +5,10 @@
     vmae-finetune --eval --finetune classifier.pth --val-list VAL --num-classes 400 --output-dir OUT
     torchrun --nproc_per_node 8 -m train.finetune ...          (python -m train.finetune: the same)
 
-Layer-wise lr decay, mixup/cutmix with label smoothing (timm), optional EMA (timm ModelEmaV3),
-top-1/top-5 over test_num_segment x test_num_crop views per video (softmax averaged). Every
-default is the official Kinetics-400 recipe of --model (the table below).
+Layer-wise lr decay, RandAugment and random erasing (train/augment.py), mixup/cutmix with label
+smoothing (timm), optional EMA (timm ModelEmaV3), top-1/top-5 over test_num_segment x
+test_num_crop views per video (softmax averaged). Every default is the official Kinetics-400
+recipe of --model (the table below).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from vmae_fast.ops import normalize_uint8
 
 from . import distributed as dist_
 from . import loop, recipe
+from .augment import ERASE_MODES, INTERPOLATIONS, EraseSpec, erase_, parse_rand_augment
 from .cli import UsageError, add_common_args, check_common, check_file, check_model_config, make_parser, model_options
 from .data import VideoDataset, collate, decoder_name, read_list
 from .optim import autocast, resolve_precision
@@ -48,6 +50,22 @@ def parse_args(argv=None):
     a("--mixup-switch-prob", type=float, default=0.5)
     a("--smoothing", type=float, default=None, help="label smoothing (default: official 0.1)")
     a("--min-scale", type=float, default=0.08, help="random resized crop: smallest area fraction")
+    a("--aa", default=None, metavar="SPEC",
+      help="RandAugment of each training clip, the official --aa spec rand-m<magnitude>-n<ops>[-mstd<std>]"
+           "[-inc<0|1>][-w0]; one draw of ops and magnitudes per clip; 'none' or '' = off "
+           f"(default: official {recipe.FINETUNE_COMMON['aa']})")
+    a("--train-interpolation", default=None, choices=INTERPOLATIONS,
+      help="resampling of RandAugment's rotate/shear/translate (default: official "
+           f"{recipe.FINETUNE_COMMON['train_interpolation']})")
+    a("--reprob", type=float, default=None,
+      help="random erasing probability per clip, 0 = off; one box for every frame, on the normalized clip "
+           f"(default: official {recipe.FINETUNE_COMMON['reprob']})")
+    a("--remode", default=None, choices=ERASE_MODES,
+      help="random erasing fill: pixel (per-pixel N(0,1) noise), rand (one N(0,1) color per channel), "
+           f"const (0) (default: official {recipe.FINETUNE_COMMON['remode']})")
+    a("--recount", type=int, default=None,
+      help="random erasing: up to this many boxes per clip, area split between them "
+           f"(default: official {recipe.FINETUNE_COMMON['recount']})")
     a("--head-drop", type=float, default=None, help="dropout before the head (default: official recipe of --model)")
     a("--model-ema", action="store_true")
     a("--model-ema-decay", type=float, default=0.9999)
@@ -86,6 +104,11 @@ def validate(args) -> vmae_fast.VideoMAEConfig:
                     ("--eval-batch-size", args.eval_batch_size)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} must be >= 1, got {v}")
+    try:
+        parse_rand_augment(args.aa)
+        erase_spec(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     mixing = args.mixup > 0 or args.cutmix > 0
     if mixing and not args.eval and (args.batch_size * args.num_sample) % 2:
         raise UsageError(f"mixup/cutmix pair clips: --batch-size x --num-sample must be even, got "
@@ -96,6 +119,12 @@ def validate(args) -> vmae_fast.VideoMAEConfig:
 
 
 # ----------------------------------------------------------------------------- pieces
+def erase_spec(args) -> EraseSpec | None:
+    """Random erasing of the options (None when ``--reprob 0``); ``ValueError`` on a bad value."""
+    spec = EraseSpec(probability=args.reprob, mode=args.remode, max_count=args.recount)
+    return spec if spec.probability > 0 else None
+
+
 def make_mixup(args):
     if args.mixup <= 0 and args.cutmix <= 0:
         return None
@@ -246,11 +275,14 @@ def build(args, d: dist_.Dist) -> loop.Task:
         raise UsageError(str(exc)) from None
     dataset = VideoDataset(entries, "finetune", args.num_frames, args.sampling_rate, args.img_size,
                            num_sample=args.num_sample, seed=args.seed, min_scale=args.min_scale,
-                           decoder=args.decoder)
+                           decoder=args.decoder, auto_augment=args.aa, train_interpolation=args.train_interpolation,
+                           erase=erase_spec(args))
     mixup = make_mixup(args)
 
     def loss(model, batch) -> torch.Tensor:
         video = normalize_uint8(batch["video"].to(d.device, non_blocking=True))
+        if "erase" in batch:  # boxes drawn in the workers, filled here: the transfer stays uint8
+            erase_(video, batch["erase"], args.remode)
         label = batch["label"].to(d.device, non_blocking=True)
         if mixup is not None:
             video, label = apply_mixup(mixup, video, label)  # soft targets, smoothing included
@@ -266,6 +298,8 @@ def build(args, d: dist_.Dist) -> loop.Task:
         load_state_dict=(lambda s: ema.module.load_state_dict(s["ema"])) if ema is not None else None,
         summary=f", {args.num_classes} classes, layer decay {args.layer_decay}, drop path {args.drop_path}"
                 + (f", mixup {args.mixup} / cutmix {args.cutmix}" if mixup is not None else "")
+                + f", RandAugment {args.aa if dataset.rand_augment else 'off'}"
+                + f", erasing {f'{args.reprob} {args.remode} x{args.recount}' if dataset.erase else 'off'}"
                 + f", decoder {decoder_name(args.decoder)}")
 
 

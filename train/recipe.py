@@ -33,7 +33,11 @@ PRETRAIN[S] = dict(PRETRAIN[B], script="none (ViT-B values)")
 
 FINETUNE_COMMON = dict(num_sample=2, warmup_epochs=5, min_lr=1e-6, warmup_lr=0.0, betas=(0.9, 0.999), eps=1e-8,
                        clip_grad=None, grad_checkpointing=False, smoothing=0.1, mixup=0.8, cutmix=1.0,
-                       test_num_segment=5, test_num_crop=3, num_frames=16, sampling_rate=4)
+                       test_num_segment=5, test_num_crop=3, num_frames=16, sampling_rate=4,
+                       # run_class_finetuning.py's augmentation defaults (no script sets them):
+                       # RandAugment and random erasing, train/augment.py
+                       aa="rand-m7-n4-mstd0.5-inc1", train_interpolation="bicubic", reprob=0.25, remode="pixel",
+                       recount=1)
 FINETUNE = {
     B: dict(batch_size=16, base_lr=7e-4, epochs=90, drop_path=0.1, head_drop=0.0, layer_decay=0.75,
             weight_decay=0.05, gpus=32, script="vit_b_k400_ft.sh"),
@@ -47,8 +51,7 @@ FINETUNE = {
 FINETUNE[S] = dict(FINETUNE[B], script="none (ViT-B values)")
 
 # Not reproduced (README "Training"): the official fp16 (ours: bf16 autocast on CUDA; --precision
-# fp16 adds a loss scaler), and fine-tuning's RandAugment rand-m7-n4-mstd0.5-inc1 and random
-# erasing 0.25, which train/data.py does not implement.
+# fp16 adds a loss scaler). Fine-tuning's RandAugment and random erasing are (train/augment.py).
 
 
 def recipe(kind: str, model: str) -> dict:
