@@ -110,3 +110,21 @@ def test_cli_on_a_hugging_face_folder(tmp_path, capsys):
     assert P.main([VIDEO, "--checkpoint", str(tmp_path / "hf"), "--json", "--views", "1x1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {t["label"] for t in out[0]["top"]} == {"zero", "one", "two"}  # the folder's id2label
+
+
+def test_the_training_evaluation_takes_the_same_views():
+    """``vmae-finetune --eval`` (``VideoDataset(mode="test")``) and ``predict`` build their views
+    with one function, so the evaluation's top-1 is over the official views too."""
+    from train.data import Entry, VideoDataset, VideoSource
+
+    entry = Entry(path=VIDEO, label=3)
+    ds = VideoDataset([entry], "test", num_frames=8, sampling_rate=3, img_size=64, num_segments=3,
+                      num_crops=2, decoder="pyav")
+    sample = ds[0]
+    src = VideoSource(entry, "pyav")
+    try:
+        want = P.make_views(src.get, len(src), num_frames=8, img_size=64, sampling_rate=3, views=(3, 2))
+    finally:
+        src.close()
+    assert sample["label"] == 3 and len(sample["video"]) == 6
+    assert torch.equal(torch.stack(sample["video"]), want)

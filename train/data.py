@@ -29,10 +29,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from vmae_fast.predict import make_views
+
 from . import decode as _decode
 from .augment import ClipRandAugment, EraseSpec, erase_boxes, parse_rand_augment, to_pil
 from .transforms import (PRETRAIN_SCALES, crop_resize, pretrain_frame_ids, pretrain_start, random_resized_box,
-                         resize_uint8, sample_multiscale_crop)
+                         sample_multiscale_crop)
 
 FRAME_PATTERN = "img_{:05}.jpg"
 MAX_RETRIES = 10
@@ -225,30 +227,6 @@ def sample_indices(n: int, num_frames: int, rate: int, rng: np.random.Generator)
     return pretrain_frame_ids(n, num_frames, rate, pretrain_start(n, num_frames, rate, rng))
 
 
-def segment_indices(n: int, num_frames: int, rate: int, num_segments: int) -> list[np.ndarray]:
-    """Evenly spaced clips for multi-view testing (official ``test_num_segment``)."""
-    span = num_frames * rate
-    room = max(n - span, 0)
-    starts = [int(round(room * (k + 0.5) / num_segments)) if num_segments > 1 else room // 2
-              for k in range(num_segments)]
-    return [np.minimum(s + np.arange(num_frames) * rate, n - 1) for s in starts]
-
-
-def test_crops(x: torch.Tensor, size: int, num_crops: int) -> list[torch.Tensor]:
-    """Short side to ``size``, then ``num_crops`` crops spread along the long side (1: center).
-    ``x``: ``(T, 3, H, W)``."""
-    H, W = x.shape[-2:]
-    s = size / min(H, W)
-    x = resize_uint8(x, (max(size, round(H * s)), max(size, round(W * s))))
-    H, W = x.shape[-2:]
-    out = []
-    for k in range(num_crops):
-        f = 0.5 if num_crops == 1 else k / (num_crops - 1)
-        oy, ox = (int(round((H - size) * f)), (W - size) // 2) if H > W else ((H - size) // 2, int(round((W - size) * f)))
-        out.append(x[..., oy:oy + size, ox:ox + size])
-    return out
-
-
 # ----------------------------------------------------------------------------- dataset
 class VideoDataset(torch.utils.data.Dataset):
     """``mode``: ``"pretrain"`` (official multi-scale crop, no flip), ``"finetune"`` (random resized
@@ -333,12 +311,10 @@ class VideoDataset(torch.utils.data.Dataset):
                 raise ValueError("no frames")
             if self.skip_short and n < self.num_frames * rate:
                 raise ValueError(f"too short: {n} frames, the clip spans {self.num_frames * rate} (skip_short)")
-            if self.mode == "test":
-                views = []
-                for idx in segment_indices(n, self.num_frames, rate, self.num_segments):
-                    x = src.get(idx).permute(0, 3, 1, 2)  # (T, 3, H, W), channels-last
-                    views += test_crops(x, self.size, self.num_crops)
-                return [v.transpose(0, 1) for v in views], None
+            if self.mode == "test":  # the official test views, as vmae_fast.predict takes them
+                views = make_views(src.get, n, num_frames=self.num_frames, img_size=self.size, sampling_rate=rate,
+                                   views=(self.num_segments, self.num_crops))
+                return list(views), None
             if self.mode == "pretrain":
                 frames = src.get(pretrain_frame_ids(n, self.num_frames, rate,
                                                     pretrain_start(n, self.num_frames, rate, rng)))
