@@ -1,7 +1,7 @@
 """VideoMAE V2 pretraining with dual masking (tube encoder mask, running-cell decoder mask).
 
     vmae-pretrain --data-list LIST --data-root ROOT --output-dir OUT [--resume auto]
-    python -m train.pretrain ...                               (the same, from the repository)
+    python -m train.pretrain ...                               (the same)
     torchrun --nproc_per_node 8 -m train.pretrain ... [--dist fsdp]
 
 Every default is the official recipe of --model (the table below); the lr is scaled by the

@@ -19,8 +19,8 @@ The protocol (the official fine-tuning code's ``test`` mode for Kinetics, ``--te
 
 ``S = 1`` or ``C = 1`` (where the official code divides by zero) takes the middle clip / crop.
 
-Video files are read with the repository's decoders (``train.data``: PyAV, torchcodec or decord),
-so the ``train`` package must be importable (run from the repository); ``predict_frames`` takes
+Video files are read with the training package's decoders (``train.data``: PyAV, torchcodec or decord),
+installed beside ``vmae_fast`` (the ``train`` extra brings the decoders); ``predict_frames`` takes
 decoded frames from anywhere.
 """
 from __future__ import annotations
