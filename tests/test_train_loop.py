@@ -5,6 +5,7 @@ against a single process."""
 from __future__ import annotations
 
 import math
+import json
 import os
 import signal
 import subprocess
@@ -244,6 +245,23 @@ def test_tensorboard_one_writer_per_run_and_resume_purges(data, tmp_path, monkey
     assert len(writers) == 2 and all(w.closed and w.log_dir == str(tmp_path / "tb") for w in writers)
     assert writers[0].purge_step is None and writers[1].purge_step == 3  # events after step 2 are redone
     assert sorted({s for k, s in writers[1].scalars if k == "loss"}) == [3, 4]
+
+
+def test_tensorboard_events_hold_the_logged_rows(data, tmp_path):
+    """The real writer (tensorboard is in the train extra): the event file holds the loss of
+    every logged step, as metrics.jsonl does."""
+    pytest.importorskip("tensorboard", reason="tensorboard (the train extra) is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pretrain.main(pretrain_args(data, tmp_path, "--batch-size", "2", "--steps", "3", "--lr", "1e-3",
+                                "--log-every", "1", "--tensorboard"))
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    got = {e.step: e.value for e in events.Scalars("loss")}
+    assert sorted(got) == sorted(logged) == [1, 2, 3]
+    assert all(abs(got[k] - logged[k]) <= 1e-6 * max(1.0, abs(logged[k])) for k in got)
 
 
 # ----------------------------------------------------------------------------- torchrun

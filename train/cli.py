@@ -181,7 +181,7 @@ def check_common(args, *, eval_only: bool = False) -> None:
     if args.divergence_factor != 0 and not args.divergence_factor > 1:
         raise UsageError(f"--divergence-factor must be > 1 (or 0 for none), got {args.divergence_factor}")
     if args.tensorboard and not tensorboard_available():
-        raise UsageError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+        raise UsageError("--tensorboard: the tensorboard package is not installed (it comes with the train extra: pip install 'vmae-fast[train]', or pip install tensorboard)")
     if args.resume and args.resume != "auto" and not Path(args.resume).exists():
         raise UsageError(f"--resume {args.resume}: no such checkpoint")
     check_output_dir(args.output_dir)
