@@ -419,3 +419,43 @@ def test_loader_file_loads_standalone_as_setup_py_loads_it():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.library_name(torch.__version__) == _native.library_name(torch.__version__)
+
+
+def test_without_the_extension_a_train_step_runs_through_the_op_references():
+    """``VMAE_FAST_NO_EXT=1`` (or a machine where the extension did not build): on CPU every fused
+    op (forward and backward) runs the body of its ``torch.library`` op, the reference. Those
+    bodies run below autograd, so none may differentiate itself: the step's loss and gradients
+    equal plain autograd through the references (``use_kernels(False)``)."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch, vmae_fast
+from vmae_fast import ops
+from vmae_fast.ops import _dispatch
+assert all(p['cpu'].startswith('reference') for p in _dispatch.kernel_paths().values()), _dispatch.kernel_paths()
+torch.manual_seed(0)
+model = vmae_fast.create_pretrain_model('vit_small_patch16_224', depth=2, decoder_depth=1, num_frames=4,
+                                        img_size=32, patch_size=8, embed_dim=48, num_heads=2,
+                                        decoder_embed_dim=32, decoder_num_heads=2)
+for video in (torch.randn(2, 3, 4, 32, 32), torch.randint(0, 256, (2, 3, 4, 32, 32), dtype=torch.uint8)):
+    masks = vmae_fast.DualMask.sample(2, model.grid, 0.75, 0.5)
+    runs = []
+    for kernels in (True, False):
+        model.zero_grad(set_to_none=True)
+        with ops.use_kernels(kernels):
+            loss = model(video, masks).loss
+            loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l1, g1), (l2, g2) = runs
+    assert torch.equal(l1, l2), (l1, l2)
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-7, msg=n)
+print('ok')
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**env, "VMAE_FAST_NO_EXT": "1"})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

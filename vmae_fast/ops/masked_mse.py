@@ -222,12 +222,12 @@ def masked_mse_loss_backward_triton(grad_loss: torch.Tensor, pred: torch.Tensor,
 
 
 def _backward_ref(grad_loss, pred, video, decoder_idx, weight, tubelet, patch, normalize, eps):
-    with torch.enable_grad():
-        p = pred.detach().requires_grad_()
-        loss = masked_mse_loss_ref(p, video, decoder_idx, weight, tubelet=tubelet, patch=patch,
-                                   normalize=normalize, eps=eps)
-        (g,) = torch.autograd.grad(loss, p, grad_loss)
-    return g
+    """The reference gradient in closed form, ``2 (pred - target) w / (P den)``: it is the op's
+    backward body on devices without a kernel, and an op body runs below autograd, where the
+    reference loss could not be differentiated."""
+    target = cube_targets_ref(video, decoder_idx, tubelet=tubelet, patch=patch, normalize=normalize, eps=eps)
+    row_grad = grad_loss.float().reshape(()) * weight.float() / _den(weight)  # d loss / d rows
+    return ((2.0 / target.shape[-1]) * row_grad.unsqueeze(-1) * (pred.float() - target)).to(pred.dtype)
 
 
 # --------------------------------------------------------------------------- torch.library ops
