@@ -1,2 +1,3 @@
-"""Benchmarks of vmae-fast: ``python -m bench.dual_masking`` (``make bench``), ``bench.kernels``,
-``bench.attention``; pytest-benchmark microbenchmarks in ``bench/micro``."""
+"""Benchmarks of vmae-fast: ``vmae-bench COMMAND`` or ``python -m bench.<module>`` (``dual_masking``
+= ``make bench``, ``memory``, ``kernels``, ``attention``, ``loader``, ``visualize``); what they
+share is in ``bench.common``; pytest-benchmark microbenchmarks in ``bench/micro``."""

@@ -16,8 +16,6 @@ bench/results/kernels_compile.json).
 """
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import os
 import re
 import sys
@@ -29,13 +27,15 @@ import torch
 
 from vmae_fast import ops
 from vmae_fast.config import config_for
+from vmae_fast.device import select_device
 from vmae_fast.masking import DualMask
 
-from . import device as devmod
-from .output import result_path, write_json
-from .timing import time_fn
+from .common import device as devmod
+from .common.cli import add_arch_arg, add_device_arg, add_output_args, make_parser, parse_plan
+from .common.output import result_header, save_result, write_json
+from .common.paths import results_dir, results_help
+from .common.timing import time_fn
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ROTATE = 4  # input sets cycled through, so repeated calls do not time a warm cache
 
 
@@ -191,18 +191,18 @@ def bench_op(name: str, cases_by_set: list[dict], device, warmup, repeats, compi
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+def _parser():
+    ap = make_parser("kernels", __doc__)
+    add_device_arg(ap)
     ap.add_argument("--batch", type=int, help="clips (default: 32 / 8 on GPU, 2 / 1 on CPU)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, help="default 50 on GPU, 10 on CPU")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
     ap.add_argument("--only", help="comma list of ops")
-    ap.add_argument("--arch", choices=["vit_b", "vit_g", "both"], default="both")
-    ap.add_argument("--out", help=f"results folder (default {RESULTS_DIR}); with --compile-only the "
-                                   f"JSON file (default {AOT_DEFAULT_OUT})")
-    ap.add_argument("--name")
+    add_arch_arg(ap, "the pretraining shapes of", "both", only=[name for _, name in AOT_ARCHS], extra=["both"])
+    add_output_args(ap, "kernels-<device>-<date>",
+                    out_help=f"results folder (default: {results_help()}); with --compile-only the JSON "
+                         f"file (default: {AOT_DEFAULT_NAME} in that folder)")
     ap.add_argument("--compile-only", action="store_true",
                     help="compile every kernel variant for --targets without a GPU and report "
                          "registers, spills, shared memory, occupancy; runs nothing")
@@ -210,20 +210,25 @@ def main(argv: list[str] | None = None) -> dict:
                     help="--compile-only: compute capabilities (default 80,90 = A100, H100)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                     help="--compile-only: parallel compiler processes (default: CPU count)")
-    ns = ap.parse_args(argv)
+    return ap
+
+
+def plan(ns) -> torch.device | None:
+    """The device to measure on (None with --compile-only, which runs nothing on any device and
+    leaves CUDA uninitialized); bad values raise ``ValueError``."""
+    if ns.batch is not None and ns.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {ns.batch}")
     if ns.compile_only:
         if ns.jobs < 1:
-            ap.error(f"--jobs must be >= 1, got {ns.jobs}")
-        if ns.batch is not None and ns.batch < 1:
-            ap.error(f"--batch must be >= 1, got {ns.batch}")
-        return compile_main(ns, "python -m bench.kernels " + " ".join(sys.argv[1:] if argv is None else argv))
-    ns.out = ns.out or str(RESULTS_DIR)
-    try:
-        dev = devmod.select_device(ns.device)  # cuda:N also becomes the current device
-    except ValueError as exc:
-        ap.error(str(exc))
-    if ns.batch is not None and ns.batch < 1:
-        ap.error(f"--batch must be >= 1, got {ns.batch}")
+            raise ValueError(f"--jobs must be >= 1, got {ns.jobs}")
+        return None
+    return select_device(ns.device)  # cuda:N also becomes the current device
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ns, dev = parse_plan(_parser(), argv, plan)
+    if ns.compile_only:
+        return compile_main(ns)
     repeats = ns.repeats or (50 if dev.type == "cuda" else 10)
     act_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     info = devmod.device_info(dev)
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     wanted = set(ns.only.split(",")) if ns.only else None
     rows = []
     for shp in shapes(dev, ns.batch):
-        if ns.arch != "both" and shp.arch != {"vit_b": "vit_base_patch16_224", "vit_g": "vit_giant_patch14_224"}[ns.arch]:
+        if ns.arch not in ("both", shp.arch):
             continue
         sets = [op_cases(make_inputs(shp, dev, act_dtype, seed)) for seed in range(ROTATE)]
         for name in sets[0]:
@@ -244,9 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
                       (f"{r['seconds']['median'] * 1e3:.3f} ms" if r.get("ok") else f"skipped ({r['why']})"),
                       file=sys.stderr, flush=True)
         del sets
-    result = {"schema": 1, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python -m bench.kernels " + " ".join(sys.argv[1:] if argv is None else argv),
-              "device": info, "copy_bandwidth": copy,
+    result = {**result_header("kernels", argv, device=info), "copy_bandwidth": copy,
               "config": {"repeats": repeats, "warmup": ns.warmup, "rotate_inputs": ROTATE,
                          "activation_dtype": str(act_dtype), "video_dtype": "float32",
                          "bytes": "fewest bytes: inputs read once, outputs written once"},
@@ -266,9 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"({s['min'] * 1e3:.3f}–{s['max'] * 1e3:.3f}) | {r['gbps']:.1f} | {r['pct_copy_bw']:.0%} | "
                      f"{ref['seconds']['median'] / s['median']:.2f}x |")
     print("\n".join(lines))
-    path = result_path(ns.out, ns.name, "kernels", info)
-    write_json(result, path)
-    print(f"\nraw results: {path}")
+    save_result(result, ns, "kernels")
     return result
 
 
@@ -305,7 +306,7 @@ AOT_TARGETS = (80, 90)
 AOT_ARCHS = (("ViT-B", "vit_base_patch16_224"), ("ViT-g", "vit_giant_patch14_224"))
 AOT_BATCHES = (32, 256)
 AOT_OPS = ("gather_cubes", "decoder_input", "masked_mse_loss")
-AOT_DEFAULT_OUT = RESULTS_DIR / "kernels_compile.json"
+AOT_DEFAULT_NAME = "kernels_compile.json"
 _CLIP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "u8": torch.uint8}
 _ACT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # decoder_input (z, table = pos and mask token) dtypes: autocast or fp32 training keeps the fp32
@@ -677,7 +678,7 @@ def _issues(row: dict) -> str | None:
     return f"{row['kernel']} {_label(row['settings'], skip=('B', 'n', 'rows', 'D'))}: " + "; ".join(found)
 
 
-def compile_main(ns, argv_text: str) -> dict:
+def compile_main(ns) -> dict:
     import time
 
     from vmae_fast.ops import _dispatch
@@ -689,7 +690,7 @@ def compile_main(ns, argv_text: str) -> dict:
                          "kernels cannot be compiled); run it without that variable")
     import triton
 
-    archs = [a for a in AOT_ARCHS if ns.arch == "both" or a[0].lower().replace("-", "_") == ns.arch]
+    archs = [a for a in AOT_ARCHS if ns.arch in ("both", a[1])]
     ops_wanted = tuple(ns.only.split(",")) if ns.only else AOT_OPS
     bad = set(ops_wanted) - set(AOT_OPS)
     if bad:
@@ -733,15 +734,14 @@ def compile_main(ns, argv_text: str) -> dict:
                      "options": v.options, "targets": per})
     wall = time.perf_counter() - t0
     info = devmod.device_info(torch.device("cpu"))
-    result = {"schema": 1, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": argv_text, "host": info, "triton": triton.__version__, "torch": torch.__version__,
+    result = {**result_header("kernels", ns._argv, host=info), "triton": triton.__version__, "torch": torch.__version__,
               "compiled_on": "compiled on a CPU-only machine, not run",
               "shapes": {"frames": 16, "img_size": 224, "tubelet": 2, "encoder_ratio": 0.9, "decoder_ratio": 0.5,
                          "batches": list(batches), "archs": [a[1] for a in archs], "ops": list(ops_wanted)},
               "sm_limits": SM_LIMITS, "wall_s": wall, "n_launches": len(variants), "notes": notes,
               "issues": [i for i in map(_issues, rows) if i], "rows": rows}
     print("\n".join(compile_tables(result)))
-    path = Path(ns.out) if ns.out else AOT_DEFAULT_OUT
+    path = Path(ns.out) if ns.out else results_dir() / AOT_DEFAULT_NAME
     write_json(result, path)
     print(f"\nraw results: {path}  ({wall:.0f} s)")
     return result

@@ -18,12 +18,11 @@ A clip is one view: with ``num_sample 4`` one decoded video gives 4 clips, in bo
 ``bench/official_pipeline.py`` (decord + PIL + float normalization, as the official code), run
 with its own decoder (decord) and, for comparison, with ours. Goals (one worker, 320p H.264):
 ours with ``auto`` >= 2.5x official/decord clips per CPU-second at num_sample 4, >= 1.7x at 1.
-Raw rows go to ``bench/results/loader-<device>-<date>.json``; a Markdown table is printed.
+Raw rows go to ``bench/results/loader-<device>-<date>.json`` (installed: ``./bench-results``); a
+Markdown table is printed.
 """
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import hashlib
 import math
 import os
@@ -34,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from . import device as devmod
-from .output import result_path, write_json
+from .common import device as devmod
+from .common.cli import add_output_args, make_parser
+from .common.output import result_header, save_result
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GOALS = {1: 1.7, 4: 2.5}  # num_sample -> ours(auto) / official(decord), clips per CPU-second, 1 worker
 SIZES_320P = ((568, 320), (320, 568), (426, 320))
 
@@ -63,6 +62,8 @@ def video_files(spec: list[str]) -> list[Path]:
     out: list[Path] = []
     for s in spec:
         p = Path(s)
+        if not p.exists():  # a relative path is read from the current directory, not the checkout
+            raise SystemExit(f"--videos: {s} does not exist (relative to {Path.cwd()})")
         out += sorted(q for q in p.iterdir() if q.suffix.lower() in (".mp4", ".mkv", ".webm", ".avi", ".mov")) \
             if p.is_dir() else [p]
     if not out:
@@ -192,9 +193,9 @@ def goals(rows: list[dict], auto: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--videos", nargs="*", help="video files or folders (default: Kinetics-like 320p clips, "
-                                                "made once in a temp folder)")
+    ap = make_parser("loader", __doc__)
+    ap.add_argument("--videos", nargs="*", help="video files or folders, e.g. tests/data of a source checkout "
+                                                "(default: Kinetics-like 320p clips, made once in a temp folder)")
     ap.add_argument("--n-videos", type=int, default=6, help="generated clips (default 6)")
     ap.add_argument("--seconds", type=float, default=10, help="length of generated clips (default 10)")
     ap.add_argument("--decoders", default="all",
@@ -208,8 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--rate", type=int, default=4)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--out", default=str(RESULTS_DIR))
-    ap.add_argument("--name")
+    add_output_args(ap, "loader-<device>-<date>")
     ns = ap.parse_args(argv)
     from train import decode
 
@@ -252,16 +252,12 @@ def main(argv: list[str] | None = None) -> dict:
                      f"(decord) {x['official']:.2f} clips/CPU-s = {x['ratio']:.2f}x, goal {x['target']}x: "
                      f"{'met' if x['met'] else 'MISSED'}")
     print("\n".join(lines))
-    result = {"schema": 1, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python -m bench.loader " + " ".join(sys.argv[1:] if argv is None else argv),
-              "device": info, "versions": versions, "auto_decoder": auto,
+    result = {**result_header("loader", argv, device=info), "versions": versions, "auto_decoder": auto,
               "unavailable": {d: decode.why_unavailable(d) for d in decode.DECODERS if d not in avail},
               "config": {"frames": ns.frames, "rate": ns.rate, "size": ns.size, "batch": ns.batch,
                          "clips": ns.clips, "workers": workers, "num_sample": samples},
               "files": files, "rows": rows, "goals": g}
-    path = result_path(ns.out, ns.name, "loader", info)
-    write_json(result, path)
-    print(f"\nraw results: {path}")
+    save_result(result, ns, "loader")
     return result
 
 

@@ -22,25 +22,22 @@ workspaces, NCCL buffers, kernels' own scratch).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from vmae_fast.config import ARCH_ALIASES, ARCHS
+from vmae_fast.device import select_device
 from vmae_fast.flops import counted_flops
 from vmae_fast.memory import CATEGORIES, measure_train_step
 
-from . import device as devmod
-from .dual_masking import _arch
-from .output import result_path, write_json
+from .common import device as devmod
+from .common.cli import add_arch_arg, add_device_arg, add_output_args, make_parser, parse_plan
+from .common.output import result_header, save_result
 from .runner import (DTYPES, Setup, build, checkpointing_disabled, clip_dtype, loss_fn, make_inputs,
                      master_state, short_arch, split_policy)
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 POLICIES = {"none": False, "full": True, "selective": "selective"}
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -356,10 +353,9 @@ def max_batch(prof: dict, gpu_bytes: float, margin: float, dist: str = "single",
 
 # ---------------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--arch", default="vit_base_patch16_224", help=f"one of {sorted(ARCHS)} or {sorted(ARCH_ALIASES)}")
+    p = make_parser("memory", __doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog=__doc__.split("\n\n", 2)[2])
+    add_arch_arg(p, "model", "vit_base_patch16_224")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--decoder-depth", type=int, default=4)
@@ -369,8 +365,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma list: none, full, selective, n blocks, or <encoder>/<decoder> (e.g. selective/full)")
     p.add_argument("--impl", default="vmae_fast", help="comma list: vmae_fast, vmae_fast-unfused, reference")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="autocast dtype (default bf16)")
-    p.add_argument("--device", default="cpu",
-                   help="cpu | cuda | cuda:N (default cpu: the counts are device-independent)")
+    add_device_arg(p, "cpu", ": the counts are device-independent")
     p.add_argument("--batch", default="2,3",
                    help="two batch sizes (default 2,3: at batch 1 some reshapes are views that copy at any "
                         "other batch, so batch 1 is not on the line of the others)")
@@ -388,17 +383,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="allocator margin, share of GPU memory")
     p.add_argument("--no-flops", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(RESULTS_DIR))
-    p.add_argument("--name", help="file stem (default memory-<arch>-<device>-<date>)")
+    add_output_args(p, "memory-<arch>-<device>-<date>")
     return p
 
 
 def plan(ns) -> dict:
-    arch = _arch(ns.arch)
     batches = tuple(int(x) for x in ns.batch.split(","))
     if len(batches) != 2 or batches[0] == batches[1] or min(batches) < 1:
         raise ValueError(f"--batch takes two different batch sizes >= 1, got {ns.batch!r}")
-    setup = Setup(arch, ns.frames, ns.img_size, batches[0], depth=ns.depth, decoder_depth=ns.decoder_depth)
+    setup = Setup(ns.arch, ns.frames, ns.img_size, batches[0], depth=ns.depth, decoder_depth=ns.decoder_depth)
     full_depth = setup.config().depth
     if ns.depth_scale == "off":
         depths = None
@@ -423,7 +416,7 @@ def plan(ns) -> dict:
     if not 0 <= ns.margin < 1:
         raise ValueError(f"--margin must be in [0, 1), got {ns.margin}")
     return {"setup": setup, "batches": batches, "depths": depths, "full_depth": full_depth, "policies": policies,
-            "impls": impls, "gpu_mem": gpu, "dtype": DTYPES[ns.dtype], "device": devmod.select_device(ns.device),
+            "impls": impls, "gpu_mem": gpu, "dtype": DTYPES[ns.dtype], "device": select_device(ns.device),
             "dists": dists}
 
 
@@ -440,10 +433,7 @@ def run(pl: dict, ns) -> dict:
             profiles.append(profile(pl["setup"], impl, pol, ns.decoder_ratio, batches=pl["batches"],
                                     depths=pl["depths"], full_depth=pl["full_depth"], **kw))
     setup = pl["setup"]
-    result = {"schema": 1, "kind": "memory",
-              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python -m bench.memory " + " ".join(ns._argv if ns._argv is not None else sys.argv[1:]),
-              "device": devmod.device_info(pl["device"]),
+    result = {**result_header("memory", ns._argv, kind="memory", device=devmod.device_info(pl["device"])),
               "config": {"arch": setup.arch, "frames": setup.frames, "img_size": setup.img_size,
                          "decoder_depth": setup.decoder_depth, "decoder_ratio": ns.decoder_ratio,
                          "encoder_ratio": ns.encoder_ratio, "dtype": str(pl["dtype"]).replace("torch.", ""),
@@ -533,19 +523,11 @@ def render(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = _parser()
-    ns = parser.parse_args(argv)
-    ns._argv = argv
-    try:
-        pl = plan(ns)
-    except ValueError as exc:
-        parser.error(str(exc))
+    ns, pl = parse_plan(_parser(), argv, plan)
     result = run(pl, ns)
-    path = result_path(ns.out, ns.name, f"memory-{short_arch(pl['setup'].arch).lower().replace('-', '')}",
-                       result["device"])
-    write_json(result, path)
     print(render(result))
-    print(f"\nraw results: {path} ({result['wall_s']:.0f} s)")
+    save_result(result, ns, f"memory-{short_arch(pl['setup'].arch).lower().replace('-', '')}",
+                f" ({result['wall_s']:.0f} s)")
     return result
 
 

@@ -25,7 +25,7 @@ from vmae_fast.layers import Blocks
 from vmae_fast.memory import checkpoint_block, measure_train_step, parse_policy
 from vmae_fast.reference import ReferencePretrain
 
-from .timing import PeakMemory, Stats, free_memory, is_oom, synchronize, time_fn
+from .common.timing import PeakMemory, Stats, free_memory, is_oom, synchronize, time_fn
 
 IMPLS = ("vmae_fast", "vmae_fast-unfused", "reference", "reference+compile", "vmae_fast+compile", "hf")
 IMPL_HELP = {

@@ -8,10 +8,13 @@ import weakref
 import pytest
 import torch
 
-from bench import dual_masking
-from vmae_fast.device import parse_device
+from bench.common.timing import Stats, is_oom, time_fn
+from bench.dual_masking import main as dual_masking_main
+from bench.dual_masking.cli import build_parser
+from bench.dual_masking.metrics import derive
+from bench.dual_masking.plan import PRESETS, SMOKE_MAX_BATCH_CAP, plan_from_args
 from bench.runner import Setup, clip_dtype, make_inputs, max_batch
-from bench.timing import Stats, is_oom, time_fn
+from vmae_fast.device import parse_device
 from vmae_fast.flops import count_macs
 
 TINY = ["--arch", "vit_s", "--frames", "4", "--img-size", "32", "--depth", "1", "--decoder-depth", "1",
@@ -21,7 +24,7 @@ TINY = ["--arch", "vit_s", "--frames", "4", "--img-size", "32", "--depth", "1", 
 
 @pytest.mark.parametrize("timing", ["--interleave", "--no-interleave"])
 def test_cli_tiny_run_writes_json_and_table(tmp_path, capsys, timing):
-    dual_masking.main(TINY + [timing, "--out", str(tmp_path), "--name", "smoke"])
+    dual_masking_main(TINY + [timing, "--out", str(tmp_path), "--name", "smoke"])
     printed = capsys.readouterr().out
     data = json.loads((tmp_path / "smoke.json").read_text())
     assert {"device", "config", "rows", "matmul_ceiling", "goals", "command", "created"} <= data.keys()
@@ -61,19 +64,19 @@ def test_cli_tiny_run_writes_json_and_table(tmp_path, capsys, timing):
 ])
 def test_cli_bad_values_give_clear_errors(bad, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        dual_masking.main(["--device", "cpu"] + bad)
+        dual_masking_main(["--device", "cpu"] + bad)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_presets_resolve():
-    ns = dual_masking._parser().parse_args(["--device", "cpu"])
+    ns = build_parser().parse_args(["--device", "cpu"])
     ns._argv = []
-    plan = dual_masking.plan_from_args(ns)
+    plan = plan_from_args(ns)
     assert plan["preset"] == "cpu" and plan["dtype"] == torch.float32
     assert plan["impls"] == ["vmae_fast", "vmae_fast-unfused", "reference"]
-    ns = dual_masking._parser().parse_args(["--device", "cpu", "--preset", "table2", "--ckpt", "both"])
-    plan = dual_masking.plan_from_args(ns)
+    ns = build_parser().parse_args(["--device", "cpu", "--preset", "table2", "--ckpt", "both"])
+    plan = plan_from_args(ns)
     labels = [s.label() for s, _ in plan["setups"]]
     assert "ViT-B 16x224 b32" in labels and "ViT-g 16x224 b8 ckpt" in labels and len(labels) == 4
 
@@ -227,7 +230,7 @@ def test_mfu_counts_model_flops_hfu_hardware_flops():
                 "dtype": "bfloat16", "step_s": {"median": t, "min": t}, "peak_mem_bytes": 1,
                 "counted_flops_train_step": hw, "counted_flops_model_step": model}
     rows = [row("vmae_fast", 13e12, 10e12), row("reference", 16e12, 12e12, t=4.0)]
-    dual_masking.derive(rows, {"bf16_dense_peak_tflops": 1000.0}, {"tflops": 500.0})
+    derive(rows, {"bf16_dense_peak_tflops": 1000.0}, {"tflops": 500.0})
     fast, ref = rows
     assert fast["model_flops_train_step"] == ref["model_flops_train_step"] == 10e12  # the needed work
     assert (fast["hardware_flops_train_step"], ref["hardware_flops_train_step"]) == (13e12, 16e12)
@@ -257,13 +260,13 @@ def one_thread():
 
 @pytest.mark.parametrize("preset, timing", [("gpu", "--no-interleave"), ("table2", "--interleave")])
 def test_smoke_runs_the_gpu_plans_on_cpu(tmp_path, capsys, one_thread, preset, timing):
-    result = dual_masking.main(["--preset", preset, "--smoke", "--device", "cpu", "--no-progress", timing,
+    result = dual_masking_main(["--preset", preset, "--smoke", "--device", "cpu", "--no-progress", timing,
                                 "--out", str(tmp_path), "--name", preset])
     printed = capsys.readouterr().out
     data = json.loads((tmp_path / f"{preset}.json").read_text())
     assert (tmp_path / f"{preset}.png").stat().st_size > 0 and result["files"]["json"] == str(tmp_path / f"{preset}.json")
-    assert data["config"]["smoke"] is True and data["config"]["max_batch_cap"] == dual_masking.SMOKE_MAX_BATCH_CAP
-    plan = dual_masking.PRESETS[preset]
+    assert data["config"]["smoke"] is True and data["config"]["max_batch_cap"] == SMOKE_MAX_BATCH_CAP
+    plan = PRESETS[preset]
     n_cells = sum(len(m) for _, m in plan["setups"]) * len(plan["impls"])
     rows = data["rows"]
     assert len(rows) == n_cells and all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
@@ -298,7 +301,7 @@ def test_smoke_runs_the_gpu_plans_on_cpu(tmp_path, capsys, one_thread, preset, t
 @pytest.mark.parametrize("timing", ["--interleave", "--no-interleave"])
 def test_hf_peer_runs_encoder_only_and_reports_dual_masking_unsupported(tmp_path, capsys, timing):
     pytest.importorskip("transformers", reason="the hf peer needs transformers (test extra)")
-    dual_masking.main(TINY + [timing, "--impl", "vmae_fast,hf", "--out", str(tmp_path), "--name", "hf"])
+    dual_masking_main(TINY + [timing, "--impl", "vmae_fast,hf", "--out", str(tmp_path), "--name", "hf"])
     rows = {(r["impl"], r["decoder_ratio"]): r for r in json.loads((tmp_path / "hf.json").read_text())["rows"]}
     assert rows[("hf", 0.0)]["status"] == "ok" and rows[("vmae_fast", 0.0)]["status"] == "ok"
     assert rows[("hf", 0.5)]["status"] == "unsupported" and "no dual masking" in rows[("hf", 0.5)]["error"]

@@ -4,18 +4,14 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from pathlib import Path
 
 import torch
 
 from vmae_fast import envs
-from vmae_fast.device import parse_device, select_device  # noqa: F401  (the benches' --device)
 from vmae_fast.flops import datasheet_peak_tflops
 
+from . import paths
 from .timing import time_fn
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 
 def _cpu_model() -> str:
@@ -30,11 +26,16 @@ def _cpu_model() -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit (``+dirty`` with uncommitted changes); "unknown" when installed, where
+    git would answer for whatever repository happens to hold the environment."""
+    root = paths.SOURCE_ROOT
+    if root is None:
+        return "unknown"
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10)
         if out.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                    capture_output=True, text=True, timeout=10).stdout.strip()
             return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

@@ -1,0 +1,48 @@
+"""``vmae-bench COMMAND [options]`` (= ``python -m bench COMMAND``): every benchmark by one name,
+from any directory once vmae-fast is installed."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from .common.paths import results_help
+
+# command -> (module:function, what it does); a command's module is imported only when it runs,
+# so --help answers without importing torch.
+COMMANDS = {
+    "dual-masking": ("bench.dual_masking.cli:cli",
+                     "dual vs encoder-only masking, vmae_fast vs reference, MFU/HFU (make bench)"),
+    "memory": ("bench.memory:main", "exact train-step memory per checkpointing policy, largest batch per GPU"),
+    "kernels": ("bench.kernels:main", "fused ops vs eager / compiled references; --compile-only for sm_80/sm_90"),
+    "attention": ("bench.attention:main", "attention backends at the encoder and decoder shapes"),
+    "loader": ("bench.loader:main", "data loading, ours vs the restated official pipeline, per decoder"),
+    "visualize": ("bench.visualize:main", "reconstruction picture of a pretraining checkpoint (PNG)"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    width = max(map(len, COMMANDS))
+    epilog = "commands:\n" + "\n".join(f"  {name:<{width}}  {what}" for name, (_, what) in COMMANDS.items()) \
+        + f"\n\n'vmae-bench COMMAND --help' lists a command's options.\nresults: {results_help()}"
+    p = argparse.ArgumentParser(prog="vmae-bench", usage="vmae-bench [-h] COMMAND [options]",
+                                description="Run a vmae-fast benchmark (the same as python -m bench.<module>).",
+                                epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=COMMANDS, metavar="COMMAND", help="one of the commands below")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``vmae-bench`` console script: the command's exit status (0 where it returns a result)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Only the first word is ours: the rest, --help included, is the command's.
+    command = _parser().parse_args(argv[:1]).command
+    module, function = COMMANDS[command][0].split(":")
+    status = getattr(importlib.import_module(module), function)(argv[1:])
+    return status if isinstance(status, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""``vmae-bench`` and the options every benchmark shares: one error for a bad ``--arch`` or a
+device this machine lacks, and results under the current directory when bench is installed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench.__main__ import COMMANDS, main as vmae_bench
+from bench.common import paths
+
+MODEL_BENCHES = ["dual-masking", "memory", "kernels", "attention"]
+
+
+def _usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        vmae_bench(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_help_lists_every_command_and_where_results_go(capsys):
+    with pytest.raises(SystemExit) as exc:
+        vmae_bench(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "usage: vmae-bench" in out
+    assert all(f"  {name}  " in out for name in COMMANDS) and "results:" in out
+    assert "invalid choice: 'fastest'" in _usage_error(["fastest"], capsys)
+
+
+@pytest.mark.parametrize("command", MODEL_BENCHES)
+def test_a_bad_arch_is_the_same_usage_error_everywhere(command, capsys):
+    err = _usage_error([command, "--arch", "vit_zz"], capsys)
+    assert f"usage: python -m bench.{command.replace('-', '_')}" in err
+    assert "argument --arch: unknown arch 'vit_zz'; expected one of" in err
+
+
+def test_kernels_takes_only_the_archs_it_measures(capsys):
+    assert "'vit_s': this benchmark measures vit_base_patch16_224 or vit_giant_patch14_224 only" in \
+        _usage_error(["kernels", "--arch", "vit_s"], capsys)
+
+
+@pytest.mark.parametrize("command", MODEL_BENCHES)
+def test_cuda_without_cuda_is_a_usage_error(command, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _usage_error([command, "--device", "cuda"], capsys)
+    assert "error: --device 'cuda': CUDA is not available on this machine" in err
+
+
+def test_installed_smoke_from_another_directory_writes_under_it(tmp_path, monkeypatch, capsys):
+    """As installed (no source checkout above bench/), run from elsewhere: the results go to
+    ./bench-results there, --help says so, and no git repository is asked for a commit."""
+    monkeypatch.setattr(paths, "SOURCE_ROOT", None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        vmae_bench(["memory", "--help"])
+    assert "./bench-results under the current directory" in " ".join(capsys.readouterr().out.split())
+    status = vmae_bench(["dual-masking", "--smoke", "--arch", "vit_s", "--masking", "enc", "--impl", "vmae_fast",
+                         "--device", "cpu", "--no-plot", "--no-progress"])
+    assert status == 0
+    (path,) = (tmp_path / "bench-results").glob("custom-*.json")
+    result = json.loads(path.read_text())
+    assert [r["status"] for r in result["rows"]] == ["ok"] and result["config"]["smoke"]
+    assert result["device"]["git_commit"] == "unknown"
+    assert result["command"].startswith("python -m bench.dual_masking --smoke --arch vit_s")
+    assert "| setup | masking | impl |" in capsys.readouterr().out
+
+
+def test_loader_names_missing_videos(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # tests/data is a checkout's folder, not the current directory's
+    with pytest.raises(SystemExit, match="--videos: tests/data does not exist"):
+        vmae_bench(["loader", "--videos", "tests/data"])
