@@ -49,9 +49,27 @@ if HAS_TRITON:
         # fp32 `/` compiles to an approximate division on NVIDIA GPUs (div.full.f32, up to 2 ulp);
         # the references and the native ops round exactly, so the kernels do too.
         return tl.math.div_rn(x, y)
+
+    @triton.jit
+    def cube_origin(idx_ptr, row, n, Hp, Wp, s_ib, s_in, s_vb, s_vt, s_vh, s_vw,
+                    TUB: tl.constexpr, PATCH: tl.constexpr):
+        # Program ``row`` of a per-cube kernel serves clip ``b = row // n``, entry ``i``: returns
+        # (b, i) as int64 and the clip offset of the first pixel of the cube its token names
+        # (tokens in (t, h, w) order over the (T / TUB, Hp, Wp) grid).
+        b = row // n
+        i = row - b * n
+        b64 = b.to(tl.int64)
+        i64 = i.to(tl.int64)
+        tok = tl.load(idx_ptr + b64 * s_ib + i64 * s_in).to(tl.int64)
+        hw = Hp * Wp
+        ti = tok // hw
+        rem = tok - ti * hw
+        hi = rem // Wp
+        wi = rem - hi * Wp
+        return b64, i64, b64 * s_vb + ti * (TUB * s_vt) + hi * (PATCH * s_vh) + wi * (PATCH * s_vw)
 else:  # pragma: no cover
     INTERPRETED = False
-    div_rn = None
+    div_rn = cube_origin = None
 
 def debug_enabled() -> bool:
     """``VMAE_FAST_DEBUG=1``: bound-check indices on GPU too (costs a device sync)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_index, check_video, imagenet_stats, kernels_enabled, normalize_uint8
-from ._dispatch import (HAS_TRITON, check_device, check_kernel_device, div_rn, launch, next_pow2,
+from ._dispatch import (HAS_TRITON, check_device, check_kernel_device, cube_origin, div_rn, launch, next_pow2,
                         register_kernels, revalidate)
 
 LAYOUTS = ("cthw", "thwc")
@@ -78,16 +78,7 @@ if HAS_TRITON:
         # One program per output row (one cube). The cube is walked as (C*t*p) pixel rows of
         # p pixels: each pixel row is a contiguous run along W, so the loads coalesce.
         row = tl.program_id(0)
-        b = row // n
-        i = row - b * n
-        b64 = b.to(tl.int64)
-        tok = tl.load(idx_ptr + b64 * s_ib + i.to(tl.int64) * s_in).to(tl.int64)
-        hw = Hp * Wp
-        ti = tok // hw
-        rem = tok - ti * hw
-        hi = rem // Wp
-        wi = rem - hi * Wp
-        base = b64 * s_vb + ti * (TUB * s_vt) + hi * (PATCH * s_vh) + wi * (PATCH * s_vw)
+        _, _, base = cube_origin(idx_ptr, row, n, Hp, Wp, s_ib, s_in, s_vb, s_vt, s_vh, s_vw, TUB, PATCH)
         R: tl.constexpr = C * TUB * PATCH
         P: tl.constexpr = R * PATCH
         out_row = out_ptr + row.to(tl.int64) * P

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_index, check_video, imagenet_stats, kernels_enabled
-from ._dispatch import (HAS_TRITON, check_device, check_kernel_device, div_rn, launch, next_pow2,
+from ._dispatch import (HAS_TRITON, check_device, check_kernel_device, cube_origin, div_rn, launch, next_pow2,
                         register_kernels, revalidate)
 from .gather_cubes import gather_cubes_raw
 
@@ -96,17 +96,7 @@ if HAS_TRITON:
         # Forward: rows[row] = w * mean_P((pred - target)^2).
         # Backward: grad[row] = 2 * w * (pred - target) / P * scale, scale = dloss / sum(w).
         row = tl.program_id(0)
-        b = row // n
-        i = row - b * n
-        b64 = b.to(tl.int64)
-        i64 = i.to(tl.int64)
-        tok = tl.load(idx_ptr + b64 * s_ib + i64 * s_in).to(tl.int64)
-        hw = Hp * Wp
-        ti = tok // hw
-        rem = tok - ti * hw
-        hi = rem // Wp
-        wi = rem - hi * Wp
-        base = b64 * s_vb + ti * (TUB * s_vt) + hi * (PATCH * s_vh) + wi * (PATCH * s_vw)
+        b64, i64, base = cube_origin(idx_ptr, row, n, Hp, Wp, s_ib, s_in, s_vb, s_vt, s_vh, s_vw, TUB, PATCH)
         S: tl.constexpr = TUB * PATCH * PATCH
         P: tl.constexpr = S * C
         s = tl.arange(0, BLOCK_S)
