@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"  {pipeline:8s} {dec:10s} ns={s} workers={w}: {_fmt(r['clips_per_cpu_s'])} clips/CPU-s, "
                       f"{_fmt(r['wall_clips_per_s'])} wall clips/s", file=sys.stderr, flush=True)
     info = devmod.device_info(torch.device("cpu"))
-    versions = {m: devmod._version(m) for m in ("av", "decord", "torchcodec", "PIL")}
+    versions = {m: devmod.module_version(m) for m in ("av", "decord", "torchcodec", "PIL")}
     try:
         import torchcodec
 

@@ -35,7 +35,10 @@ import torch
 import vmae_fast
 from vmae_fast.checkpoint import write_atomic
 from vmae_fast.config import IMAGENET_MEAN, IMAGENET_STD
+from vmae_fast.device import select_device
 from vmae_fast.ops.masked_mse import cube_targets_ref
+
+from .common.cli import add_device_arg
 
 GAP = 2  # pixels of white between the tiles
 
@@ -178,13 +181,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling-rate", type=int, default=4)
     p.add_argument("--start", type=int, default=None, help="first frame (default: the middle of the video)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    add_device_arg(p, default="cpu")
     p.add_argument("--decoder", default="auto", help="video decoder (train.decode)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    p = _parser()
+    args = p.parse_args(argv)
+    try:
+        args.device = select_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
     extra = {k: v for k, v in (("num_heads", args.num_heads), ("decoder_num_heads", args.decoder_num_heads)) if v}
     model = vmae_fast.load_model(args.checkpoint, "pretrain", num_frames=args.num_frames, img_size=args.img_size,
                                  **extra).to(args.device)

@@ -43,7 +43,7 @@ def git_commit() -> str:
     return "unknown"
 
 
-def _version(module: str) -> str | None:
+def module_version(module: str) -> str | None:
     try:
         mod = __import__(module)
         return getattr(mod, "__version__", "unknown")
@@ -82,9 +82,9 @@ def device_info(device: torch.device) -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "timm": _version("timm"),
-        "numpy": _version("numpy"),
+        "triton": module_version("triton"),
+        "timm": module_version("timm"),
+        "numpy": module_version("numpy"),
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "git_commit": git_commit(),
