@@ -4,7 +4,9 @@
     python -m bench.loader --videos tests/data   # or any folder / list of video files
 
 For each pipeline x decoder x num_sample x worker count, a ``torch.utils.data.DataLoader`` with
-that many workers produces pretraining batches (16 frames every 4th, 224 px). Measured:
+that many workers produces pretraining batches (16 frames every 4th, 224 px); with
+``--finetune`` also our fine-tuning batches, without and with the official RandAugment and
+random-erasing boxes (what the augmentation costs a worker). Measured:
 
 * clips per CPU-second: clips / the workers' own CPU time (``time.process_time`` read inside
   each worker when it finishes a batch; each worker's first batch, with its start-up, is left
@@ -39,6 +41,9 @@ from .common.output import result_header, save_result
 
 GOALS = {1: 1.7, 4: 2.5}  # num_sample -> ours(auto) / official(decord), clips per CPU-second, 1 worker
 SIZES_320P = ((568, 320), (320, 568), (426, 320))
+# --finetune: our fine-tuning views (random resized crop + flip), without and with the official
+# RandAugment and random-erasing boxes (the erasing fill runs on the training device, not here).
+FINETUNE_PIPELINES = ("ours-finetune", "ours-finetune+aug")
 
 
 # ----------------------------------------------------------------------------- files
@@ -123,7 +128,19 @@ def measure(pipeline: str, decoder: str, num_sample: int, workers: int, paths: l
     from bench.official_pipeline import OfficialPretrainDataset, official_collate
     from train.data import Entry, VideoDataset, collate
 
-    if pipeline == "ours":
+    if pipeline in FINETUNE_PIPELINES:
+        from train.augment import EraseSpec
+        from train.recipe import FINETUNE_COMMON
+
+        aug = pipeline == "ours-finetune+aug"
+        ds = VideoDataset([Entry(str(p), label=0) for p in paths], "finetune", frames, rate, size,
+                          num_sample=num_sample, seed=seed, decoder=decoder,
+                          auto_augment=FINETUNE_COMMON["aa"] if aug else None,
+                          train_interpolation=FINETUNE_COMMON["train_interpolation"],
+                          erase=EraseSpec(FINETUNE_COMMON["reprob"], FINETUNE_COMMON["remode"],
+                                          FINETUNE_COMMON["recount"]) if aug else None)
+        fn = TimedCollate(collate, lambda b: b["video"].shape[0])
+    elif pipeline == "ours":
         ds = VideoDataset([Entry(str(p)) for p in paths], "pretrain", frames, rate, size, num_sample=num_sample,
                           seed=seed, decoder=decoder)
         fn = TimedCollate(collate, lambda b: b["video"].shape[0])
@@ -140,7 +157,7 @@ def measure(pipeline: str, decoder: str, num_sample: int, workers: int, paths: l
     t_start, counted, wall_clips = None, 0, 0
     t0 = time.perf_counter()
     for b, (out, n, wid, cpu) in enumerate(loader):
-        assert _video_of(out).dtype == (torch.uint8 if pipeline == "ours" else torch.float32)
+        assert _video_of(out).dtype == (torch.float32 if pipeline == "official" else torch.uint8)
         seen.setdefault(wid, []).append((cpu, n))
         if t_start is None and len(seen) == workers:
             t_start = time.perf_counter()  # every worker has delivered its first batch
@@ -164,16 +181,25 @@ def _fmt(x, nd=2):
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
+def _baseline(r: dict, rows: list[dict]) -> dict | None:
+    """What a row's ratios are against: the official pipeline with decord for pretraining rows,
+    our fine-tuning without augmentation for fine-tuning rows (same num_sample and workers)."""
+    want = ("ours-finetune", None) if r["pipeline"] in FINETUNE_PIPELINES else ("official", "decord")
+    return next((b for b in rows if b["pipeline"] == want[0] and (want[1] is None or b["decoder"] == want[1])
+                 and (b["num_sample"], b["workers"]) == (r["num_sample"], r["workers"])), None)
+
+
 def table(rows: list[dict]) -> str:
-    base = {(r["num_sample"], r["workers"]): r for r in rows if r["pipeline"] == "official" and r["decoder"] == "decord"}
-    lines = ["| pipeline | decoder | num_sample | workers | clips / CPU-s | x official | wall clips/s | x official |",
+    lines = ["| pipeline | decoder | num_sample | workers | clips / CPU-s | x baseline | wall clips/s | x baseline |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        b = base.get((r["num_sample"], r["workers"]))
+        b = _baseline(r, rows)
         rel = lambda k: _fmt(r[k] / b[k]) + "x" if b and r.get(k) and b.get(k) else "n/a"  # noqa: E731
         lines.append(f"| {r['pipeline']} | {r['decoder']} | {r['num_sample']} | {r['workers']} | "
                      f"{_fmt(r['clips_per_cpu_s'])} | {rel('clips_per_cpu_s')} | {_fmt(r['wall_clips_per_s'])} | "
                      f"{rel('wall_clips_per_s')} |")
+    lines.append("\nbaseline: official (decord) for the pretraining rows; ours-finetune (no RandAugment, no "
+                 "erasing) for ours-finetune+aug")
     return "\n".join(lines)
 
 
@@ -202,6 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="comma list of decoders for our pipeline, or 'all' (those that load)")
     ap.add_argument("--official-decoders", default="all",
                     help="decoders for the official pipeline: 'decord' (its own) or a list, or 'all'")
+    ap.add_argument("--finetune", action="store_true",
+                    help="also measure our fine-tuning pipeline, without and with the official RandAugment "
+                         "(rand-m7-n4-mstd0.5-inc1) and random-erasing boxes, with the auto decoder")
     ap.add_argument("--num-sample", default="1,4")
     ap.add_argument("--workers", default=None, help="comma list (default 1..cores)")
     ap.add_argument("--clips", type=int, default=48, help="clips measured per row (default 48)")
@@ -225,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     samples = [int(s) for s in ns.num_sample.split(",")]
     off_dec = sorted(off_dec, key=lambda d: d != "decord")  # the baseline row first
     plan = [("official", d) for d in off_dec] + [("ours", d) for d in ours_dec]
+    if ns.finetune:
+        plan += [(p, auto) for p in FINETUNE_PIPELINES]
     rows = []
     for w in workers:
         for s in samples:

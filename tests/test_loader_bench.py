@@ -55,3 +55,17 @@ def test_bench_loader_writes_rows_goals_and_a_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| pipeline | decoder | num_sample | workers | clips / CPU-s |" in out
     assert out.count("\n| ours | pyav |") == 2
+
+
+def test_bench_loader_finetune_rows_price_the_augmentation(tmp_path, capsys):
+    res = loader.main(["--videos", str(DATA / "carphone_distorted.mp4"), "--decoders", "pyav",
+                       "--official-decoders", "pyav", "--num-sample", "1", "--workers", "1", "--clips", "2",
+                       "--batch", "1", "--frames", "4", "--size", "32", "--finetune", "--out", str(tmp_path),
+                       "--name", "t"])
+    rows = {r["pipeline"]: r for r in res["rows"]}
+    assert set(rows) == {"official", "ours", "ours-finetune", "ours-finetune+aug"}
+    auto = decode.resolve_decoder("auto")
+    for name in ("ours-finetune", "ours-finetune+aug"):
+        assert rows[name]["decoder"] == auto and rows[name]["clips"] >= 2 and rows[name]["clips_per_cpu_s"] > 0
+    out = capsys.readouterr().out
+    assert "| ours-finetune+aug |" in out and "baseline: official (decord)" in out
