@@ -116,10 +116,12 @@ def op_cases(x: dict) -> dict[str, dict]:
     }
 
 
-def fused_backend(device: torch.device, native_name: str) -> str:
-    from vmae_fast.ops._dispatch import backend
+def fused_path(device: torch.device, op: str) -> str:
+    """What ``op`` runs on this device now, from the dispatch itself (``ops._dispatch.kernel_paths``):
+    ``native``, ``triton``, ``triton (interpreter)`` or ``reference (why not faster)``."""
+    from vmae_fast.ops._dispatch import kernel_paths
 
-    return backend(device, native_name)
+    return kernel_paths()[op][device.type]
 
 
 def _run(fn: Callable, device, warmup, repeats) -> dict:
@@ -154,10 +156,9 @@ def bench_op(name: str, cases_by_set: list[dict], device, warmup, repeats, compi
             variants.append(("torch.compile(ref)", comp, None))
         except Exception as exc:
             variants.append(("torch.compile(ref)", None, f"{type(exc).__name__}: {exc}"[:200]))
-    which = fused_backend(device, c0["native"])
-    if which == "ref":
-        variants.append(("fused (dispatch)", None, "dispatch picks the reference here "
-                         "(no native build on CPU / no Triton on GPU)"))
+    which = fused_path(device, name)
+    if which.startswith("reference"):
+        variants.append(("fused (dispatch)", None, f"the dispatch runs the {which} here"))
     else:
         variants.append((f"fused (dispatch: {which})", cycled("fused"), None))
     if device.type == "cpu":

@@ -309,3 +309,26 @@ def test_hf_peer_runs_encoder_only_and_reports_dual_masking_unsupported(tmp_path
     # same weights, same pixels and masks: the same loss (float clip vs uint8 normalized in-kernel)
     assert abs(rows[("hf", 0.0)]["loss"] - rows[("vmae_fast", 0.0)]["loss"]) < 1e-4 * abs(rows[("vmae_fast", 0.0)]["loss"])
     assert rows[("hf", 0.0)]["clip_dtype"] == "float32"
+
+
+def test_kernels_timing_reports_the_path_the_dispatch_takes(tmp_path):
+    """The timed ``bench.kernels`` (not only ``--compile-only``): every op has its eager row and a
+    fused row named after ``kernel_paths()`` (or the reason it runs the reference)."""
+    from bench import kernels
+    from vmae_fast.ops._dispatch import kernel_paths
+
+    res = kernels.main(["--device", "cpu", "--arch", "vit_b", "--batch", "1", "--warmup", "0", "--repeats", "1",
+                        "--no-compile", "--out", str(tmp_path), "--name", "k"])
+    rows = res["rows"]
+    assert {r["op"] for r in rows} == {"gather_cubes", "decoder_input", "masked_mse_loss"}
+    for op in ("gather_cubes", "decoder_input", "masked_mse_loss"):
+        path = kernel_paths()[op]["cpu"]
+        fused = [r for r in rows if r["op"] == op and r["variant"].startswith("fused")]
+        assert len(fused) == 1
+        if path.startswith("reference"):
+            assert not fused[0]["ok"] and path in fused[0]["why"]
+        else:
+            assert fused[0]["ok"] and fused[0]["variant"] == f"fused (dispatch: {path})"
+            assert fused[0]["seconds"]["median"] > 0
+        assert any(r["op"] == op and r["variant"] == "eager ref" and r["ok"] for r in rows)
+    assert (tmp_path / "k.json").is_file()
