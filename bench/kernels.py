@@ -16,6 +16,8 @@ bench/results/kernels_compile.json).
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import re
 import sys
@@ -116,12 +118,10 @@ def op_cases(x: dict) -> dict[str, dict]:
     }
 
 
-def fused_path(device: torch.device, op: str) -> str:
-    """What ``op`` runs on this device now, from the dispatch itself (``ops._dispatch.kernel_paths``):
-    ``native``, ``triton``, ``triton (interpreter)`` or ``reference (why not faster)``."""
-    from vmae_fast.ops._dispatch import kernel_paths
-
-    return kernel_paths()[op][device.type]
+def _cycled(fns: list[Callable]) -> Callable:
+    """One call of the next function in ``fns``, round-robin: each call meets other inputs."""
+    it = itertools.cycle(fns)
+    return lambda: next(it)()
 
 
 def _run(fn: Callable, device, warmup, repeats) -> dict:
@@ -130,37 +130,24 @@ def _run(fn: Callable, device, warmup, repeats) -> dict:
 
 
 def bench_op(name: str, cases_by_set: list[dict], device, warmup, repeats, compile_: bool,
-             copy_gbps: float) -> list[dict]:
-    """All variants of one op; each call cycles over ``ROTATE`` input sets."""
+             copy_gbps: float, fused_path: str) -> list[dict]:
+    """All variants of one op; each call cycles over ``ROTATE`` input sets. ``fused_path``: what
+    the public op runs on ``device`` (``device_info``'s ``fused_ops``, from the dispatch)."""
     c0 = cases_by_set[0][name]
     rows = []
 
-    def cycled(key):
-        fns = [c[name][key] for c in cases_by_set]
-        i = [0]
-
-        def f():
-            i[0] = (i[0] + 1) % len(fns)
-            return fns[i[0]]()
-        return f
-
-    variants: list[tuple[str, Callable | None, str | None]] = [("eager ref", cycled("ref"), None)]
+    variants: list[tuple[str, Callable | None, str | None]] = [
+        ("eager ref", _cycled([c[name]["ref"] for c in cases_by_set]), None)]
     if compile_:
         try:
             compiled = [torch.compile(c[name]["ref"], dynamic=False) for c in cases_by_set]
-            j = [0]
-
-            def comp():
-                j[0] = (j[0] + 1) % len(compiled)
-                return compiled[j[0]]()
-            variants.append(("torch.compile(ref)", comp, None))
+            variants.append(("torch.compile(ref)", _cycled(compiled), None))
         except Exception as exc:
             variants.append(("torch.compile(ref)", None, f"{type(exc).__name__}: {exc}"[:200]))
-    which = fused_path(device, name)
-    if which.startswith("reference"):
-        variants.append(("fused (dispatch)", None, f"the dispatch runs the {which} here"))
+    if fused_path.startswith("reference"):
+        variants.append(("fused (dispatch)", None, f"the dispatch runs the {fused_path} here"))
     else:
-        variants.append((f"fused (dispatch: {which})", cycled("fused"), None))
+        variants.append((f"fused (dispatch: {fused_path})", _cycled([c[name]["fused"] for c in cases_by_set]), None))
     if device.type == "cpu":
         from vmae_fast.ops._dispatch import native_op
 
@@ -168,13 +155,8 @@ def bench_op(name: str, cases_by_set: list[dict], device, warmup, repeats, compi
         if f is None:
             variants.append(("native ext", None, "vmae_fast._C not built (" + devmod.native_status() + ")"))
         else:
-            calls = [c[name]["native_call"] for c in cases_by_set]
-            k = [0]
-
-            def nat():
-                k[0] = (k[0] + 1) % len(calls)
-                return calls[k[0]](f)
-            variants.append(("native ext", nat, None))
+            variants.append(("native ext", _cycled([functools.partial(c[name]["native_call"], f)
+                                                    for c in cases_by_set]), None))
     for label, fn, why in variants:
         row = {"op": name, "variant": label, "shape": c0["shape"], "bytes": c0["bytes"]}
         if fn is None:
@@ -243,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name in sets[0]:
             if wanted and name not in wanted:
                 continue
-            for r in bench_op(name, sets, dev, ns.warmup, repeats, not ns.no_compile, copy["gbps"]):
+            for r in bench_op(name, sets, dev, ns.warmup, repeats, not ns.no_compile, copy["gbps"],
+                              info["fused_ops"][name]):
                 r["setup"] = shp.name
                 rows.append(r)
                 print(f"  {shp.name} | {name} | {r['variant']}: " +
@@ -264,11 +247,12 @@ def main(argv: list[str] | None = None) -> dict:
         if not r.get("ok"):
             lines.append(f"| {r['setup']} | {r['op']} | {r['shape']} | {r['variant']} | n/a: {r['why'][:70]} | | | |")
             continue
-        ref = next(x for x in rows if x["setup"] == r["setup"] and x["op"] == r["op"] and x["variant"] == "eager ref")
+        ref = next((x for x in rows if x["setup"] == r["setup"] and x["op"] == r["op"]
+                    and x["variant"] == "eager ref" and x.get("ok")), None)
         s = r["seconds"]
+        vs = f"{ref['seconds']['median'] / s['median']:.2f}x" if ref else "–"  # the reference failed (e.g. OOM)
         lines.append(f"| {r['setup']} | {r['op']} | {r['shape']} | {r['variant']} | {s['median'] * 1e3:.3f} "
-                     f"({s['min'] * 1e3:.3f}–{s['max'] * 1e3:.3f}) | {r['gbps']:.1f} | {r['pct_copy_bw']:.0%} | "
-                     f"{ref['seconds']['median'] / s['median']:.2f}x |")
+                     f"({s['min'] * 1e3:.3f}–{s['max'] * 1e3:.3f}) | {r['gbps']:.1f} | {r['pct_copy_bw']:.0%} | {vs} |")
     print("\n".join(lines))
     save_result(result, ns, "kernels")
     return result

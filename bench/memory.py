@@ -30,15 +30,16 @@ import torch
 
 from vmae_fast.device import select_device
 from vmae_fast.flops import counted_flops
-from vmae_fast.memory import CATEGORIES, measure_train_step
+from vmae_fast.memory import CATEGORIES
 
 from .common import device as devmod
 from .common.cli import add_arch_arg, add_device_arg, add_output_args, make_parser, parse_plan
 from .common.output import result_header, save_result
-from .runner import (DTYPES, Setup, build, checkpointing_disabled, clip_dtype, loss_fn, make_inputs,
-                     master_state, short_arch, split_policy)
+from .runner import (DTYPES, Setup, build, checkpointing_disabled, clip_dtype, count_train_step, kernels_of,
+                     make_inputs, make_step, master_state, short_arch, split_policy)
 
 POLICIES = {"none": False, "full": True, "selective": "selective"}
+MEMORY_IMPLS = ("vmae_fast", "vmae_fast-unfused", "reference")  # counted in eager mode (no compile)
 GiB = 2 ** 30
 MiB = 2 ** 20
 # What a tensor count cannot see, as a share of the GPU's memory: the caching allocator's
@@ -92,33 +93,28 @@ def measure(setup: Setup, impl: str, policy, decoder_ratio: float, *, dtype: tor
     module = build(impl, setup, state, device)
     optimizer = make_optimizer(module, device)
     video, masks = make_inputs(setup, setup.batch, decoder_ratio, encoder_ratio, device, seed, clip_dtype(impl))
-    fwd = loss_fn(impl, module, video, masks, decoder_ratio)
-    mask_tensors = [masks.encoder_masked, masks.decoder_masked, masks.visible_idx, masks.decoder_idx]
     t0 = time.perf_counter()
     enc = getattr(module, "encoder", module)
     marks = [(i, list(blk.parameters())) for i, blk in enumerate(enc.blocks)]
-    m = measure_train_step(module, fwd, optimizer, inputs=[video, *mask_tensors], autocast_dtype=dtype,
-                           warmup_steps="prime", cuda_rules=cuda_rules, marks=marks)
+    m = count_train_step(impl, module, video, masks, decoder_ratio, optimizer, dtype, warmup_steps="prime",
+                         cuda_rules=cuda_rules, marks=marks)
     out = {"step_memory": m.to_dict(), "timeline": m.timeline}
     if flops:
-        autocast = dtype != torch.float32
-
-        def fwd_bwd():
-            with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-                loss = fwd()
-            loss.backward()
-
-        out["flops_step"], _ = counted_flops(fwd_bwd)
-        with checkpointing_disabled(module):
-            out["flops_model"], _ = counted_flops(fwd_bwd)
+        fwd_bwd = make_step(impl, module, video, masks, decoder_ratio, device, dtype, None)
+        with kernels_of(impl):
+            out["flops_step"], _ = counted_flops(fwd_bwd)
+            if any(split_policy(policy)):  # checkpointing recomputes: count the step without it too
+                with checkpointing_disabled(module):
+                    out["flops_model"], _ = counted_flops(fwd_bwd)
+            else:
+                out["flops_model"] = out["flops_step"]
     out["seconds"] = time.perf_counter() - t0
     module.zero_grad(set_to_none=True)
     return out
 
 
 # ------------------------------------------------------------------------------ extrapolation
-CATS = CATEGORIES  # the columns of a timeline row, after (phase, op, mark)
-_I = {c: i for i, c in enumerate(CATS)}
+_I = {c: i for i, c in enumerate(CATEGORIES)}  # the columns of a timeline row, after (phase, op, mark)
 ACT_PHASES = ("forward", "backward")
 
 
@@ -153,9 +149,9 @@ class Lines:
             v1 = torch.tensor([x[3:] for x in t1], dtype=torch.float64)
         else:
             sm0, sm1 = m0["step_memory"], m1["step_memory"]
-            v0 = torch.tensor([[sm0[k][c] for c in CATS] for k in ("at_peak", "at_activation_peak")],
+            v0 = torch.tensor([[sm0[k][c] for c in CATEGORIES] for k in ("at_peak", "at_activation_peak")],
                               dtype=torch.float64)
-            v1 = torch.tensor([[sm1[k][c] for c in CATS] for k in ("at_peak", "at_activation_peak")],
+            v1 = torch.tensor([[sm1[k][c] for c in CATEGORIES] for k in ("at_peak", "at_activation_peak")],
                               dtype=torch.float64)
             self.phases, marks = ["backward", "backward"], [None, None]
         self.per_clip = (v1 - v0) / (b1 - b0)
@@ -181,11 +177,6 @@ class Lines:
     def activation_peak(self, batch: float) -> float:
         v = self.at(batch)[:, _I["activations"]]
         return float(v[self.act_rows].max()) if bool(self.act_rows.any()) else float(v.max())
-
-    def activation_per_clip(self) -> float:
-        """Activation bytes per clip of the peak as the batch grows (the steepest line)."""
-        s = self.per_clip[:, _I["activations"]]
-        return float(s[self.act_rows].max()) if bool(self.act_rows.any()) else float(s.max())
 
     def totals(self, batch: float, dist: str = "single", world: int = 1, extra: float = 0.0) -> torch.Tensor:
         """Live bytes per GPU after every op at ``batch`` under ``dist``: parameters + buffers +
@@ -276,7 +267,7 @@ def summary(prof: dict, batch: int | None = None) -> dict:
     b = batch or prof["batches"][0]
     fs, fm = _scalar(prof, "flops_step_per_clip"), _scalar(prof, "flops_model_per_clip")
     rec = None if fs is None or fm is None else fs - fm
-    end = {c: _at_depth(prof, lambda ln, c=c: float(ln.at(b)[-1, _I[c]])) for c in CATS}
+    end = {c: _at_depth(prof, lambda ln, c=c: float(ln.at(b)[-1, _I[c]])) for c in CATEGORIES}
     return {"impl": prof["impl"], "policy": prof["policy"], "batch": b,
             "act_per_clip": (activation_peak(prof, 2 * _BIG) - activation_peak(prof, _BIG)) / _BIG,
             "act_peak": activation_peak(prof, b),
@@ -363,7 +354,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-ratio", type=float, default=0.9)
     p.add_argument("--policies", default="none,full,selective",
                    help="comma list: none, full, selective, n blocks, or <encoder>/<decoder> (e.g. selective/full)")
-    p.add_argument("--impl", default="vmae_fast", help="comma list: vmae_fast, vmae_fast-unfused, reference")
+    p.add_argument("--impl", default="vmae_fast", help=f"comma list: {', '.join(MEMORY_IMPLS)}")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="autocast dtype (default bf16)")
     add_device_arg(p, "cpu", ": the counts are device-independent")
     p.add_argument("--batch", default="2,3",
@@ -407,6 +398,8 @@ def plan(ns) -> dict:
         raise ValueError("a block-count policy cannot be scaled by depth: use --depth-scale off or "
                          "none/full/selective")
     impls = [x.strip() for x in ns.impl.split(",") if x.strip()]
+    if not impls or any(x not in MEMORY_IMPLS for x in impls):
+        raise ValueError(f"--impl takes a comma list of {', '.join(MEMORY_IMPLS)}, got {ns.impl!r}")
     gpu = [float(x) for x in ns.gpu_mem.split(",")] if ns.gpu_mem else []
     dists = [x.strip() for x in ns.dist.split(",") if x.strip()]
     if not dists or any(x not in ("single", "ddp", "fsdp") for x in dists):

@@ -322,13 +322,27 @@ class CellOptions:
     seed: int = 0
 
 
-def _with_kernels(impl: str, fn: Callable) -> Callable:
-    enabled = impl != "vmae_fast-unfused"
+def kernels_of(impl: str):
+    """The fused-op switch ``impl`` runs under: ``vmae_fast-unfused`` is the model on the ops'
+    references (``use_kernels(False)``), every other implementation the kernels."""
+    return vmae_fast.ops.use_kernels(impl != "vmae_fast-unfused")
 
+
+def _with_kernels(impl: str, fn: Callable) -> Callable:
     def f():
-        with vmae_fast.ops.use_kernels(enabled):
+        with kernels_of(impl):
             return fn()
     return f
+
+
+def count_train_step(impl: str, module: nn.Module, video, masks, decoder_ratio: float, optimizer,
+                     dtype: torch.dtype, **kw):
+    """``vmae_fast.memory.measure_train_step`` of one train step of ``impl`` (under its kernel
+    switch); ``kw`` goes to ``measure_train_step``."""
+    mask_tensors = [getattr(masks, f) for f in ("encoder_masked", "decoder_masked", "visible_idx", "decoder_idx")]
+    fwd = loss_fn(impl, module, video, masks, decoder_ratio)
+    with kernels_of(impl):
+        return measure_train_step(module, fwd, optimizer, inputs=[video, *mask_tensors], autocast_dtype=dtype, **kw)
 
 
 def _count(impl, module, setup, decoder_ratio, opt, row, video, masks) -> None:
@@ -415,11 +429,7 @@ def exact_memory(impl, module, setup, decoder_ratio, opt, optimizer, video, mask
     gradients and optimizer state are those of a running loop."""
     if "compile" in impl:
         return {"exact_memory": None, "exact_memory_why": "not counted under torch.compile"}
-    mask_tensors = [getattr(masks, f) for f in ("encoder_masked", "decoder_masked", "visible_idx", "decoder_idx")]
-    fwd = loss_fn(impl, module, video, masks, decoder_ratio)
-    with vmae_fast.ops.use_kernels(impl != "vmae_fast-unfused"):
-        m = measure_train_step(module, fwd, optimizer, inputs=[video, *mask_tensors], autocast_dtype=opt.dtype,
-                               warmup_steps=0)
+    m = count_train_step(impl, module, video, masks, decoder_ratio, optimizer, opt.dtype, warmup_steps=0)
     b = setup.batch
     row = {"exact_memory": m.to_dict(), "exact_peak_bytes": m.peak_total,
            "exact_act_peak_per_clip_bytes": m.peak_activations / b,

@@ -181,3 +181,27 @@ def test_bench_cell_counts_exactly():
     assert row["saved_act_per_clip_bytes"] == m["held_after_forward"] / setup.batch > 0
     assert 0 < row["recompute_share"] < 0.1
     assert row["recompute_flops"] == row["counted_flops_train_step"] - row["counted_flops_model_step"]
+
+
+def test_the_unfused_row_counts_the_references(monkeypatch):
+    """``--impl vmae_fast-unfused`` counts the model on the fused ops' references, like the timed
+    bench's row of that name; the other rows count the kernels."""
+    import bench.runner as br
+    from vmae_fast.ops import kernels_enabled
+
+    seen = []
+    real = br.loss_fn
+
+    def spy(*args, **kw):
+        fwd = real(*args, **kw)
+        return lambda: seen.append(kernels_enabled()) or fwd()
+
+    monkeypatch.setattr(br, "loss_fn", spy)
+    monkeypatch.setattr(bm, "loss_fn", spy, raising=False)
+    setup = replace(TINY, depth=1, decoder_depth=1)
+    for impl, want in (("vmae_fast", True), ("vmae_fast-unfused", False)):
+        seen.clear()
+        bm.measure(setup, impl, False, 0.5, **{**KW, "flops": True})
+        assert seen and set(seen) == {want}, (impl, seen)
+    with pytest.raises(SystemExit):
+        bm.main(["--impl", "vmae_fast,nope", "--out", "/nonexistent"])

@@ -41,7 +41,10 @@ FINETUNE_SCRIPTS = {
 }
 FINETUNE_SCRIPTS[S] = FINETUNE_SCRIPTS[B]
 FINETUNE_ALL = dict(num_sample=2, warmup_epochs=5, min_lr=1e-6, warmup_lr=0.0, betas=(0.9, 0.999), eps=1e-8,
-                    clip_grad=None, smoothing=0.1, mixup=0.8, cutmix=1.0, test_num_segment=5, test_num_crop=3)
+                    clip_grad=None, smoothing=0.1, mixup=0.8, cutmix=1.0, test_num_segment=5, test_num_crop=3,
+                    # run_class_finetuning.py's augmentation defaults
+                    aa="rand-m7-n4-mstd0.5-inc1", train_interpolation="bicubic", reprob=0.25, remode="pixel",
+                    recount=1)
 
 
 @pytest.fixture

@@ -54,6 +54,16 @@ def make_parser(kind: str, doc: str) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def parse(ap: argparse.ArgumentParser, argv, kind: str, validate) -> argparse.Namespace:
+    """``ap`` (a loop's own options) with the common ones added, parsed; every option left at
+    ``None`` filled from the official recipe of ``--model``; then ``validate(args)``."""
+    add_common_args(ap, kind)
+    args = ap.parse_args(argv)
+    recipe.fill_defaults(args, kind)
+    validate(args)
+    return args
+
+
 def add_common_args(ap: argparse.ArgumentParser, kind: str) -> None:
     """Options of both loops. ``None`` defaults come from the official recipe of ``--model``
     (train/recipe.py, listed at the end of ``--help``)."""
@@ -181,7 +191,8 @@ def check_common(args, *, eval_only: bool = False) -> None:
     if args.divergence_factor != 0 and not args.divergence_factor > 1:
         raise UsageError(f"--divergence-factor must be > 1 (or 0 for none), got {args.divergence_factor}")
     if args.tensorboard and not tensorboard_available():
-        raise UsageError("--tensorboard: the tensorboard package is not installed (it comes with the train extra: pip install 'vmae-fast[train]', or pip install tensorboard)")
+        raise UsageError("--tensorboard: the tensorboard package is not installed (it comes with the train "
+                         "extra: pip install 'vmae-fast[train]', or pip install tensorboard)")
     if args.resume and args.resume != "auto" and not Path(args.resume).exists():
         raise UsageError(f"--resume {args.resume}: no such checkpoint")
     check_output_dir(args.output_dir)

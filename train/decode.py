@@ -199,7 +199,9 @@ class PyAVReader(VideoReader):
     """Seek to the keyframe at or before each run of needed frames and decode forward from it.
 
     The index (every frame's pts, and which are keyframes) comes from demuxing the file once,
-    without decoding: 1-3 ms for a 10 s clip, against 0.3-0.6 ms per decoded 320p frame.
+    without decoding: 2.2-2.5 ms for a 10 s clip, against 0.6-0.7 ms per decoded frame (PyAV 18.1,
+    the 2-core Xeon of ``bench/results/loader-*.json``, ``bench.loader``'s generated 10 s 320p
+    H.264 clips, median of 15 opens).
     """
 
     name = "pyav"
@@ -233,10 +235,10 @@ class PyAVReader(VideoReader):
         if self.container is not None:
             self.container.close()
         # Opening probes the streams (avformat_find_stream_info), which by default decodes frames
-        # until it has seen enough: ~7 ms on a 10 s 320p clip with B-frames, as much as decoding
-        # the frames of a short clip. Probing with skip_frame=nonkey stops after the container's
-        # own header (0.3 ms); the decoder below is a fresh one and finds the pixel format in the
-        # stream itself (frames identical: tests/test_decoders.py).
+        # until it has seen enough: 7-9 ms on a 10 s 320p clip with B-frames (same machine and
+        # clips as above), as much as decoding a dozen frames. Probing with skip_frame=nonkey stops
+        # after the container's own header (0.5 ms); the decoder below is a fresh one and finds the
+        # pixel format in the stream itself (frames identical: tests/test_decoders.py).
         self.container = av.open(self.path, stream_options=[{"skip_frame": "nonkey"}] * 8)
         try:
             self.stream = self.container.streams.video[0]

@@ -25,9 +25,10 @@ from vmae_fast.flops import encoder_macs
 from vmae_fast.ops import normalize_uint8
 
 from . import distributed as dist_
-from . import loop, recipe
+from . import loop
+from .recipe import official
 from .augment import ERASE_MODES, INTERPOLATIONS, EraseSpec, erase_, parse_rand_augment
-from .cli import UsageError, add_common_args, check_common, check_file, check_model_config, make_parser, model_options
+from .cli import UsageError, check_common, check_file, check_model_config, make_parser, model_options, parse
 from .data import VideoDataset, collate, decoder_name, read_list
 from .optim import autocast, resolve_precision
 
@@ -44,40 +45,37 @@ def parse_args(argv=None):
                                      "when --num-classes matches)")
     a("--eval", action="store_true", help="only evaluate the weights of --resume or --finetune on --val-list")
     a("--layer-decay", type=float, default=None, help="layer-wise lr decay (default: official recipe of --model)")
-    a("--mixup", type=float, default=None, help="mixup alpha, 0 = off (default: official 0.8)")
-    a("--cutmix", type=float, default=None, help="cutmix alpha, 0 = off (default: official 1.0)")
+    a("--mixup", type=float, default=None, help=f"mixup alpha, 0 = off {official('finetune', 'mixup')}")
+    a("--cutmix", type=float, default=None, help=f"cutmix alpha, 0 = off {official('finetune', 'cutmix')}")
     a("--mixup-prob", type=float, default=1.0)
     a("--mixup-switch-prob", type=float, default=0.5)
-    a("--smoothing", type=float, default=None, help="label smoothing (default: official 0.1)")
+    a("--smoothing", type=float, default=None, help=f"label smoothing {official('finetune', 'smoothing')}")
     a("--min-scale", type=float, default=0.08, help="random resized crop: smallest area fraction")
     a("--aa", default=None, metavar="SPEC",
       help="RandAugment of each training clip, the official --aa spec rand-m<magnitude>-n<ops>[-mstd<std>]"
            "[-inc<0|1>][-w0]; one draw of ops and magnitudes per clip; 'none' or '' = off "
-           f"(default: official {recipe.FINETUNE_COMMON['aa']})")
+           + official("finetune", "aa"))
     a("--train-interpolation", default=None, choices=INTERPOLATIONS,
-      help="resampling of RandAugment's rotate/shear/translate (default: official "
-           f"{recipe.FINETUNE_COMMON['train_interpolation']})")
+      help="resampling of RandAugment's rotate/shear/translate " + official("finetune", "train_interpolation"))
     a("--reprob", type=float, default=None,
       help="random erasing probability per clip, 0 = off; one box for every frame, on the normalized clip "
-           f"(default: official {recipe.FINETUNE_COMMON['reprob']})")
+           + official("finetune", "reprob"))
     a("--remode", default=None, choices=ERASE_MODES,
       help="random erasing fill: pixel (per-pixel N(0,1) noise), rand (one N(0,1) color per channel), "
-           f"const (0) (default: official {recipe.FINETUNE_COMMON['remode']})")
+           "const (0) " + official("finetune", "remode"))
     a("--recount", type=int, default=None,
       help="random erasing: up to this many boxes per clip, area split between them "
-           f"(default: official {recipe.FINETUNE_COMMON['recount']})")
+           + official("finetune", "recount"))
     a("--head-drop", type=float, default=None, help="dropout before the head (default: official recipe of --model)")
     a("--model-ema", action="store_true")
     a("--model-ema-decay", type=float, default=0.9999)
-    a("--test-num-segment", type=int, default=None, help="clips per video at evaluation (default: official 5)")
-    a("--test-num-crop", type=int, default=None, help="crops per clip at evaluation (default: official 3)")
+    a("--test-num-segment", type=int, default=None,
+      help=f"clips per video at evaluation {official('finetune', 'test_num_segment')}")
+    a("--test-num-crop", type=int, default=None,
+      help=f"crops per clip at evaluation {official('finetune', 'test_num_crop')}")
     a("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     a("--eval-batch-size", type=int, default=None, help="videos per GPU at evaluation (default: --batch-size)")
-    add_common_args(ap, "finetune")
-    args = ap.parse_args(argv)
-    recipe.fill_defaults(args, "finetune")
-    validate(args)
-    return args
+    return parse(ap, argv, "finetune", validate)
 
 
 def _model_options(args) -> dict:

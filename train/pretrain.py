@@ -18,8 +18,9 @@ from vmae_fast.flops import count_macs
 from vmae_fast.masking import num_decoder_tokens
 
 from . import distributed as dist_
-from . import loop, recipe
-from .cli import UsageError, add_common_args, check_common, check_file, check_model_config, make_parser, model_options
+from . import loop
+from .recipe import official
+from .cli import UsageError, check_common, check_file, check_model_config, make_parser, model_options, parse
 from .data import VideoDataset, decoder_name, read_list
 
 
@@ -27,16 +28,12 @@ def parse_args(argv=None):
     ap = make_parser("pretrain", __doc__)
     a = ap.add_argument
     a("--data-list", required=True, help="lines 'path start_idx total_frames [label]'")
-    a("--encoder-ratio", type=float, default=None, help="encoder mask ratio (default: official 0.9)")
+    a("--encoder-ratio", type=float, default=None, help=f"encoder mask ratio {official('pretrain', 'encoder_ratio')}")
     a("--decoder-ratio", type=float, default=None,
       help="running-cell decoder mask ratio: 0.25, 0.5 (official) or 0.75; 0 = encoder-only masking")
     a("--encoder-mask-type", choices=("tube", "random"), default="tube")
-    a("--decoder-depth", type=int, default=None, help="(default: official 4)")
-    add_common_args(ap, "pretrain")
-    args = ap.parse_args(argv)
-    recipe.fill_defaults(args, "pretrain")
-    validate(args)
-    return args
+    a("--decoder-depth", type=int, default=None, help=official("pretrain", "decoder_depth"))
+    return parse(ap, argv, "pretrain", validate)
 
 
 def _model_options(args) -> dict:

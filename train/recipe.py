@@ -51,7 +51,7 @@ FINETUNE = {
 FINETUNE[S] = dict(FINETUNE[B], script="none (ViT-B values)")
 
 # Not reproduced (README "Training"): the official fp16 (ours: bf16 autocast on CUDA; --precision
-# fp16 adds a loss scaler). Fine-tuning's RandAugment and random erasing are (train/augment.py).
+# fp16 adds a loss scaler).
 
 
 def recipe(kind: str, model: str) -> dict:
@@ -61,6 +61,12 @@ def recipe(kind: str, model: str) -> dict:
     if model not in table:
         raise ValueError(f"no official recipe for --model {model!r}; expected one of {sorted(table)}")
     return {**common, **table[model]}
+
+
+def official(kind: str, key: str) -> str:
+    """``--help``'s default note of an option every model shares, read from the recipe (so the
+    help and the default cannot drift apart)."""
+    return f"(default: official {(PRETRAIN_COMMON if kind == 'pretrain' else FINETUNE_COMMON)[key]})"
 
 
 def fill_defaults(args, kind: str) -> list[str]:
