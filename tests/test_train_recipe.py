@@ -9,9 +9,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import vmae_fast
 from train import finetune, pretrain
+from train.cli import UsageError
 from train.optim import cosine_lr, make_plan, param_groups
 
 S, B, L, H, G = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch16_224",
@@ -144,6 +146,31 @@ def test_layer_decay_and_weight_decay_groups():
     assert scale["blocks.0.attn.qkv.weight"] == 0.75 ** 2 and scale["blocks.1.mlp.fc1.weight"] == 0.75
     assert scale["head.weight"] == 1.0 and scale["fc_norm.weight"] == 1.0
     assert wd["head.weight"] == 0.05 and wd["head.bias"] == 0.0 and wd["blocks.0.norm1.weight"] == 0.0
+
+
+def test_layer_decay_reads_through_ddp_and_compile_wrappers():
+    """DDP names the parameters ``module.*`` and torch.compile ``_orig_mod.*``: the layer rules
+    must see the model's own names, or every group gets lr_scale 1 under torchrun."""
+    model = vmae_fast.create_model(S, 4, depth=2, embed_dim=64, num_heads=2, patch_size=8, num_frames=4, img_size=32)
+
+    class Wrapper(torch.nn.Module):  # as DistributedDataParallel holds the model
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    bare = {id(p): g["lr_scale"] for g in param_groups(model, 0.05, 0.75, 2) for p in g["params"]}
+    for wrapped in (Wrapper(model), Wrapper(torch.compile(model))):
+        got = {id(p): g["lr_scale"] for g in param_groups(wrapped, 0.05, 0.75, 2) for p in g["params"]}
+        assert got == bare and len(set(got.values())) == 4
+
+
+def test_model_overrides_take_every_factory_option(files):
+    """--model-overrides takes the classifier's options (cos_attn, qk_scale, ...) as create_model
+    does, and still names an unknown one."""
+    args = finetune_args(files, "--model-overrides", "cos_attn=True,drop_rate=0.1,depth=2")
+    assert args.model_overrides
+    with pytest.raises(UsageError, match="unknown model option"):
+        finetune_args(files, "--model-overrides", "cos_atn=True")
 
 
 def test_help_says_which_lr_scaling_runs(capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import inspect
 import json
 import os
 import sys
@@ -157,11 +158,15 @@ def model_options(args, **options) -> dict:
     return {**options, **parse_overrides(args.model_overrides)}
 
 
+# The factories' options that are not VideoMAEConfig fields (the classifier's head and attention
+# options, checkpointing), read off their signatures: config_for checks the rest.
+_FACTORY_ONLY = ({name for f in (vmae_fast.create_model, vmae_fast.create_pretrain_model)
+                  for name in inspect.signature(f).parameters} - set(vmae_fast.VideoMAEConfig.__dataclass_fields__))
+
+
 def check_model_config(args, **options) -> vmae_fast.VideoMAEConfig:
     """The config the run will build, made now so that a bad size fails before anything else."""
-    # create_model's options that are not VideoMAEConfig fields (the classifier head's)
-    opts = {k: v for k, v in model_options(args, **options).items()
-            if k not in ("head_drop_rate", "use_mean_pooling", "head_init_scale", "grad_checkpointing")}
+    opts = {k: v for k, v in model_options(args, **options).items() if k not in _FACTORY_ONLY}
     try:
         return vmae_fast.config_for(args.model, **opts)
     except (ValueError, TypeError) as exc:

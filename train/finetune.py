@@ -201,34 +201,33 @@ def make_evaluate(args, d: dist_.Dist, precision: str, ema=None):
     def run_once(model) -> dict:
         # Own generator: a loader's iterator draws worker seeds, never from the global stream.
         loader = torch.utils.data.DataLoader(ds, batch_size=bs, sampler=keys, num_workers=args.num_workers,
-                                             collate_fn=collate, generator=torch.Generator().manual_seed(0))
+                                             collate_fn=collate, pin_memory=d.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(0))
         was_training = model.training
         model.eval()
-        counts = torch.zeros(4, dtype=torch.float64)  # top1, top5, videos read, videos skipped
+        # top1, top5, videos read, videos skipped: on the device, read once at the end (no sync per batch)
+        counts = torch.zeros(4, dtype=torch.float64, device=d.device)
         for b, batch in enumerate(loader):
             loaded = batch["loaded"]
             ok_all = valid[b * bs:b * bs + len(loaded)]
             counts[3] += (ok_all & ~loaded).sum()
             if batch["video"] is None:  # nothing read: a dummy forward (FSDP: every rank gathers alike)
-                dummy = normalize_uint8(torch.zeros(views, 3, args.num_frames, args.img_size, args.img_size,
-                                                    dtype=torch.uint8, device=d.device))
                 with autocast(precision, d.device):
-                    model(dummy)
+                    model(torch.zeros(views, 3, args.num_frames, args.img_size, args.img_size, dtype=torch.uint8,
+                                      device=d.device))
                 continue
-            video = normalize_uint8(batch["video"].to(d.device, non_blocking=True))
-            with autocast(precision, d.device):
-                logits = model(video)
-            prob = logits.float().softmax(-1).view(-1, views, logits.shape[-1]).mean(1).cpu()
-            label = batch["label"].view(-1, views)[:, 0]
+            with autocast(precision, d.device):  # the classifier normalizes the uint8 clip itself
+                logits = model(batch["video"].to(d.device, non_blocking=True))
+            prob = logits.float().softmax(-1).view(-1, views, logits.shape[-1]).mean(1)
+            label = batch["label"].view(-1, views)[:, 0].to(d.device, non_blocking=True)
             top = prob.topk(min(5, prob.shape[-1]), dim=-1).indices
-            ok = ok_all[loaded]
+            ok = ok_all[loaded].to(d.device, non_blocking=True)
             counts[0] += ((top[:, 0] == label) & ok).sum()
             counts[1] += ((top == label[:, None]).any(-1) & ok).sum()
             counts[2] += ok.sum()
         if d.enabled:
-            counts = counts.to(d.device)
             torch.distributed.all_reduce(counts)
-            counts = counts.cpu()
+        counts = counts.cpu()
         model.train(was_training)
         n = counts[2].item()
         if not n:
@@ -284,8 +283,7 @@ def build(args, d: dist_.Dist) -> loop.Task:
         label = batch["label"].to(d.device, non_blocking=True)
         if mixup is not None:
             video, label = apply_mixup(mixup, video, label)  # soft targets, smoothing included
-            return torch.sum(-label * F.log_softmax(model(video).float(), dim=-1), dim=-1).mean()
-        return F.cross_entropy(model(video).float(), label, label_smoothing=args.smoothing)
+        return F.cross_entropy(model(video).float(), label, label_smoothing=0.0 if mixup is not None else args.smoothing)
 
     return loop.Task(
         name="finetune", model=model, model_config=config, loss=loss, dataset=dataset,

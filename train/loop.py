@@ -243,7 +243,7 @@ class _Run:
     def forward_backward(self) -> torch.Tensor:
         """One optimizer step's micro-batches; returns their mean loss (on the device)."""
         args, ddp = self.args, self.d.enabled and not self.d.fsdp
-        total = torch.zeros((), device=self.d.device)
+        total = None
         for micro in range(args.accum_steps):
             batch = next(self.batches)
             self.skipped_new.update(batch["skipped"])
@@ -254,7 +254,8 @@ class _Run:
                     autocast(self.precision, self.d.device):
                 loss = self.task.loss(self.model, batch)
             self.scaler.scale(loss / args.accum_steps).backward()
-            total += loss.detach().float() / args.accum_steps
+            part = loss.detach().float() / args.accum_steps
+            total = part if total is None else total + part
         return total
 
     def vouch(self, step: int) -> None:

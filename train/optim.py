@@ -24,6 +24,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        name = _model_name(name)
         base = name.split(".")[-1]
         decay = not (p.ndim <= 1 or name.endswith(".bias") or base in no_decay_names)
         layer = 0
@@ -42,6 +43,17 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return [groups[k] for k in sorted(groups)]
+
+
+_WRAPPERS = ("module.", "_orig_mod.")  # DistributedDataParallel's and torch.compile's attribute
+
+
+def _model_name(name: str) -> str:
+    """A parameter's name in the model itself, whatever wraps it (DDP, torch.compile): the layer
+    rules above read the model's own names."""
+    while name.startswith(_WRAPPERS):
+        name = name.split(".", 1)[1]
+    return name
 
 
 def make_optimizer(model: nn.Module, args, device: torch.device, layer_decay: float | None = None,
