@@ -169,6 +169,26 @@ def test_saved_casts_hold_no_weight_copies():
     assert res[False].peak_activations - res[True].peak_activations >= 2 * block_weights
 
 
+def test_saved_casts_refuse_a_weight_changed_before_backward():
+    """A weight edited in place between forward and backward: autograd's saved bf16 copy still
+    holds the old values; the hooks keep the weight itself, so they raise rather than compute a
+    gradient of the new values."""
+    model, masks, _ = _model_and_fwd(0.0)
+    video = torch.randn(2, 3, 6, 48, 48)
+    w = model.encoder.blocks[0].mlp.fc2.weight
+    for on in (False, True):
+        with saved_casts_enabled(on), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(video, masks).loss
+        with torch.no_grad():
+            w.add_(1.0)
+        if on:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+        else:
+            loss.backward()  # the copy autograd saved: the gradient of the forward that ran
+        model.zero_grad(set_to_none=True)
+
+
 def test_saved_casts_double_backward():
     """With ``create_graph=True`` the tensors the hooks unpack stay tied to their sources: the
     gradient of a gradient norm is the one without the hooks (``math`` attention: the fused CPU

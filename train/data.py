@@ -312,9 +312,8 @@ class VideoDataset(torch.utils.data.Dataset):
             if self.skip_short and n < self.num_frames * rate:
                 raise ValueError(f"too short: {n} frames, the clip spans {self.num_frames * rate} (skip_short)")
             if self.mode == "test":  # the official test views, as vmae_fast.predict takes them
-                views = make_views(src.get, n, num_frames=self.num_frames, img_size=self.size, sampling_rate=rate,
-                                   views=(self.num_segments, self.num_crops))
-                return list(views), None
+                return make_views(src.get, n, num_frames=self.num_frames, img_size=self.size, sampling_rate=rate,
+                                  views=(self.num_segments, self.num_crops), stack=False), None
             if self.mode == "pretrain":
                 frames = src.get(pretrain_frame_ids(n, self.num_frames, rate,
                                                     pretrain_start(n, self.num_frames, rate, rng)))

@@ -16,7 +16,8 @@ namespace::
 with the semantics of the ``*_ref`` functions of ``vmae_fast.ops`` (CPU tensors only; bad
 input raises ``ValueError``; rows of zero weight are skipped by the loss, so a NaN ``pred`` there
 does not propagate as it would in the reference). The library is loaded lazily on the first call and the result is
-cached; ``VMAE_FAST_NO_EXT=1`` disables it at runtime.
+cached; ``VMAE_FAST_NO_EXT=1`` set before ``vmae_fast.ops`` is imported disables it (the ops
+register their CPU kernels at that import).
 
 :func:`status` tells three situations apart: ``"loaded"``; ``"disabled"`` / ``"not_built"``
 (nothing to load: the ops fall back, the native tests skip); ``"broken"``: a library is built but
@@ -149,7 +150,8 @@ def unavailable_reason() -> str | None:
 
 
 def cache_clear() -> None:
-    """Forget the cached load result and warning (tests, or after changing ``VMAE_FAST_NO_EXT``)."""
+    """Forget the cached load result and warning (tests). The ops' registered CPU kernels stay as
+    they were registered at import: ``VMAE_FAST_NO_EXT`` steers the ops only when set before it."""
     _load.cache_clear()
     _warn_once.cache_clear()
 

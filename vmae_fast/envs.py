@@ -2,12 +2,14 @@
 
     VMAE_FAST_KERNELS=0   fused ops run their pure-PyTorch references (default 1: fused kernels)
     VMAE_FAST_DEBUG=1     bound-check token indices on the GPU too (costs a device sync)
-    VMAE_FAST_NO_EXT=1    do not load the native CPU extension vmae_fast._C (no warning either)
+    VMAE_FAST_NO_EXT=1    do not load the native CPU extension vmae_fast._C (no warning either);
+                          like TRITON_INTERPRET, it steers the ops when set before they are imported
     VMAE_FAST_ATTN=NAME   force an attention backend (sdpa, math, flash_attn, xformers, auto)
     TRITON_INTERPRET=1    Triton's own switch: kernels decorated after it is set run through the
                           interpreter on CPU tensors (it must be set before Triton is imported)
 
-Read at access (``envs.VMAE_FAST_KERNELS``), so a test's ``monkeypatch.setenv`` takes effect.
+Read at access (``envs.VMAE_FAST_KERNELS``), so a test's ``monkeypatch.setenv`` takes effect;
+the two import-time switches above decide which kernels the ops register, once.
 Library code steers itself with explicit contexts (``vmae_fast.ops.use_kernels(False)``), never
 by writing ``os.environ``.
 """

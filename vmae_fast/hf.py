@@ -48,7 +48,8 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import describe_keys, unwrap_state_dict
-from .config import ARCHS, IMAGENET_MEAN, IMAGENET_STD
+from .config import ARCHS
+from .ops._common import normalize_uint8
 
 HF_PRETRAIN_CLASS = "VideoMAEForPreTraining"
 HF_CLASSIFIER_CLASS = "VideoMAEForVideoClassification"
@@ -450,9 +451,7 @@ def hf_pixel_values(video: torch.Tensor, dtype: torch.dtype | None = None) -> to
     """Our clip ``(B, C, T, H, W)`` (normalized float, or uint8 normalized here with the ImageNet
     mean/std) as transformers' ``pixel_values`` ``(B, T, C, H, W)`` (a view for a float clip)."""
     if video.dtype == torch.uint8:
-        mean = torch.tensor(IMAGENET_MEAN, device=video.device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=video.device).view(1, -1, 1, 1, 1)
-        video = ((video.float() / 255 - mean) / std).to(dtype or torch.float32)
+        video = normalize_uint8(video).to(dtype or torch.float32)
     return video.transpose(1, 2)
 
 

@@ -214,15 +214,22 @@ _LOW = (torch.bfloat16, torch.float16)
 
 
 class _Recast:
-    """A saved tensor kept as what it was cast from: ``src.to(dtype)`` viewed as it was saved."""
+    """A saved tensor kept as what it was cast from: ``src.to(dtype)`` viewed as it was saved.
+    ``src``'s version is kept too: a source changed in place before backward (a parameter edited
+    between forward and backward) raises, as autograd raises for a saved tensor changed so."""
 
-    __slots__ = ("src", "dtype", "size", "stride", "offset")
+    __slots__ = ("src", "dtype", "size", "stride", "offset", "version")
 
     def __init__(self, src, dtype, t):
-        self.src, self.dtype = src, dtype
+        self.src, self.dtype, self.version = src, dtype, src._version
         self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
 
     def get(self) -> torch.Tensor:
+        if self.src._version != self.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: a {tuple(self.src.shape)} tensor whose {self.dtype} cast was saved for backward "
+                f"(vmae_fast.memory.SavedCasts) is at version {self.src._version}, expected {self.version}")
         # recorded by autograd only where backward itself is (create_graph=True): then the
         # unpacked tensor is tied to its source, as the saved one was
         return self.src.to(self.dtype).as_strided(self.size, self.stride, self.offset)

@@ -120,10 +120,13 @@ def resize_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def make_views(get_frames: Callable[[list[int]], torch.Tensor], n_frames: int, *, num_frames: int,
-               img_size: int, sampling_rate: int = 4, views: str | Sequence[int] = DEFAULT_VIEWS) -> torch.Tensor:
+               img_size: int, sampling_rate: int = 4, views: str | Sequence[int] = DEFAULT_VIEWS,
+               stack: bool = True) -> torch.Tensor | list[torch.Tensor]:
     """The ``S x C`` views of one video as a uint8 batch ``(S*C, 3, num_frames, img_size, img_size)``,
     clip-major (view ``k*C + j`` = clip ``k``, crop ``j``). ``get_frames(indices)`` returns those
-    frames as ``(len, H, W, 3)`` uint8; each needed frame is asked for and resized once."""
+    frames as ``(len, H, W, 3)`` uint8; each needed frame is asked for and resized once.
+    ``stack=False``: the views as a list of (strided) crops, for a caller that copies them into
+    its own batch anyway (``train.data.Collate``)."""
     s, c = parse_views(views)
     clips = clip_frame_indices(n_frames, num_frames, sampling_rate, s)
     needed = sorted({i for clip in clips for i in clip})
@@ -135,7 +138,7 @@ def make_views(get_frames: Callable[[list[int]], torch.Tensor], n_frames: int, *
         x = resized[[pos[f] for f in clip]]  # (T, 3, h, w)
         for top, left in crop_offsets(h, w, img_size, c):
             out.append(x[:, :, top:top + img_size, left:left + img_size].transpose(0, 1))
-    return torch.stack(out)
+    return torch.stack(out) if stack else out
 
 
 @torch.no_grad()
@@ -175,8 +178,9 @@ def open_video(path: str, decoder: str = "auto"):
     try:
         from train.data import Entry, VideoSource
     except ImportError as exc:
-        raise ImportError("reading video files uses the repository's decoders (train.data): run from the "
-                          "repository root, or pass decoded frames to vmae_fast.predict.predict_frames") from exc
+        raise ImportError("reading video files uses the training package's decoders (train.data, installed with "
+                          "vmae-fast; PyAV/torchcodec/decord from its train extra), or pass decoded frames to "
+                          "vmae_fast.predict.predict_frames") from exc
     src = VideoSource(Entry(path=os.path.abspath(path)), decoder)
     return src.get, len(src), src.close
 
@@ -238,7 +242,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None]:
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    from .device import select_device
+
+    dev = select_device(device)  # validated; a cuda:N device becomes the current one
     if dtype == "auto":
         dtype = "bf16" if dev.type == "cuda" else "fp32"
     return dev, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]

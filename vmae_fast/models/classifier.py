@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..config import IMAGENET_MEAN, IMAGENET_STD, VideoMAEConfig
 from ..layers import LN_EPS, init_weights_finetune, make_blocks
-from ..ops._common import imagenet_stats
+from ..ops._common import normalize_uint8
 from .common import CubeEmbed, OfficialCheckpointMixin, as_embed_dtype, check_video_shape, make_pos_embed
 
 
@@ -130,9 +130,7 @@ class VideoMAEv2Classifier(OfficialCheckpointMixin, nn.Module):
         """Encoder output of every token, ``(B, N, D)``, before pooling and ``fc_norm``."""
         check_video_shape(video, self.cfg, self.patch_embed.proj.weight.dtype)
         if video.dtype == torch.uint8:
-            mean, std = imagenet_stats(video.device)
-            norm = (video.float() / 255 - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)
-            video = as_embed_dtype(norm, video, self.patch_embed.proj.weight)
+            video = as_embed_dtype(normalize_uint8(video), video, self.patch_embed.proj.weight)
         x = self.patch_embed(video)
         x = x + self.pos_embed.to(x.dtype)  # official type_as(x): bf16 stream under autocast
         if self.drop_rate > 0:
