@@ -17,7 +17,8 @@ import torch
 from vmae_fast.attention import attention, why_not
 from vmae_fast.config import config_for
 from vmae_fast.device import select_device
-from vmae_fast.masking import cell_masked_slots, num_encoder_masked
+from vmae_fast.flops import attention_flops
+from vmae_fast.masking import num_decoder_tokens
 
 from .common import device as devmod
 from .common.cli import add_arch_arg, add_device_arg, add_output_args, make_parser, parse_plan
@@ -30,9 +31,9 @@ def attn_shapes(arch: str, batch: int) -> list[dict]:
     """Encoder (visible tokens) and decoder shapes (dual 0.5 and encoder-only) of ``arch`` 16x224."""
     cfg = config_for(arch, num_frames=16, img_size=224)
     n = cfg.num_tokens
-    masked = num_encoder_masked(cfg.grid, 0.9)
+    masked = num_decoder_tokens(cfg.grid, 0.0)  # encoder-only: every masked token
     nv = n - masked
-    nd_dual = n * (4 - cell_masked_slots(0.5)) // 4
+    nd_dual = num_decoder_tokens(cfg.grid, 0.5)
     dh = cfg.decoder_embed_dim // cfg.decoder_num_heads
     return [
         dict(where="encoder", B=batch, N=nv, H=cfg.num_heads, d=cfg.embed_dim // cfg.num_heads),
@@ -71,26 +72,29 @@ def plan(ns) -> dict:
             "repeats": ns.repeats or (30 if dev.type == "cuda" else 5)}
 
 
-def measure_variant(row: dict, backend: str, ctx, qkv, grad, fwd_flops: int, dev, warmup: int, repeats: int) -> dict:
-    """Forward, and forward + backward, of one backend at one shape (``row``)."""
+def measure_variant(row: dict, backend: str, ctx, qkv, grad, dev, warmup: int, repeats: int) -> dict:
+    """Forward, and forward + backward, of one backend at one shape (``row``), under ``ctx`` (entered
+    once, outside the timed calls)."""
     why = why_not(backend, qkv)
     if why is not None:
         return {**row, "ok": False, "why": why}
 
     def step():
         qkv.grad = None
-        with ctx():
-            attention(qkv, backend).backward(grad)
+        attention(qkv, backend).backward(grad)
+
+    B, N, H, d = row["B"], row["N"], row["H"], row["d"]
+    fwd_flops = attention_flops(B * H, N, N, d)
     try:
         with ctx():
             with torch.no_grad():
                 fwd = time_fn(lambda: attention(qkv, backend), dev, warmup=warmup, repeats=repeats)
-        both = time_fn(step, dev, warmup=warmup, repeats=repeats)
-        with PeakMemory(dev) as mem:
-            step()
+            both = time_fn(step, dev, warmup=warmup, repeats=repeats)
+            with PeakMemory(dev) as mem:
+                step()
         return {**row, "ok": True, "fwd_s": fwd.to_dict(), "fwd_bwd_s": both.to_dict(),
                 "fwd_tflops": fwd_flops / fwd.median / 1e12,
-                "fwd_bwd_tflops": 3 * fwd_flops / both.median / 1e12,
+                "fwd_bwd_tflops": (fwd_flops + attention_flops(B * H, N, N, d, backward=True)) / both.median / 1e12,
                 "peak_mem_delta_bytes": mem.delta, "memory_kind": mem.kind}
     except Exception as exc:  # a kernel that rejects the shape/dtype, OOM
         return {**row, "ok": False, "why": f"{type(exc).__name__}: {exc}"[:200]}
@@ -110,7 +114,7 @@ def measure_shape(arch: str, shp: dict, pl: dict, warmup: int) -> list[dict]:
     rows = []
     for label, backend, ctx in variants:
         row = {"arch": arch, **shp, "backend": label, "dtype": str(dtype).replace("torch.", "")}
-        rows.append(measure_variant(row, backend, ctx, qkv, grad, 4 * B * H * N * N * d, dev, warmup, pl["repeats"]))
+        rows.append(measure_variant(row, backend, ctx, qkv, grad, dev, warmup, pl["repeats"]))
         print(f"  {short_arch(arch)} {shp['where']} | {label}: " +
               (f"{rows[-1]['fwd_bwd_s']['median'] * 1e3:.2f} ms" if rows[-1]["ok"] else rows[-1]["why"]),
               file=sys.stderr, flush=True)

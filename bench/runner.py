@@ -396,7 +396,7 @@ def _search_max_batch(impl, module, setup, decoder_ratio, opt, optimizer) -> dic
         module.zero_grad(set_to_none=True)  # a step that failed in backward leaves some grads
         free_memory(device)
 
-    if device.type == "cuda":  # start from an empty cache (a CPU has none, and gc.collect costs ~0.2 s)
+    if device.type == "cuda":  # start from an empty cache (a CPU has none: gc.collect would be time for nothing)
         free()
     out = max_batch(run_once, setup.batch, device, opt.max_batch_cap, free)
     out["clip_dtype"] = str(cdt).replace("torch.", "")

@@ -250,8 +250,8 @@ def _train_step_flops(p, batch):  # fwd + bwd (2x), no input gradient for the pa
 
 @pytest.fixture
 def one_thread():
-    """Toy-size ops on one thread: ~5x faster than two on a loaded 2-core machine, where two
-    OpenMP threads mostly wait for each other."""
+    """Toy-size ops on one thread: on a loaded 2-core machine two OpenMP threads mostly wait for
+    each other."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

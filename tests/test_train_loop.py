@@ -38,7 +38,7 @@ QUIET = ["--num-workers", "0", "--no-progress"]
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     # Tiny models: one thread is as fast, and immune to other processes on a shared 2-core box
-    # (OpenMP threads spinning against them made steps 30x slower).
+    # (OpenMP threads spinning against them made the steps far slower).
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

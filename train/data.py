@@ -33,7 +33,7 @@ from vmae_fast.predict import make_views
 
 from . import decode as _decode
 from .augment import ClipRandAugment, EraseSpec, erase_boxes, parse_rand_augment, to_pil
-from .transforms import (PRETRAIN_SCALES, crop_resize, pretrain_frame_ids, pretrain_start, random_resized_box,
+from .transforms import (PRETRAIN_SCALES, crop_resize, pretrain_indices, random_resized_box,
                          sample_multiscale_crop)
 
 FRAME_PATTERN = "img_{:05}.jpg"
@@ -222,11 +222,6 @@ class VideoSource:
         self.reader.close()
 
 
-def sample_indices(n: int, num_frames: int, rate: int, rng: np.random.Generator) -> list[int]:
-    """The official pretraining frame list (``train.transforms.pretrain_frame_ids``)."""
-    return pretrain_frame_ids(n, num_frames, rate, pretrain_start(n, num_frames, rate, rng))
-
-
 # ----------------------------------------------------------------------------- dataset
 class VideoDataset(torch.utils.data.Dataset):
     """``mode``: ``"pretrain"`` (official multi-scale crop, no flip), ``"finetune"`` (random resized
@@ -315,8 +310,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 return make_views(src.get, n, num_frames=self.num_frames, img_size=self.size, sampling_rate=rate,
                                   views=(self.num_segments, self.num_crops), stack=False), None
             if self.mode == "pretrain":
-                frames = src.get(pretrain_frame_ids(n, self.num_frames, rate,
-                                                    pretrain_start(n, self.num_frames, rate, rng)))
+                frames = src.get(pretrain_indices(n, self.num_frames, rate, rng))
             else:
                 span = self.num_frames * rate
                 start = int(rng.integers(0, n - span + 1)) if n >= span else 0

@@ -123,12 +123,6 @@ def all_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return x
 
 
-def all_sum_int(n: int, d: Dist) -> int:
-    if not d.enabled:
-        return n
-    t = torch.tensor([n], dtype=torch.int64, device=d.device)
-    dist.all_reduce(t)
-    return int(t.item())
 
 
 def all_true(flag: bool, d: Dist) -> bool:

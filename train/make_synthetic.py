@@ -13,7 +13,9 @@ classifier a class to see.
 decoders: 10 s at 25 or 30 fps, short side 256 to 320 (landscape and portrait), H.264 (libx264 at
 its defaults: CRF 23, preset medium, GOP 250 with scene cuts, 3 B-frames), and content that costs
 what real footage costs to decode: a textured background that pans, moving shapes, sensor-like
-grain (~500 kbit/s at 340x256, ~900 kbit/s at 568x320).
+grain (656-949 kbit/s at 426x320 to 568x320: the ``kbit_s`` of the six clips in
+``bench/results/loader-intel-xeon-2t-2026-11-22.json``; how their decoding compares with real
+footage's: the README's loader section, against ``tests/data``).
 """
 from __future__ import annotations
 

@@ -47,6 +47,7 @@ def pretrain_start(n: int, num_frames: int, rate: int, rng: np.random.Generator)
 
 
 def pretrain_indices(n: int, num_frames: int, rate: int, rng: np.random.Generator) -> list[int]:
+    """The official pretraining frame list of a clip from a random start."""
     return pretrain_frame_ids(n, num_frames, rate, pretrain_start(n, num_frames, rate, rng))
 
 
@@ -133,7 +134,9 @@ UINT8_RESIZE = _uint8_aa_supported()
 def resize_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``(T, 3, h, w)`` uint8 (any strides) -> ``(T, 3, *size)`` uint8: antialiased bilinear, PIL's
     filter. Frames decoded as ``(T, H, W, 3)`` and permuted are channels-last, the layout the
-    uint8 kernel is fastest on (about 2x the contiguous NCHW one); the result is channels-last."""
+    uint8 kernel is fastest on: 2.8 ms against 5.2 ms for the contiguous NCHW copy, resizing a
+    (16, 3, 250, 440) crop of (16, 290, 480, 3) frames to 224 (torch 2.14.1, one thread, the
+    2-core Xeon of ``bench/results/``, median of 15); the result is channels-last."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     if UINT8_RESIZE:

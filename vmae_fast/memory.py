@@ -602,7 +602,6 @@ class StepMemory:
     peak_phase: str
     peak_activations: int
     at_activation_peak: dict
-    grads_at_activation_peak: int
     held_after_forward: int
     parameters: int
     buffers: int
@@ -712,7 +711,6 @@ def _measure(model, loss_fn, optimizer, inputs, autocast_dtype, warmup_steps, de
     return StepMemory(
         peak_total=r["peak_total"], at_peak=r["at_peak"], peak_phase=r["peak_phase"],
         peak_activations=r["peak_activations"], at_activation_peak=r["at_activation_peak"],
-        grads_at_activation_peak=r["at_activation_peak"].get("gradients", 0),
         held_after_forward=bwd.get("activations", 0),
         parameters=end["parameters"], buffers=end["buffers"], gradients=end["gradients"],
         optimizer_state=end["optimizer_state"], inputs=end["inputs"], phase_peaks=r["phase_peaks"],

@@ -15,7 +15,7 @@ from ..runner import DTYPES, IMPLS, Setup
 
 CPU_IMPLS = ["vmae_fast", "vmae_fast-unfused", "reference"]
 PRESETS = {
-    # About a minute on 2 idle CPU cores: ViT-S on 16x160 clips (8x10x10 = 800 tokens, 80
+    # 42-52 s on the 2-core Xeon (wall_s of bench/results/cpu-intel-xeon-2t-2026-11-22*.json): ViT-S on 16x160 clips (8x10x10 = 800 tokens, 80
     # encoder-visible at 0.9, the paper's 16 frames), both maskings, the three implementations.
     # At 8x128 (28 visible tokens) the AdamW step dominates and every row looks alike.
     "cpu": {"setups": [(Setup("vit_small_patch16_224", 16, 160, 2), [0.0, 0.5])],
@@ -64,8 +64,8 @@ def parse_impls(text: str) -> list[str]:
 
 def smoke_setup(s: Setup) -> Setup:
     """``s`` at toy size: the smallest grid the running-cell masks take (2x2 patches), head
-    width 8 with the arch's head counts (a full-width ViT-g block alone makes each AdamW step
-    cost ~0.2 s on 2 CPU cores)."""
+    width 8 with the arch's head counts (a full-width ViT-g block alone is 25M parameters for
+    every AdamW step to update)."""
     a = arch_spec(s.arch)
     return Setup(**{**s.__dict__, **SMOKE, "img_size": 2 * a.patch_size, "embed_dim": 8 * a.num_heads,
                     "decoder_embed_dim": 8 * a.decoder_num_heads})

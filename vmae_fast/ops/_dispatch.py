@@ -71,10 +71,6 @@ else:  # pragma: no cover
     INTERPRETED = False
     div_rn = cube_origin = None
 
-def debug_enabled() -> bool:
-    """``VMAE_FAST_DEBUG=1``: bound-check indices on GPU too (costs a device sync)."""
-    return envs.VMAE_FAST_DEBUG
-
 
 def revalidate(checked: bool, device: torch.device) -> bool:
     """Whether a Triton launcher validates its inputs. Called as a registered kernel

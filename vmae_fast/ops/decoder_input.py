@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import envs
 from ._common import check_index, kernels_enabled
-from ._dispatch import (HAS_TRITON, check_device, check_kernel_device, debug_enabled, launch, next_pow2,
+from ._dispatch import (HAS_TRITON, check_device, check_kernel_device, launch, next_pow2,
                         register_kernels, revalidate)
 
 
@@ -165,7 +166,7 @@ def _inverse_map(idx: torch.Tensor, N: int, name: str) -> torch.Tensor:
     B, n = idx.shape
     inv = torch.full((B, N), -1, dtype=torch.int32, device=idx.device)
     inv.scatter_(1, idx.long(), torch.arange(n, dtype=torch.int32, device=idx.device).expand(B, n))
-    if n and (idx.device.type == "cpu" or debug_enabled()):
+    if n and (idx.device.type == "cpu" or envs.VMAE_FAST_DEBUG):
         if int((inv >= 0).sum()) != B * n:
             raise ValueError(f"{name} repeats a token index within a clip; the learnable-pos "
                              f"gradient kernel needs distinct indices per row (as DualMask gives)")
