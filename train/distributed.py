@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from vmae_fast.device import parse_device
+from vmae_fast.device import select_device
 from vmae_fast.layers import Block
 
 
@@ -38,20 +38,10 @@ def world_from_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def pick_device(args) -> tuple[torch.device, int | None]:
-    rank, world, local = world_from_env()
-    avail = torch.cuda.is_available()
-    return parse_device(args.device, cuda_available=avail, local_rank=local, world=world,
-                          device_count=torch.cuda.device_count() if avail else 0,
-                          current=torch.cuda.current_device() if avail else 0)
-
-
 def setup(args) -> Dist:
     """Device and process group from torchrun's environment (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``)."""
     rank, world, local = world_from_env()
-    device, index = pick_device(args)
-    if index is not None:
-        torch.cuda.set_device(index)
+    device = select_device(args.device, local, world)  # a CUDA device also becomes the current one
     if world > 1 and not dist.is_initialized():
         backend = args.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend, **({"device_id": device} if device.type == "cuda" else {}))

@@ -38,7 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from vmae_fast.checkpoint import write_atomic
-from vmae_fast.config import IMAGENET_MEAN, IMAGENET_STD
+from vmae_fast.ops._common import imagenet_stats
+from vmae_fast.predict import device_and_dtype, open_video
+
+from .data import add_decoder_arg
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
 
@@ -67,9 +70,8 @@ def preprocess(frames: torch.Tensor, img_size: int, input_norm: str = "imagenet"
     if tuple(x.shape[-2:]) != (img_size, img_size):
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
     if input_norm == "imagenet":
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        x = (x - mean) / std
+        mean, std = imagenet_stats(x.device)
+        x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     elif input_norm != "none":
         raise ValueError(f"input_norm must be 'imagenet' or 'none', got {input_norm!r}")
     return x
@@ -145,8 +147,6 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
             decoder: str = "auto", amp_dtype: torch.dtype | None = None, progress: bool = True) -> dict[str, list[str]]:
     """Write the features of each video (module docstring). Returns ``{"written": [...],
     "skipped": [...] (existing files), "failed": [...]}``."""
-    from train.data import Entry, VideoSource
-
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     done: dict[str, list[str]] = {"written": [], "skipped": [], "failed": []}
     bar = _progress(list(videos), progress)
@@ -156,12 +156,12 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
             done["skipped"].append(video)
             continue
         try:
-            src = VideoSource(Entry(path=os.path.abspath(video)), decoder)
+            get_frames, n_frames, close = open_video(video, decoder)
             try:
-                feats = video_features(model, src.get, len(src), stride=stride, sampling_rate=sampling_rate,
+                feats = video_features(model, get_frames, n_frames, stride=stride, sampling_rate=sampling_rate,
                                        pool=pool, batch_size=batch_size, input_norm=input_norm, amp_dtype=amp_dtype)
             finally:
-                src.close()
+                close()
         except Exception as exc:  # a bad video: say which, go on
             warnings.warn(f"skipping {video}: {type(exc).__name__}: {exc}", stacklevel=2)
             done["failed"].append(video)
@@ -192,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--decoder", default="auto")
+    add_decoder_arg(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -206,9 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("no videos given (VIDEO... or --video-dir)")
     extra = {"num_heads": args.num_heads} if args.num_heads else {}
     model = load_model(args.checkpoint, "classifier", num_frames=args.num_frames, img_size=args.img_size, **extra)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    dev, amp = device_and_dtype(args.device, args.dtype)
     model = model.to(dev).eval()
     done = extract(model, videos, args.output_dir, stride=args.stride, sampling_rate=args.sampling_rate,
                    pool=args.pool, batch_size=args.batch_size, input_norm=args.input_norm, decoder=args.decoder,

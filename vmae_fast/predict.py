@@ -241,7 +241,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None]:
+def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None]:
+    """``--device`` and ``--dtype`` (``auto``: bf16 on CUDA, else fp32) of an inference CLI ->
+    ``(device, autocast dtype or None)``."""
     from .device import select_device
 
     dev = select_device(device)  # validated; a cuda:N device becomes the current one
@@ -272,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        hf_config=hf_config, **extra)
     if model.num_classes == 0:
         raise SystemExit(f"{args.checkpoint} holds no classification head: predict needs a fine-tuned classifier")
-    device, amp = _device_and_dtype(args.device, args.dtype)
+    device, amp = device_and_dtype(args.device, args.dtype)
     model = model.to(device).eval()
     labels = load_labels(args.labels) if args.labels else default_labels(model, hf_config)
     if labels is not None and len(labels) != model.num_classes:
