@@ -153,7 +153,7 @@ def bench_op(name: str, cases_by_set: list[dict], device, warmup, repeats, compi
 
         f = native_op(c0["native"])
         if f is None:
-            variants.append(("native ext", None, "vmae_fast._C not built (" + devmod.native_status() + ")"))
+            variants.append(("native ext", None, "vmae_fast._C: " + devmod.native_status()))
         else:
             variants.append(("native ext", _cycled([functools.partial(c[name]["native_call"], f)
                                                     for c in cases_by_set]), None))

@@ -34,8 +34,8 @@ import torch
 
 import vmae_fast
 from vmae_fast.checkpoint import write_atomic
-from vmae_fast.config import IMAGENET_MEAN, IMAGENET_STD
 from vmae_fast.device import select_device
+from vmae_fast.ops._common import imagenet_stats
 from vmae_fast.ops.masked_mse import cube_targets_ref
 
 from .common.cli import add_device_arg
@@ -47,9 +47,8 @@ def pixels01(video: torch.Tensor) -> torch.Tensor:
     """``(B, C, T, H, W)`` normalized float or uint8 clip -> float32 pixels in ``[0, 1]``."""
     if video.dtype == torch.uint8:
         return video.float() / 255
-    mean = torch.tensor(IMAGENET_MEAN, device=video.device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=video.device).view(1, -1, 1, 1, 1)
-    return video.float() * std + mean
+    mean, std = imagenet_stats(video.device)
+    return video.float() * std.view(1, -1, 1, 1, 1) + mean.view(1, -1, 1, 1, 1)
 
 
 def _cubes_to_video(cubes: torch.Tensor, shape: tuple[int, ...], tubelet: int, patch: int) -> torch.Tensor:

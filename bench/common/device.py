@@ -52,17 +52,12 @@ def module_version(module: str) -> str | None:
 
 
 def native_status() -> str:
-    """'built' if the native extension loads, else why not."""
-    import warnings
+    """'built' if the native extension loads, else its loader's state and why (disabled, not
+    built, or built but broken here: ``vmae_fast._native.status``)."""
+    from vmae_fast import _native
 
-    try:
-        from vmae_fast import _native  # type: ignore[attr-defined]
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return "built" if _native.native_ops() is not None else "not built"
-    except Exception as exc:  # absent module, failed build, missing symbol
-        return f"not built ({type(exc).__name__}: {exc})"[:200]
+    st = _native.status()
+    return "built" if st.state == "loaded" else f"{st.state.replace('_', ' ')} ({st.reason})"[:200]
 
 
 def fused_op_paths(device: torch.device) -> dict[str, str]:

@@ -94,10 +94,12 @@ _PATHS: dict[str, dict[str, str]] = {}
 
 
 def register_kernels(op: Any, name: str, *, triton_impl: Callable[..., Any] | None,
-                     native_name: str, native_impl: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+                     native_name: str,
+                     native_impl: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None) -> None:
     """Register ``op``'s per-device kernels: ``triton_impl`` for ``cuda`` (and for ``cpu`` in an
-    interpreting process), ``native_impl(native op)`` for ``cpu`` when the extension has
-    ``native_name``. Devices left without a kernel keep the op's body, the reference."""
+    interpreting process), the extension's ``native_name`` for ``cpu`` when it has that op
+    (wrapped by ``native_impl`` when given). Devices left without a kernel keep the op's body,
+    the reference."""
     paths = _PATHS[name] = {}
     if INTERPRETED and triton_impl is not None:
         op.register_kernel("cpu")(triton_impl)
@@ -105,7 +107,7 @@ def register_kernels(op: Any, name: str, *, triton_impl: Callable[..., Any] | No
     else:
         native = native_op(native_name)
         if native is not None:
-            op.register_kernel("cpu")(native_impl(native))
+            op.register_kernel("cpu")(native if native_impl is None else native_impl(native))
             paths["cpu"] = "native"
         else:
             why = _native.unavailable_reason() or f"the native library has no op {native_name}"

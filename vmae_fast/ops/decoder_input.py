@@ -254,7 +254,7 @@ def _triton_fwd(z, pos, mask_token, visible_idx, decoder_idx):
 
 
 register_kernels(_decoder_input_op, "decoder_input", triton_impl=_triton_fwd if HAS_TRITON else None,
-                 native_name="decoder_input_fwd_cpu", native_impl=lambda native: native)
+                 native_name="decoder_input_fwd_cpu")
 register_kernels(_decoder_input_backward_op, "decoder_input_backward",
                  triton_impl=decoder_input_backward_triton if HAS_TRITON else None,
                  native_name="decoder_input_bwd_cpu", native_impl=_native_backward)

@@ -168,7 +168,7 @@ def _triton(video, idx, tubelet, patch, thwc):
 
 
 register_kernels(_gather_cubes_op, "gather_cubes", triton_impl=_triton if HAS_TRITON else None,
-                 native_name="gather_cubes_cpu", native_impl=lambda native: native)
+                 native_name="gather_cubes_cpu")
 
 
 def gather_cubes(video: torch.Tensor, idx: torch.Tensor, *, tubelet: int, patch: int,

@@ -259,10 +259,10 @@ def _triton_bwd(grad_loss, pred, video, decoder_idx, weight, tubelet, patch, nor
 
 
 register_kernels(_masked_mse_op, "masked_mse_loss", triton_impl=_triton_fwd if HAS_TRITON else None,
-                 native_name="masked_mse_fwd_cpu", native_impl=lambda native: native)
+                 native_name="masked_mse_fwd_cpu")
 register_kernels(_masked_mse_backward_op, "masked_mse_loss_backward",
                  triton_impl=_triton_bwd if HAS_TRITON else None,
-                 native_name="masked_mse_bwd_cpu", native_impl=lambda native: native)
+                 native_name="masked_mse_bwd_cpu")
 
 
 def _setup_context(ctx, inputs, output):
