@@ -18,7 +18,7 @@ import vmae_fast
 
 from . import recipe
 from .checkpointing import CHECKPOINT, DCP_LATEST
-from .data import add_decoder_arg
+from .data import add_decoder_arg, read_list
 from .metrics import tensorboard_available
 from .optim import LR_SCALINGS
 
@@ -53,6 +53,14 @@ def parse_overrides(text: str | None) -> dict:
 def make_parser(kind: str, doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=f"vmae-{kind}", description=doc, epilog=recipe.help_table(kind),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def read_list_or_usage(path: str, data_root: str, kind: str) -> list:
+    """``train.data.read_list``, its errors (a bad line, a missing file) as one usage line."""
+    try:
+        return read_list(path, data_root, kind)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse(ap: argparse.ArgumentParser, argv, kind: str, validate) -> argparse.Namespace:

@@ -28,8 +28,9 @@ from . import distributed as dist_
 from . import loop
 from .recipe import official
 from .augment import ERASE_MODES, INTERPOLATIONS, EraseSpec, erase_, parse_rand_augment
-from .cli import UsageError, check_common, check_file, check_model_config, make_parser, model_options, parse
-from .data import VideoDataset, collate, decoder_name, read_list
+from .cli import (UsageError, check_common, check_file, check_model_config, make_parser, model_options, parse,
+                  read_list_or_usage)
+from .data import VideoDataset, collate, decoder_name
 from .optim import autocast, resolve_precision
 
 
@@ -184,10 +185,7 @@ def make_evaluate(args, d: dist_.Dist, precision: str, ema=None):
     to load is not replaced by another (that would count one twice, with its label) but counted in
     ``val_skipped``. Every rank takes part (FSDP needs equal batch counts: the last rank pads with
     repeats that are not counted; a batch with no video read runs a dummy one)."""
-    try:
-        entries = read_list(args.val_list, args.data_root, "finetune")
-    except (ValueError, FileNotFoundError) as exc:
-        raise UsageError(str(exc)) from None
+    entries = read_list_or_usage(args.val_list, args.data_root, "finetune")
     ds = VideoDataset(entries, "test", args.num_frames, args.sampling_rate, args.img_size,
                       num_segments=args.test_num_segment, num_crops=args.test_num_crop, decoder=args.decoder,
                       substitute=False)
@@ -266,10 +264,7 @@ def build(args, d: dist_.Dist) -> loop.Task:
     if args.eval:
         return loop.Task(name="finetune", model=model, model_config=config, loss=None, dataset=None,
                          evaluate=evaluate)
-    try:
-        entries = read_list(args.train_list, args.data_root, "finetune")
-    except (ValueError, FileNotFoundError) as exc:
-        raise UsageError(str(exc)) from None
+    entries = read_list_or_usage(args.train_list, args.data_root, "finetune")
     dataset = VideoDataset(entries, "finetune", args.num_frames, args.sampling_rate, args.img_size,
                            num_sample=args.num_sample, seed=args.seed, min_scale=args.min_scale,
                            decoder=args.decoder, auto_augment=args.aa, train_interpolation=args.train_interpolation,

@@ -15,7 +15,6 @@ from vmae_fast.flops import datasheet_peak_tflops
 METRICS = "metrics.jsonl"
 
 
-
 def tensorboard_available() -> bool:
     try:
         import tensorboard  # noqa: F401
@@ -24,16 +23,19 @@ def tensorboard_available() -> bool:
     return True
 
 
+def _rows(lines):
+    """``(line, row)`` of every line that parses: a line cut short by a killed run is left out."""
+    for line in lines:
+        try:
+            yield line, json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
 def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
     """The rows of ``metrics.jsonl``; a line cut short by a killed run is left out."""
-    rows = []
     with open(Path(out_dir) / METRICS, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+        return [row for _, row in _rows(f)]
 
 
 def truncate_metrics(out_dir: str | os.PathLike, step: int) -> int:
@@ -43,14 +45,7 @@ def truncate_metrics(out_dir: str | os.PathLike, step: int) -> int:
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8").splitlines()
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= step:
-            kept.append(line)
+    kept = [line for line, row in _rows(lines) if row.get("step", 0) <= step]
     if len(kept) != len(lines):
         write_atomic(path, "".join(k + "\n" for k in kept))
     return len(lines) - len(kept)

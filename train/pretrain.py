@@ -20,8 +20,9 @@ from vmae_fast.masking import num_decoder_tokens
 from . import distributed as dist_
 from . import loop
 from .recipe import official
-from .cli import UsageError, check_common, check_file, check_model_config, make_parser, model_options, parse
-from .data import VideoDataset, decoder_name, read_list
+from .cli import (UsageError, check_common, check_file, check_model_config, make_parser, model_options, parse,
+                  read_list_or_usage)
+from .data import VideoDataset, decoder_name
 
 
 def parse_args(argv=None):
@@ -67,10 +68,7 @@ def build(args, d: dist_.Dist) -> loop.Task:
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     cfg = model.cfg
-    try:
-        entries = read_list(args.data_list, args.data_root, "pretrain")
-    except (ValueError, FileNotFoundError) as exc:
-        raise UsageError(str(exc)) from None
+    entries = read_list_or_usage(args.data_list, args.data_root, "pretrain")
     dataset = VideoDataset(entries, "pretrain", args.num_frames, args.sampling_rate, args.img_size,
                            num_sample=args.num_sample, seed=args.seed, decoder=args.decoder)
     mask_gen = torch.Generator(device=d.device).manual_seed(args.seed)

@@ -143,7 +143,7 @@ def decoder_input_triton(z: torch.Tensor, pos: torch.Tensor, mask_token: torch.T
     no autograd. ``checked``: the caller validated the inputs (``_dispatch.revalidate``)."""
     if revalidate(checked, z.device):
         _validate(z, pos, mask_token, visible_idx, decoder_idx)
-    (B, n_vis, D), N, n_dec = z.shape, pos.shape[0], decoder_idx.shape[1]
+    (B, n_vis, D), n_dec = z.shape, decoder_idx.shape[1]
     device = z.device
     check_kernel_device(device)
     dtype = _out_dtype(z, pos, mask_token)

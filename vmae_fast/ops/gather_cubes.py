@@ -111,7 +111,7 @@ def gather_cubes_triton(video: torch.Tensor, idx: torch.Tensor, *, tubelet: int,
     inputs (``_dispatch.revalidate``)."""
     if revalidate(checked, video.device):
         _validate(video, idx, tubelet, patch, layout)
-    (B, C, T, H, W), n = video.shape, idx.shape[1]
+    (B, C, _, H, W), n = video.shape, idx.shape[1]
     device = video.device
     check_kernel_device(device)
     dtype = torch.float32 if video.dtype == torch.uint8 else video.dtype
