@@ -350,3 +350,24 @@ def test_refused_pickle_names_the_global_and_gives_no_unsafe_advice(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.pth with torch\.load\(weights_only=True\): \w") as info:
         load_checkpoint_file(bad)
     _no_weights_only_false_advice(info.value)
+
+
+def test_load_model_reads_the_architecture_off_the_weights(tmp_path):
+    """``vmae_fast.load_model`` builds the model a file holds (depths, widths, heads of the named
+    arch of that width) and loads it; blocks numbered with a gap, or a width of no named arch
+    without ``num_heads=``, fail with the reason."""
+    torch.manual_seed(0)
+    model = vmae_fast.create_pretrain_model("vit_small_patch16_224", depth=2, decoder_depth=1, num_frames=4,
+                                            img_size=32, patch_size=8)
+    sd = model.official_state_dict()
+    got = vmae_fast.load_model(sd, num_frames=4, img_size=32)
+    assert (got.cfg.depth, got.cfg.decoder_depth, got.cfg.num_heads) == (2, 1, model.cfg.num_heads)
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in model.state_dict().items())
+    gap = {k.replace("encoder.blocks.1.", "encoder.blocks.2."): v for k, v in sd.items()}
+    with pytest.raises(ValueError, match="not numbered 0..1"):
+        vmae_fast.load_model(gap, num_frames=4, img_size=32)
+    odd = vmae_fast.create_pretrain_model("vit_small_patch16_224", depth=1, decoder_depth=1, num_frames=4,
+                                          img_size=32, patch_size=8, embed_dim=40, num_heads=2)
+    with pytest.raises(ValueError, match="width 40 .* pass num_heads="):
+        vmae_fast.load_model(odd.official_state_dict(), num_frames=4, img_size=32)
+    assert vmae_fast.load_model(odd.official_state_dict(), num_frames=4, img_size=32, num_heads=2).cfg.embed_dim == 40

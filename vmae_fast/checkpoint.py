@@ -217,6 +217,40 @@ def describe_keys(keys: Iterable[str], n: int = 4) -> str:
 
 # --------------------------------------------------------------------------- atomic writes
 
+# ------------------------------------------------------------- an architecture read off its weights
+def count_blocks(sd: Mapping[str, Any], prefix: str) -> int:
+    """How many blocks ``<prefix><i>.`` the state dict holds; they must be numbered 0..n-1."""
+    pat = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+    ids = {int(m.group(1)) for k in sd for m in [pat.match(k)] if m}
+    if ids and ids != set(range(len(ids))):
+        raise ValueError(f"blocks {sorted(ids)} under {prefix!r} are not numbered 0..{len(ids) - 1}")
+    return len(ids)
+
+
+def mlp_ratio_of(dim: int, hidden: int) -> float:
+    """A ratio with ``int(dim * ratio) == hidden`` (the config stores the ratio, as official)."""
+    for ratio in (hidden / dim, (hidden + 0.5) / dim):
+        if int(dim * ratio) == hidden:
+            return ratio
+    raise ValueError(f"no MLP ratio gives width {hidden} at {dim}")  # pragma: no cover
+
+
+def heads_of_width(dim: int, which: str, given: int | None = None) -> int:
+    """``given``, else the head count of the named arch of width ``dim`` (``which``: ``encoder``
+    or ``decoder``); a width of no named arch raises, naming the option to pass."""
+    from .config import ARCHS
+
+    if given:
+        return int(given)
+    table = {a.embed_dim: a.num_heads for a in ARCHS.values()} if which == "encoder" else \
+        {a.decoder_embed_dim: a.decoder_num_heads for a in ARCHS.values()}
+    if dim in table:
+        return table[dim]
+    raise ValueError(f"cannot tell the {which}'s number of attention heads from the weights (width {dim} is "
+                     f"none of the named archs'): pass {'num_heads' if which == 'encoder' else 'decoder_num_heads'}= "
+                     f"(or, for a transformers checkpoint, its config)")
+
+
 def write_atomic(path: str | os.PathLike, data: Union[bytes, str, Callable[[IO[bytes]], Any]]) -> Path:
     """Write ``path`` so that a reader never sees half a file and a writer killed at any moment
     leaves the old file intact: write a temporary file of a unique name in the same folder,

@@ -47,8 +47,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from .checkpoint import describe_keys, unwrap_state_dict
-from .config import ARCHS
+from .checkpoint import count_blocks, describe_keys, heads_of_width, mlp_ratio_of, unwrap_state_dict
 from .ops._common import normalize_uint8
 
 HF_PRETRAIN_CLASS = "VideoMAEForPreTraining"
@@ -285,18 +284,6 @@ def _check_representable(model: nn.Module, training: bool = False) -> None:
         raise ValueError(f"transformers' VideoMAE cannot hold this {type(model).__name__}: " + "; ".join(why))
 
 
-def _infer_heads(dim: int, which: str, given: int | None) -> int:
-    if given:
-        return int(given)
-    table = {a.embed_dim: a.num_heads for a in ARCHS.values()} if which == "encoder" else \
-        {a.decoder_embed_dim: a.decoder_num_heads for a in ARCHS.values()}
-    if dim in table:
-        return table[dim]
-    raise ValueError(f"cannot tell the {which}'s number of attention heads from the weights (width {dim} is "
-                     f"none of the named archs'): pass the transformers config or "
-                     f"{'num_heads' if which == 'encoder' else 'decoder_num_heads'}=")
-
-
 def _config_dict(config: Any) -> dict[str, Any]:
     if config is None:
         return {}
@@ -346,12 +333,12 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], config: Any = None, *, eps
     dim, in_chans, tubelet, patch = w.shape[0], w.shape[1], w.shape[2], w.shape[3]
     if c.get("patch_size") is not None and _int_size(c["patch_size"]) != patch:
         raise ValueError(f"the config's patch_size is {c['patch_size']} but the weights' is {patch}")
-    depth = _count_blocks(sd, enc + "blocks.")
+    depth = count_blocks(sd, enc + "blocks.")
     hidden = sd[f"{enc}blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * dim
-    ratio = _mlp_ratio(dim, hidden)
+    ratio = mlp_ratio_of(dim, hidden)
     opts: dict[str, Any] = dict(
         embed_dim=dim, depth=depth, patch_size=patch, tubelet_size=tubelet, in_chans=in_chans, mlp_ratio=ratio,
-        num_heads=_infer_heads(dim, "encoder", overrides.pop("num_heads", None) or c.get("num_attention_heads")),
+        num_heads=heads_of_width(dim, "encoder", overrides.pop("num_heads", None) or c.get("num_attention_heads")),
         num_frames=int(c.get("num_frames", 16)), img_size=_int_size(c.get("image_size", 224)),
         qkv_bias=f"{enc}blocks.0.attn.q_bias" in sd if depth else True, attn_backend=attn_backend)
     exclude: tuple[str, ...] = ()
@@ -361,15 +348,15 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], config: Any = None, *, eps
                              "absent with use_mean_pooling=True): the official pretraining model and ours always "
                              "end the encoder with one, so its function cannot be reproduced")
         ddim = sd["encoder_to_decoder.weight"].shape[0]
-        ddepth = _count_blocks(sd, "decoder.blocks.")
+        ddepth = count_blocks(sd, "decoder.blocks.")
         if ddepth:
             dhidden = sd["decoder.blocks.0.mlp.fc1.weight"].shape[0]
             if int(ddim * ratio) != dhidden:
                 raise ValueError(f"the decoder's MLP width {dhidden} is not int(decoder width {ddim} x the encoder's "
                                  f"MLP ratio {hidden}/{dim}): our decoder shares the encoder's ratio, as official")
         opts.update(decoder_embed_dim=ddim, decoder_depth=ddepth,
-                    decoder_num_heads=_infer_heads(ddim, "decoder", overrides.pop("decoder_num_heads", None)
-                                                   or c.get("decoder_num_attention_heads")),
+                    decoder_num_heads=heads_of_width(ddim, "decoder", overrides.pop("decoder_num_heads", None)
+                                                     or c.get("decoder_num_attention_heads")),
                     normalize_target=bool(c.get("norm_pix_loss", True)))
         opts.update(overrides)
         model = create_pretrain_model("vit_base_patch16_224", **opts)
@@ -385,22 +372,6 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], config: Any = None, *, eps
     if eps == "hf":
         set_layer_norm_eps(model, hf_layer_norm_eps(c.get("layer_norm_eps", 1e-12), model))
     return model
-
-
-def _count_blocks(sd: Mapping[str, Any], prefix: str) -> int:
-    pat = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
-    ids = {int(m.group(1)) for k in sd for m in [pat.match(k)] if m}
-    if ids and ids != set(range(len(ids))):
-        raise ValueError(f"blocks {sorted(ids)} under {prefix!r} are not numbered 0..{len(ids) - 1}")
-    return len(ids)
-
-
-def _mlp_ratio(dim: int, hidden: int) -> float:
-    """A ratio with ``int(dim * ratio) == hidden`` (our config stores the ratio, as official)."""
-    for ratio in (hidden / dim, (hidden + 0.5) / dim):
-        if int(dim * ratio) == hidden:
-            return ratio
-    raise ValueError(f"no MLP ratio gives width {hidden} at {dim}")  # pragma: no cover
 
 
 def hf_layer_norm_eps(layer_norm_eps: float, model: nn.Module) -> dict[str, float]:

@@ -82,8 +82,8 @@ def load_model(checkpoint: Any, kind: str | None = None, *, num_frames: int | No
     """
     import os
 
-    from ..checkpoint import guess_format, load_checkpoint_file, unwrap_state_dict
-    from ..config import ARCHS
+    from ..checkpoint import (count_blocks, guess_format, heads_of_width, load_checkpoint_file, mlp_ratio_of,
+                              unwrap_state_dict)
 
     if kind not in (None, "classifier", "pretrain"):
         raise ValueError(f"kind must be 'classifier', 'pretrain' or None, got {kind!r}")
@@ -114,31 +114,23 @@ def load_model(checkpoint: Any, kind: str | None = None, *, num_frames: int | No
     kind = kind or ("pretrain" if fmt == "pretrain" else "classifier")
     w = sd[enc + "patch_embed.proj.weight"]
     dim = w.shape[0]
-    depth = _count(sd, enc + "blocks.")
+    depth = count_blocks(sd, enc + "blocks.")
     hidden = sd[f"{enc}blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * dim
-    ratio = hidden / dim if int(dim * (hidden / dim)) == hidden else (hidden + 0.5) / dim
-    heads = {a.embed_dim: a.num_heads for a in ARCHS.values()}
-    dec_heads = {a.decoder_embed_dim: a.decoder_num_heads for a in ARCHS.values()}
+    ratio = mlp_ratio_of(dim, hidden)
     opts: dict[str, Any] = dict(
         embed_dim=dim, depth=depth, in_chans=w.shape[1], tubelet_size=w.shape[2], patch_size=w.shape[3],
         mlp_ratio=ratio, qkv_bias=f"{enc}blocks.0.attn.q_bias" in sd if depth else True,
         init_values=0.1 if f"{enc}blocks.0.gamma_1" in sd else 0.0,  # loaded below
         learnable_pos_embed=(enc + "pos_embed") in sd and not _is_fixed_table(sd[enc + "pos_embed"]),
         num_frames=16 if num_frames is None else num_frames, img_size=224 if img_size is None else img_size)
-    if "num_heads" not in overrides:
-        if dim not in heads:
-            raise ValueError(f"cannot tell the number of heads of width {dim}: pass num_heads=")
-        opts["num_heads"] = heads[dim]
+    opts["num_heads"] = heads_of_width(dim, "encoder", overrides.get("num_heads"))
     if kind == "pretrain":
         if fmt != "pretrain":
             raise ValueError(f"a pretraining model needs a pretraining checkpoint (decoder included); "
                              f"this one is {fmt}")
         ddim = sd["encoder_to_decoder.weight"].shape[0]
-        opts.update(decoder_embed_dim=ddim, decoder_depth=_count(sd, "decoder.blocks."))
-        if "decoder_num_heads" not in overrides:
-            if ddim not in dec_heads:
-                raise ValueError(f"cannot tell the number of decoder heads of width {ddim}: pass decoder_num_heads=")
-            opts["decoder_num_heads"] = dec_heads[ddim]
+        opts.update(decoder_embed_dim=ddim, decoder_depth=count_blocks(sd, "decoder.blocks."),
+                    decoder_num_heads=heads_of_width(ddim, "decoder", overrides.get("decoder_num_heads")))
         opts.update(overrides)
         model = create_pretrain_model("vit_base_patch16_224", **opts)
         model.load_official_state_dict(sd, strict=True)
@@ -153,13 +145,6 @@ def load_model(checkpoint: Any, kind: str | None = None, *, num_frames: int | No
     exclude = () if fmt == "classifier" else ("fc_norm.", "head.", "norm.")
     model.load_official_state_dict(sd, strict=True, exclude=exclude)
     return model
-
-
-def _count(sd, prefix: str) -> int:
-    import re
-
-    pat = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
-    return len({m.group(1) for k in sd for m in [pat.match(k)] if m})
 
 
 def _is_fixed_table(t) -> bool:
