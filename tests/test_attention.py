@@ -36,3 +36,24 @@ def test_env_override(monkeypatch):
     monkeypatch.setenv("VMAE_FAST_ATTN", "bogus")
     with pytest.raises(ValueError, match="unknown attention backend 'bogus'"):
         effective_backend("sdpa")
+
+
+def test_dropout_on_the_probabilities_in_every_backend():
+    """``dropout_p``: the math backend drops the softmax probabilities as the official code does
+    (the same draws reproduce it by hand); SDPA applies its own dropout; 0 is the plain function."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 10, 3, 2, 8, generator=g)
+    plain = attention(qkv, "math")
+    torch.manual_seed(3)
+    got = attention(qkv, "math", dropout_p=0.4)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    torch.manual_seed(3)
+    want = (F.dropout(((q * 8 ** -0.5) @ k.transpose(-2, -1)).softmax(-1), 0.4, True) @ v)
+    assert torch.equal(got, want.transpose(1, 2).reshape(2, 10, 16))
+    assert not torch.allclose(got, plain)
+    torch.manual_seed(3)
+    sdpa = attention(qkv, "sdpa", dropout_p=0.4)
+    assert sdpa.shape == plain.shape and not torch.allclose(sdpa, attention(qkv, "sdpa"))
+    assert torch.allclose(attention(qkv, "sdpa", dropout_p=0.0), plain, atol=1e-6)

@@ -91,13 +91,16 @@ def resolve(requested: str, qkv: torch.Tensor) -> str:
         f"or set {ENV_VAR}.")
 
 
-def attention(qkv: torch.Tensor, backend: str = "sdpa", scale: float | None = None) -> torch.Tensor:
+def attention(qkv: torch.Tensor, backend: str = "sdpa", scale: float | None = None,
+              dropout_p: float = 0.0) -> torch.Tensor:
     """Multi-head attention of a packed projection.
 
     Args:
         qkv: ``(B, N, 3, H, d)``, the ``qkv`` Linear output viewed per head.
         backend: one of ``BACKENDS`` or ``"auto"``.
         scale: softmax scale, default ``d ** -0.5``.
+        dropout_p: dropout on the attention probabilities (the official ``attn_drop``; pass 0
+            outside training), in each backend's own way.
     Returns:
         ``(B, N, H*d)``.
 
@@ -105,7 +108,7 @@ def attention(qkv: torch.Tensor, backend: str = "sdpa", scale: float | None = No
 
         q, k, v = qkv.permute(2, 0, 3, 1, 4)          # (B, H, N, d) each
         attn = (q * scale) @ k.transpose(-2, -1)
-        out = attn.softmax(-1) @ v                    # (B, H, N, d)
+        out = dropout(attn.softmax(-1)) @ v           # (B, H, N, d)
         out = out.transpose(1, 2).reshape(B, N, H * d)
     """
     B, N, three, H, d = qkv.shape
@@ -115,19 +118,20 @@ def attention(qkv: torch.Tensor, backend: str = "sdpa", scale: float | None = No
     name = resolve(backend, qkv)
     if name == "sdpa":
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
         return out.transpose(1, 2).reshape(B, N, H * d)
     if name == "math":
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attn = (q * scale) @ k.transpose(-2, -1)
-        out = attn.softmax(dim=-1) @ v
-        return out.transpose(1, 2).reshape(B, N, H * d)
+        attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        if dropout_p > 0:
+            attn = F.dropout(attn, dropout_p, True)
+        return (attn @ v).transpose(1, 2).reshape(B, N, H * d)
     if name == "flash_attn":
         from flash_attn import flash_attn_qkvpacked_func
 
-        return flash_attn_qkvpacked_func(qkv, softmax_scale=scale).reshape(B, N, H * d)
+        return flash_attn_qkvpacked_func(qkv, dropout_p=dropout_p, softmax_scale=scale).reshape(B, N, H * d)
     # xformers
     from xformers.ops import memory_efficient_attention
 
     q, k, v = qkv.unbind(2)
-    return memory_efficient_attention(q, k, v, scale=scale).reshape(B, N, H * d)
+    return memory_efficient_attention(q, k, v, p=dropout_p, scale=scale).reshape(B, N, H * d)

@@ -125,10 +125,7 @@ class Attention(nn.Module):
             ls = self.logit_scale().to(q.dtype).view(1, 1, self.num_heads, 1)
             qkv = torch.stack((F.normalize(q, dim=-1) * ls, F.normalize(k, dim=-1), v), dim=2)
             scale = 1.0
-        if self.attn_drop > 0 and self.training:
-            out = _attention_dropout(qkv, scale, self.attn_drop, math_form=self.backend == "math")
-        else:
-            out = attention(qkv, self.backend, scale)
+        out = attention(qkv, self.backend, scale, dropout_p=self.attn_drop if self.training else 0.0)
         out = self.proj(out)
         if self.proj_drop > 0:
             out = F.dropout(out, self.proj_drop, self.training)
@@ -137,20 +134,6 @@ class Attention(nn.Module):
 
 # torch.log(torch.tensor(1 / 0.01)) rounded as the official code writes it
 COS_ATTN_MAX_LOG_SCALE = 4.6052
-
-
-def _attention_dropout(qkv: torch.Tensor, scale: float, p: float, math_form: bool) -> torch.Tensor:
-    """Attention with dropout on the probabilities (training with ``attn_drop > 0``): SDPA's
-    ``dropout_p``, or the explicit official form for the ``math`` backend. ``(B, N, 3, H, d)`` ->
-    ``(B, N, H*d)``."""
-    B, N, _, H, d = qkv.shape
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    if math_form:
-        attn = F.dropout(((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1), p, True)
-        out = attn @ v
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scale)
-    return out.transpose(1, 2).reshape(B, N, H * d)
 
 
 class Block(nn.Module):
