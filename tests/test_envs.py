@@ -22,6 +22,48 @@ def test_switches_are_read_at_access(monkeypatch):
         envs.VMAE_FAST_NOPE  # noqa: B018
 
 
+@pytest.mark.parametrize("text, value", [("1", True), ("ON", True), ("Yes", True), ("TRUE", True), (" on ", True),
+                                         ("0", False), ("OFF", False), ("No", False), ("FALSE", False), ("", True)])
+def test_switch_words_in_any_case(monkeypatch, text, value):
+    monkeypatch.setenv("VMAE_FAST_KERNELS", text)
+    assert envs.VMAE_FAST_KERNELS is value
+
+
+@pytest.mark.parametrize("text", ["2", "of", "enable", "-1"])
+def test_a_value_that_is_no_switch_word_is_one_usage_line(monkeypatch, text):
+    from vmae_fast.errors import UsageError
+
+    monkeypatch.setenv("VMAE_FAST_NO_EXT", text)
+    with pytest.raises(UsageError) as info:
+        envs.VMAE_FAST_NO_EXT  # noqa: B018
+    msg = str(info.value)
+    assert "\n" not in msg and f"VMAE_FAST_NO_EXT={text!r}" in msg and "1/true/yes/on" in msg
+    assert envs.snapshot()["VMAE_FAST_NO_EXT"] == text  # a report of the environment still works
+
+
+def test_torchrun_numbering(monkeypatch):
+    from vmae_fast.errors import UsageError
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert (envs.RANK, envs.WORLD_SIZE, envs.LOCAL_RANK) == (0, 1, 0)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert (envs.RANK, envs.WORLD_SIZE) == (3, 4)
+    monkeypatch.setenv("WORLD_SIZE", "four")
+    with pytest.raises(UsageError, match="WORLD_SIZE='four'"):
+        envs.WORLD_SIZE  # noqa: B018
+
+
+def test_a_bad_debug_switch_is_reported_without_a_traceback(monkeypatch, capsys):
+    from vmae_fast.errors import EXIT_USAGE, run_cli
+
+    monkeypatch.setenv("VMAE_FAST_DEBUG", "maybe")
+    assert run_cli(lambda argv: envs.VMAE_FAST_DEBUG, "prog", []) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "VMAE_FAST_DEBUG='maybe'" in err and "Traceback" not in err
+
+
 def test_use_kernels_overrides_the_environment_and_restores(monkeypatch):
     monkeypatch.setenv("VMAE_FAST_KERNELS", "1")
     with ops.use_kernels(False):
@@ -62,8 +104,8 @@ def test_normalize_uint8(channel_dim):
         torch.testing.assert_close(got.select(channel_dim, c).double(), want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("value, skipped", [("1", True), ("yes", True), ("0", False), ("off", False),
-                                            ("false", False), ("", False)])
+@pytest.mark.parametrize("value, skipped", [("1", True), ("yes", True), ("OFF", False), ("0", False),
+                                            ("off", False), ("false", False), ("", False)])
 def test_the_build_reads_no_ext_as_the_library_does(monkeypatch, value, skipped):
     """setup.py decides whether to build vmae_fast._C by ``envs.VMAE_FAST_NO_EXT``'s own rule, so
     ``VMAE_FAST_NO_EXT=off`` builds it and the library then does not call it opted out."""

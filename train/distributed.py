@@ -2,7 +2,6 @@
 and the few collectives the loop needs."""
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 
@@ -11,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from vmae_fast import envs
 from vmae_fast.device import select_device
 from vmae_fast.layers import Block
 
@@ -34,8 +34,7 @@ class Dist:
 
 def world_from_env() -> tuple[int, int, int]:
     """``(rank, world, local_rank)`` as torchrun sets them (a single process without it)."""
-    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-            int(os.environ.get("LOCAL_RANK", "0")))
+    return envs.RANK, envs.WORLD_SIZE, envs.LOCAL_RANK
 
 
 def setup(args) -> Dist:

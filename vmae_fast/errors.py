@@ -30,7 +30,12 @@ def debug_requested(argv: Sequence[str] | None) -> bool:
     from . import envs
 
     args = sys.argv[1:] if argv is None else argv
-    return "--debug" in args or bool(envs.VMAE_FAST_DEBUG)
+    if "--debug" in args:
+        return True
+    try:
+        return bool(envs.VMAE_FAST_DEBUG)
+    except UsageError:  # a bad VMAE_FAST_DEBUG is itself the error being reported
+        return False
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], prog: str,
