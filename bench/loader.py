@@ -105,7 +105,7 @@ def _video_of(batch):
 
 
 def _official_reader(decoder: str):
-    from train.decode import open_video
+    from vmae_fast.video.decoders import open_video
 
     if decoder == "decord":
         return None  # the official loader itself
@@ -126,7 +126,8 @@ def _official_reader(decoder: str):
 def measure(pipeline: str, decoder: str, num_sample: int, workers: int, paths: list[Path], clips: int,
             batch: int, frames: int, rate: int, size: int, seed: int = 0) -> dict:
     from bench.official_pipeline import OfficialPretrainDataset, official_collate
-    from train.data import Entry, VideoDataset, collate
+    from train.data import VideoDataset, collate
+    from vmae_fast.video.lists import Entry
 
     if pipeline in FINETUNE_PIPELINES:
         from train.augment import EraseSpec
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", type=int, default=224)
     add_output_args(ap, "loader-<device>-<date>")
     ns = ap.parse_args(argv)
-    from train import decode
+    from vmae_fast.video import decoders as decode
 
     avail = decode.available_decoders()
     for name in decode.DECODERS:

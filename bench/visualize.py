@@ -146,19 +146,17 @@ def perfect_prediction(video: torch.Tensor, masks: vmae_fast.DualMask, *, tubele
 
 def read_clip(path: str, num_frames: int, img_size: int, sampling_rate: int = 4, start: int | None = None,
               decoder: str = "auto") -> torch.Tensor:
-    """``(1, 3, num_frames, img_size, img_size)`` uint8 clip of a video file (``train.data``)."""
-    from train.data import Entry, VideoSource
-    from vmae_fast.predict import crop_offsets, resize_frames
+    """``(1, 3, num_frames, img_size, img_size)`` uint8 clip of a video file or frame folder."""
+    from vmae_fast.video.resize import resize_frames
+    from vmae_fast.video.sources import open_source
+    from vmae_fast.video.views import crop_offsets
 
-    src = VideoSource(Entry(path=os.path.abspath(path)), decoder)
-    try:
+    with open_source(path, decoder) as src:
         n = len(src)
         span = (num_frames - 1) * sampling_rate + 1
         if start is None:
             start = max(n - span, 0) // 2
         frames = src.get([min(start + i * sampling_rate, n - 1) for i in range(num_frames)])
-    finally:
-        src.close()
     x = resize_frames(frames, img_size)  # (T, 3, h, w)
     (top, left), = crop_offsets(x.shape[-2], x.shape[-1], img_size, 1)
     return x[:, :, top:top + img_size, left:left + img_size].transpose(0, 1).unsqueeze(0).contiguous()
@@ -181,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=None, help="first frame (default: the middle of the video)")
     p.add_argument("--seed", type=int, default=0)
     add_device_arg(p, default="cpu")
-    p.add_argument("--decoder", default="auto", help="video decoder (train.decode)")
+    p.add_argument("--decoder", default="auto", help="video decoder (vmae_fast.video)")
     return p
 
 

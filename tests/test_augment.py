@@ -18,7 +18,8 @@ from train import finetune
 from train.augment import (BOX_FIELDS, FILL, RAND_INCREASING_OPS, RAND_OPS, ClipRandAugment, EraseSpec, erase_,
                            erase_boxes, parse_rand_augment, to_pil)
 from train.cli import run_cli
-from train.data import Entry, VideoDataset, collate
+from train.data import VideoDataset, collate
+from vmae_fast.video.lists import Entry
 
 OFFICIAL = "rand-m7-n4-mstd0.5-inc1"
 

@@ -13,7 +13,8 @@ import torch
 
 from bench.official_pipeline import OfficialMultiScaleCrop, official_frame_ids
 from train import transforms as T
-from train.data import Entry, VideoDataset
+from train.data import VideoDataset
+from vmae_fast.video.lists import Entry
 
 
 class FixedNp:

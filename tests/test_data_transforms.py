@@ -13,6 +13,7 @@ from PIL import Image
 from bench.official_pipeline import MEAN, STD, OfficialTransform
 from train import data as D
 from train import transforms as T
+from vmae_fast.video import resize as RS
 
 av = pytest.importorskip("av", reason="PyAV (the `test` extra) decodes the test footage")
 
@@ -47,13 +48,13 @@ def boxes(w, h, size, k):
 
 @pytest.mark.parametrize("uint8", [True, False], ids=["uint8", "float-fallback"])
 def test_resize_is_pils_bilinear_within_one(footage, monkeypatch, uint8):
-    monkeypatch.setattr(T, "UINT8_RESIZE", uint8 and T.UINT8_RESIZE)
+    monkeypatch.setattr(RS, "UINT8_RESIZE", uint8 and RS.UINT8_RESIZE)
     diffs = []
     for frames in footage:
         H, W = frames.shape[1:3]
         for size in (224, 160):
             for box in boxes(W, H, size, 3):
-                ours = T.crop_resize(frames, box, size)
+                ours = RS.crop_resize(frames, box, size)
                 assert ours.dtype == torch.uint8 and tuple(ours.shape) == (16, 3, size, size)
                 diffs.append((ours.int() - pil_crop_resize(frames, box, size).int()).abs().flatten())
     d = torch.cat(diffs)
@@ -65,7 +66,7 @@ def test_resize_is_pils_bilinear_within_one(footage, monkeypatch, uint8):
 
 def test_uint8_resize_is_available_on_this_torch():
     # torch >= 2.1 has it on CPU (checked: 2.6.0, 2.14.1); the float fallback is for older builds
-    assert T.UINT8_RESIZE, torch.__version__
+    assert RS.UINT8_RESIZE, torch.__version__
 
 
 def test_views_match_the_official_transform(footage):
@@ -80,7 +81,7 @@ def test_views_match_the_official_transform(footage):
         official.crop.rand = random.Random(seed)  # replay the official's draw
         box = official.crop.sample(340, 256)
         box_seen.append(box)
-        ours = T.crop_resize(frames, box, 224).transpose(0, 1)  # (3, T, 224, 224) uint8
+        ours = RS.crop_resize(frames, box, 224).transpose(0, 1)  # (3, T, 224, 224) uint8
         m, s = torch.tensor(MEAN).view(3, 1, 1, 1), torch.tensor(STD).view(3, 1, 1, 1)
         back = (off * s + m) * 255  # the official pixels before normalization
         d = (ours.float() - back).abs()

@@ -10,7 +10,7 @@ import torch
 
 av = pytest.importorskip("av", reason="PyAV (the `test` extra) decodes the reference frames")
 
-from train import decode  # noqa: E402
+from vmae_fast.video import decoders as decode  # noqa: E402
 from train.make_synthetic import write_kinetics_like  # noqa: E402
 
 DATA = Path(__file__).parent / "data"

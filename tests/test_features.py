@@ -54,7 +54,7 @@ def _ckpt(tmp_path):
 
 def test_extract_features_windows_values_and_resume(tmp_path):
     pytest.importorskip("av", reason="PyAV (the test extra) reads the test videos")
-    from train.data import Entry, VideoSource
+    from vmae_fast.video import Entry, VideoSource
 
     model, ckpt = _ckpt(tmp_path)
     out = tmp_path / "feats"

@@ -9,7 +9,7 @@ import pytest
 av = pytest.importorskip("av", reason="PyAV (the `test` extra) writes and reads the clips")
 
 from bench import loader  # noqa: E402
-from train import decode  # noqa: E402
+from vmae_fast.video import decoders as decode  # noqa: E402
 from train.make_synthetic import make_kinetics_like, write_kinetics_like  # noqa: E402
 
 DATA = Path(__file__).parent / "data"

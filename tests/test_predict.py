@@ -11,6 +11,8 @@ import torch
 
 import vmae_fast
 from vmae_fast import predict as P
+from vmae_fast.video import resize as R
+from vmae_fast.video import views as V
 
 from conftest import rel_err
 
@@ -25,30 +27,30 @@ def _clf(num_classes=400):
 
 
 def test_views_spec():
-    assert P.parse_views("5x3") == (5, 3) and P.parse_views((2, 1)) == (2, 1)
+    assert V.parse_views("5x3") == (5, 3) and V.parse_views((2, 1)) == (2, 1)
     with pytest.raises(ValueError, match="5x3"):
-        P.parse_views("5by3")
+        V.parse_views("5by3")
     with pytest.raises(ValueError, match="at least 1"):
-        P.parse_views("0x3")
+        V.parse_views("0x3")
 
 
 def test_clip_indices_follow_the_official_formula():
     # 100 frames, stride 4: 25 frames 0..96; 5 clips of 16, starts int(k * 9 / 4) = 0, 2, 4, 6, 9
-    clips = P.clip_frame_indices(100, 16, 4, 5)
+    clips = V.clip_frame_indices(100, 16, 4, 5)
     assert [c[0] for c in clips] == [0, 8, 16, 24, 36] and all(len(c) == 16 for c in clips)
     assert clips[4] == list(range(36, 100, 4))
     # too short: 30 frames -> 0..28 (8 frames), the last repeated to 16; every clip the same
-    short = P.clip_frame_indices(30, 16, 4, 5)
+    short = V.clip_frame_indices(30, 16, 4, 5)
     assert short[0] == [0, 4, 8, 12, 16, 20, 24, 28] + [28] * 8 and all(c == short[0] for c in short)
-    assert P.clip_frame_indices(100, 16, 4, 1)[0][0] == 4 * (9 // 2)  # one clip: the middle
+    assert V.clip_frame_indices(100, 16, 4, 1)[0][0] == 4 * (9 // 2)  # one clip: the middle
 
 
 def test_resize_and_crops_follow_the_official_formula():
-    assert P.resized_size(240, 320, 224) == (224, 298)  # int(224 * 320 / 240)
-    assert P.resized_size(320, 240, 224) == (298, 224)
-    assert P.crop_offsets(224, 298, 224, 3) == [(0, 0), (0, 37), (0, 74)]  # int(j * 74 / 2)
-    assert P.crop_offsets(298, 224, 224, 3) == [(0, 0), (37, 0), (74, 0)]
-    assert P.crop_offsets(224, 298, 224, 1) == [(0, 37)]
+    assert R.resized_size(240, 320, 224) == (224, 298)  # int(224 * 320 / 240)
+    assert R.resized_size(320, 240, 224) == (298, 224)
+    assert V.crop_offsets(224, 298, 224, 3) == [(0, 0), (0, 37), (0, 74)]  # int(j * 74 / 2)
+    assert V.crop_offsets(298, 224, 224, 3) == [(0, 0), (37, 0), (74, 0)]
+    assert V.crop_offsets(224, 298, 224, 1) == [(0, 37)]
 
 
 def test_predict_averages_the_softmax_of_every_view():
@@ -115,7 +117,8 @@ def test_cli_on_a_hugging_face_folder(tmp_path, capsys):
 def test_the_training_evaluation_takes_the_same_views():
     """``vmae-finetune --eval`` (``VideoDataset(mode="test")``) and ``predict`` build their views
     with one function, so the evaluation's top-1 is over the official views too."""
-    from train.data import Entry, VideoDataset, VideoSource
+    from train.data import VideoDataset
+    from vmae_fast.video import Entry, VideoSource
 
     entry = Entry(path=VIDEO, label=3)
     ds = VideoDataset([entry], "test", num_frames=8, sampling_rate=3, img_size=64, num_segments=3,
@@ -123,7 +126,7 @@ def test_the_training_evaluation_takes_the_same_views():
     sample = ds[0]
     src = VideoSource(entry, "pyav")
     try:
-        want = P.make_views(src.get, len(src), num_frames=8, img_size=64, sampling_rate=3, views=(3, 2))
+        want = V.make_views(src.get, len(src), num_frames=8, img_size=64, sampling_rate=3, views=(3, 2))
     finally:
         src.close()
     assert sample["label"] == 3 and len(sample["video"]) == 6

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from train import finetune
-from train.data import Entry, VideoDataset, collate, read_list
+from train.data import VideoDataset, collate
+from vmae_fast.video.lists import Entry, read_list
 from train.distributed import Dist
 
 

@@ -21,7 +21,8 @@ pytest.importorskip("av", reason="PyAV writes the synthetic videos")
 from train import finetune, pretrain  # noqa: E402
 from train.checkpointing import CHECKPOINT, DCP_LATEST  # noqa: E402
 from train.cli import run_cli  # noqa: E402
-from train.data import VideoDataset, read_list  # noqa: E402
+from train.data import VideoDataset  # noqa: E402
+from vmae_fast.video.lists import read_list  # noqa: E402
 from train.loop import LossWatch, NonFiniteLoss  # noqa: E402
 from train.make_synthetic import make_dataset  # noqa: E402
 from train.metrics import read_metrics  # noqa: E402

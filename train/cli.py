@@ -15,10 +15,11 @@ import warnings
 from pathlib import Path
 
 import vmae_fast
+from vmae_fast.video.decoders import add_decoder_arg
+from vmae_fast.video.lists import read_list
 
 from . import recipe
 from .checkpointing import CHECKPOINT, DCP_LATEST
-from .data import add_decoder_arg, read_list
 from .metrics import tensorboard_available
 from .optim import LR_SCALINGS
 
@@ -56,7 +57,7 @@ def make_parser(kind: str, doc: str) -> argparse.ArgumentParser:
 
 
 def read_list_or_usage(path: str, data_root: str, kind: str) -> list:
-    """``train.data.read_list``, its errors (a bad line, a missing file) as one usage line."""
+    """``vmae_fast.video.read_list``, its errors (a bad line, a missing file) as one usage line."""
     try:
         return read_list(path, data_root, kind)
     except (ValueError, FileNotFoundError) as exc:

@@ -1,18 +1,16 @@
-"""Video lists, decoding, augmentation, collation and a resumable sampler (docs/semantics.md §9).
+"""The training dataset (sampling, augmentation), collation and a resumable sampler
+(docs/semantics.md §9), on the library's video reading (``vmae_fast.video``).
 
-Lists, paths relative to ``--data-root`` (``read_list``; a UTF-8 BOM is ignored):
-    pretraining  ``path start_idx total_frames``  (``total_frames`` -1 for a video file), or the
-                 official hybrid list's ``path start_idx total_frames label``
-    fine-tuning  ``path label``, or the official rawframes list's ``folder total_frames label``
-A path is a video file (``train/decode.py``: torchcodec, decord or PyAV, ``decoder="auto"`` picks
-the fastest that loads) or a folder of frames named by ``fname_tmpl`` (default ``img_{:05}.jpg``;
-frame ``i`` is ``fname_tmpl.format(start_idx + i)``). Pretraining follows the official hybrid
-dataset's rules: folders whose path contains ``SomethingV2`` are sampled every 2nd frame and
-named ``img_{:05}.jpg``, ``AVA2.2`` folders ``image_{:06}.jpg``.
+Entries come from a dataset list (``vmae_fast.video.lists.read_list``, paths relative to
+``--data-root``). A path is a video file (``vmae_fast.video.decoders``: torchcodec, decord or PyAV,
+``decoder="auto"`` picks the fastest that loads) or a folder of frames named by ``fname_tmpl``
+(default ``img_{:05}.jpg``; frame ``i`` is ``fname_tmpl.format(start_idx + i)``). Pretraining
+follows the official hybrid dataset's rules: folders whose path contains ``SomethingV2`` are
+sampled every 2nd frame and named ``img_{:05}.jpg``, ``AVA2.2`` folders ``image_{:06}.jpg``.
 
-Workers return uint8 clips, cropped and resized as uint8 (``train/transforms.py``); ``collate``
-writes each clip once into a preallocated batch (shared memory in a worker, pinned memory in a
-CUDA process); normalization happens on the device (the model takes uint8). Fine-tuning's
+Workers return uint8 clips, cropped and resized as uint8 (``train/transforms.py`` picks the
+boxes, ``vmae_fast.video.resize`` cuts them); ``collate`` writes each clip once into a
+preallocated batch (shared memory in a worker, pinned memory in a CUDA process); normalization happens on the device (the model takes uint8). Fine-tuning's
 RandAugment runs in the workers on the uint8 frames; its random erasing is drawn there (boxes,
 ``batch["erase"]``) and filled on the device (``train/augment.py``).
 Every random choice of a sample comes from a generator seeded by ``(seed, epoch, index)``,
@@ -22,204 +20,25 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from vmae_fast.predict import make_views
+from vmae_fast.video.decoders import resolve_decoder
+from vmae_fast.video.frames import FRAME_PATTERN
+from vmae_fast.video.lists import Entry
+from vmae_fast.video.resize import crop_resize
+from vmae_fast.video.sources import VideoSource
+from vmae_fast.video.views import make_views
 
-from . import decode as _decode
 from .augment import ClipRandAugment, EraseSpec, erase_boxes, parse_rand_augment, to_pil
-from .transforms import (PRETRAIN_SCALES, crop_resize, pretrain_indices, random_resized_box,
-                         sample_multiscale_crop)
+from .transforms import PRETRAIN_SCALES, pretrain_indices, random_resized_box, sample_multiscale_crop
 
-FRAME_PATTERN = "img_{:05}.jpg"
 MAX_RETRIES = 10
 # The official HybridVideoMAE's per-dataset rules for frame folders: (path marker, frame name
 # template, sampling rate or None to keep the configured one).
 HYBRID_RULES = (("SomethingV2", "img_{:05}.jpg", 2), ("AVA2.2", "image_{:06}.jpg", None))
-
-
-# ----------------------------------------------------------------------------- list files
-@dataclass(frozen=True)
-class Entry:
-    path: str            # absolute path (data root joined)
-    start_idx: int = 0
-    total_frames: int = -1  # -1: count from the file
-    label: int = -1
-
-
-def _fail(list_path, lineno, expected, line, why=""):
-    raise ValueError(f"{list_path}:{lineno}: expected '{expected}'{', ' + why if why else ''}; "
-                     f"got {line.rstrip()!r}")
-
-
-# The list formats, by kind: field names after the path (the numbers are split off the right).
-LIST_FORMATS = {
-    "pretrain": (("start_idx", "total_frames"),            # this repository's / VideoMAE's
-                 ("start_idx", "total_frames", "label")),  # the official HybridVideoMAE's
-    "finetune": (("label",),                               # video files (Kinetics), or folders
-                 ("total_frames", "label")),               # the official rawframes format (SSv2)
-}
-RAWFRAMES_START_IDX = 1  # the official fine-tuning ``--start_idx`` default for ``folder total_frames label``
-
-
-def _trailing_ints(tokens: list[str]) -> int:
-    """How many of ``tokens[1:]`` (the first token is always path) are integers, from the right."""
-    n = 0
-    for t in reversed(tokens[1:]):
-        try:
-            int(t)
-        except ValueError:
-            break
-        n += 1
-    return n
-
-
-def read_list(list_path: str | os.PathLike, data_root: str | os.PathLike = "", kind: str = "pretrain") -> list[Entry]:
-    """Parse a dataset list; any bad line raises ``ValueError`` naming the file and line number,
-    the formats expected and the line got. A UTF-8 BOM is ignored.
-
-    ``kind="pretrain"``: ``path start_idx total_frames`` or the official hybrid list's
-    ``path start_idx total_frames label``. ``kind="finetune"``: ``path label`` or the official
-    rawframes list's ``folder total_frames label`` (frames ``img_{:05}.jpg`` from 1, the official
-    ``--start_idx``). A file has one format: the longest one every line fits (paths may contain
-    spaces; the numbers are split off the right).
-    """
-    if kind not in LIST_FORMATS:
-        raise ValueError(f"list kind must be 'pretrain' or 'finetune', got {kind!r}")
-    list_path = Path(list_path)
-    if not list_path.is_file():
-        raise FileNotFoundError(f"dataset list not found: {list_path}")
-    formats = LIST_FORMATS[kind]
-    expected = " or ".join("<path> " + " ".join(f"<{f}>" for f in fmt) for fmt in formats)
-    lines = []
-    with open(list_path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            fits = _trailing_ints(tokens)
-            if fits < len(formats[0]):
-                _fail(list_path, lineno, expected, line, f"{len(tokens)} field(s), "
-                      f"{fits} of them integers after the path")
-            lines.append((lineno, line, tokens, fits))
-    if not lines:
-        raise ValueError(f"{list_path}: the dataset list is empty")
-    fmt = max((fm for fm in formats if all(fits >= len(fm) for _, _, _, fits in lines)), key=len)
-    k = len(fmt)
-    this = "<path> " + " ".join(f"<{f}>" for f in fmt)
-    out = []
-    for lineno, line, tokens, _ in lines:
-        nums = dict(zip(fmt, (int(t) for t in tokens[-k:])))
-        path_s = line.strip().rsplit(maxsplit=k)[0]  # the line up to the numbers, inner spaces kept
-        path = os.path.join(data_root, path_s) if data_root else path_s
-        label = nums.get("label", -1)
-        if kind == "pretrain":
-            start, total = nums["start_idx"], nums["total_frames"]
-            if start < 0 or total < -1 or total == 0:
-                _fail(list_path, lineno, this, line, "start_idx >= 0 and total_frames > 0 or -1")
-            out.append(Entry(path, start, total, label))
-        else:
-            if label < 0:
-                _fail(list_path, lineno, this, line, "a label >= 0")
-            if "total_frames" in nums:
-                if nums["total_frames"] < 1:
-                    _fail(list_path, lineno, this, line, "total_frames >= 1")
-                out.append(Entry(path, RAWFRAMES_START_IDX, nums["total_frames"], label))
-            else:
-                out.append(Entry(path, label=label))
-    return out
-
-
-# ----------------------------------------------------------------------------- decoding
-def decoder_name(decoder: str = "auto") -> str:
-    """The decoder ``decoder`` resolves to here (``auto``: the fastest that loads)."""
-    return _decode.resolve_decoder(decoder)
-
-
-def add_decoder_arg(parser) -> None:
-    """``--decoder`` for a training CLI (pass ``args.decoder`` to ``VideoDataset``)."""
-    parser.add_argument("--decoder", default="auto", choices=("auto", *_decode.DECODERS),
-                        help="video decoder; auto: the fastest that loads here (torchcodec needs "
-                             "FFmpeg's shared libraries)")
-
-
-class FrameFolder(_decode.VideoReader):
-    """A folder of images as a video: ``n`` frames (the list's ``total_frames``, or the images
-    counted), frame ``i`` read from ``tmpl.format(start_idx + i)``."""
-
-    name = "frames"
-
-    def __init__(self, path: str, tmpl: str, start_idx: int, total_frames: int):
-        self.path, self.tmpl, self.start = path, tmpl, start_idx
-        self.n = total_frames if total_frames > 0 else len(
-            [f for f in os.listdir(path) if f.lower().endswith((".jpg", ".jpeg", ".png"))])
-
-    def get(self, indices):
-        from PIL import Image
-
-        frames = []
-        for i in self._check(indices):
-            with Image.open(os.path.join(self.path, self.tmpl.format(self.start + i))) as im:
-                frames.append(np.asarray(im.convert("RGB")))
-        return torch.from_numpy(np.stack(frames))
-
-
-_av_quiet = False
-
-
-def quiet_pyav() -> None:
-    """FFmpeg's own log lines (PyAV prints them to stderr from C: "moov atom not found", "Invalid
-    data found" ...) kept off the console: a file that fails is said once, by the skip warning.
-    Once per process, and only when PyAV's log level is unset (a level the user set is kept).
-    decord and torchcodec have no such switch; fd 2 is left alone."""
-    global _av_quiet
-    if _av_quiet:
-        return
-    _av_quiet = True
-    try:
-        import av.logging
-
-        if av.logging.get_level() is None:
-            av.logging.set_level(av.logging.PANIC)
-    except Exception:  # no PyAV, or one without the switch
-        pass
-
-
-class VideoSource:
-    """Random access to the frames of one entry: ``len(src)`` and ``src.get(indices)`` ->
-    ``(len(indices), H, W, 3)`` uint8 tensor. A video file with ``total_frames > 0`` is cut to
-    frames ``start_idx .. start_idx + total_frames - 1`` (an extension: the official list gives
-    -1 there)."""
-
-    def __init__(self, entry: Entry, decoder: str = "auto", fname_tmpl: str = FRAME_PATTERN, threads: int = 1):
-        self.entry = entry
-        p = entry.path
-        if os.path.isdir(p):
-            self.kind = "frames"
-            self.reader = FrameFolder(p, fname_tmpl, entry.start_idx, entry.total_frames)
-            self.offset, self.n = 0, len(self.reader)
-        else:
-            quiet_pyav()
-            self.reader = _decode.open_video(p, decoder, threads=threads)
-            self.kind = self.reader.name
-            self.offset, self.n = 0, len(self.reader)
-            if entry.total_frames > 0:
-                self.offset = entry.start_idx
-                self.n = max(0, min(self.n, entry.start_idx + entry.total_frames) - entry.start_idx)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def get(self, indices: Sequence[int]) -> torch.Tensor:
-        return self.reader.get([int(i) + self.offset for i in indices])
-
-    def close(self) -> None:
-        self.reader.close()
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -243,7 +62,7 @@ class VideoDataset(torch.utils.data.Dataset):
     folders; ``hybrid_rules`` (SomethingV2 / AVA2.2 folders, see ``HYBRID_RULES``). A video shorter
     than the clip span (``num_frames * sampling_rate``) is padded as the official pads it (from
     frame 0, the last strided index repeated); ``skip_short=True`` skips it instead.
-    ``decoder``: ``auto`` or a name from ``train.decode.DECODERS``, resolved here (once).
+    ``decoder``: ``auto`` or a name from ``vmae_fast.video.decoders.DECODERS``, resolved here (once).
 
     Fine-tuning options (the official ``--aa``, ``--train_interpolation``, ``--reprob``,
     ``--remode``, ``--recount``; off by default here, on by default in ``train.finetune``):
@@ -272,7 +91,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.max_distort, self.fix_crop, self.more_fix_crop = max_distort, fix_crop, more_fix_crop
         self.fname_tmpl, self.hybrid_rules, self.skip_short = fname_tmpl, hybrid_rules, skip_short
         try:  # resolved once, here: workers get the name, and the fallback line is said once
-            self.decoder = _decode.resolve_decoder(decoder)
+            self.decoder = resolve_decoder(decoder)
         except RuntimeError:  # no video decoder at all: frame folders still load, files fail (skipped)
             self.decoder = decoder
         self.threads, self.substitute = threads, substitute
@@ -306,7 +125,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 raise ValueError("no frames")
             if self.skip_short and n < self.num_frames * rate:
                 raise ValueError(f"too short: {n} frames, the clip spans {self.num_frames * rate} (skip_short)")
-            if self.mode == "test":  # the official test views, as vmae_fast.predict takes them
+            if self.mode == "test":  # the official test views, as vmae-predict takes them
                 return make_views(src.get, n, num_frames=self.num_frames, img_size=self.size, sampling_rate=rate,
                                   views=(self.num_segments, self.num_crops), stack=False), None
             if self.mode == "pretrain":

@@ -39,9 +39,9 @@ import torch.nn.functional as F
 
 from vmae_fast.checkpoint import write_atomic
 from vmae_fast.ops._common import imagenet_stats
-from vmae_fast.predict import device_and_dtype, open_video
-
-from .data import add_decoder_arg
+from vmae_fast.predict import device_and_dtype
+from vmae_fast.video.decoders import add_decoder_arg
+from vmae_fast.video.sources import open_source
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
 
@@ -156,12 +156,9 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
             done["skipped"].append(video)
             continue
         try:
-            get_frames, n_frames, close = open_video(video, decoder)
-            try:
-                feats = video_features(model, get_frames, n_frames, stride=stride, sampling_rate=sampling_rate,
+            with open_source(video, decoder) as src:
+                feats = video_features(model, src.get, len(src), stride=stride, sampling_rate=sampling_rate,
                                        pool=pool, batch_size=batch_size, input_norm=input_norm, amp_dtype=amp_dtype)
-            finally:
-                close()
         except Exception as exc:  # a bad video: say which, go on
             warnings.warn(f"skipping {video}: {type(exc).__name__}: {exc}", stacklevel=2)
             done["failed"].append(video)

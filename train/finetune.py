@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import vmae_fast
 from vmae_fast.flops import encoder_macs
 from vmae_fast.ops import normalize_uint8
+from vmae_fast.video.decoders import resolve_decoder as decoder_name
 
 from . import distributed as dist_
 from . import loop
@@ -30,7 +31,7 @@ from .recipe import official
 from .augment import ERASE_MODES, INTERPOLATIONS, EraseSpec, erase_, parse_rand_augment
 from .cli import (UsageError, check_common, check_file, check_model_config, make_parser, model_options, parse,
                   read_list_or_usage)
-from .data import VideoDataset, collate, decoder_name
+from .data import VideoDataset, collate
 from .optim import autocast, resolve_precision
 
 

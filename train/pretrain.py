@@ -16,13 +16,14 @@ import torch
 import vmae_fast
 from vmae_fast.flops import count_macs
 from vmae_fast.masking import num_decoder_tokens
+from vmae_fast.video.decoders import resolve_decoder as decoder_name
 
 from . import distributed as dist_
 from . import loop
 from .recipe import official
 from .cli import (UsageError, check_common, check_file, check_model_config, make_parser, model_options, parse,
                   read_list_or_usage)
-from .data import VideoDataset, decoder_name
+from .data import VideoDataset
 
 
 def parse_args(argv=None):

@@ -19,9 +19,9 @@ The protocol (the official fine-tuning code's ``test`` mode for Kinetics, ``--te
 
 ``S = 1`` or ``C = 1`` (where the official code divides by zero) takes the middle clip / crop.
 
-Video files are read with the training package's decoders (``train.data``: PyAV, torchcodec or decord),
-installed beside ``vmae_fast`` (the ``train`` extra brings the decoders); ``predict_frames`` takes
-decoded frames from anywhere.
+Steps 1-4 are ``vmae_fast.video.views``. Video files and frame folders are read by
+``vmae_fast.video`` (PyAV, torchcodec or decord; the ``train`` extra brings them);
+``predict_frames`` takes decoded frames from anywhere.
 """
 from __future__ import annotations
 
@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-DEFAULT_VIEWS = (5, 3)
-
+from .video.sources import open_source
+from .video.views import DEFAULT_VIEWS, make_views
 
 @dataclass
 class Prediction:
@@ -54,92 +53,6 @@ class Prediction:
 
 
 # --------------------------------------------------------------------------- the protocol
-
-def parse_views(spec: str | Sequence[int]) -> tuple[int, int]:
-    """``"5x3"`` -> ``(5, 3)``: temporal clips x spatial crops."""
-    if isinstance(spec, str):
-        parts = spec.lower().split("x")
-        try:
-            s, c = (int(p) for p in parts)
-        except ValueError:
-            raise ValueError(f"views must look like '5x3' (temporal clips x spatial crops), got {spec!r}") from None
-    else:
-        s, c = spec
-    if s < 1 or c < 1:
-        raise ValueError(f"views need at least 1 clip and 1 crop, got {s}x{c}")
-    return int(s), int(c)
-
-
-def clip_frame_indices(n_frames: int, num_frames: int, sampling_rate: int, num_clips: int) -> list[list[int]]:
-    """Frame indices of the ``num_clips`` temporal clips (steps 1 and 3 of the module docstring)."""
-    if n_frames < 1:
-        raise ValueError("the video has no frames")
-    if num_frames < 1 or sampling_rate < 1 or num_clips < 1:
-        raise ValueError("num_frames, sampling_rate and num_clips must be >= 1")
-    frames = list(range(0, n_frames, sampling_rate))
-    while len(frames) < num_frames:
-        frames.append(frames[-1])
-    room = len(frames) - num_frames
-    if num_clips == 1:
-        starts = [room // 2]
-    else:
-        step = max(room / (num_clips - 1), 0.0)
-        starts = [int(k * step) for k in range(num_clips)]
-    return [frames[s:s + num_frames] for s in starts]
-
-
-def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """Short side to ``size``, the long side ``int(size * long / short)`` (official rounding)."""
-    if width < height:
-        return int(size * height / width), size
-    return size, int(size * width / height)
-
-
-def crop_offsets(height: int, width: int, size: int, num_crops: int) -> list[tuple[int, int]]:
-    """``(top, left)`` of the ``num_crops`` crops of a frame already resized to short side
-    ``size`` (step 4 of the module docstring)."""
-    long_side = max(height, width)
-    if num_crops == 1:
-        starts = [(long_side - size) // 2]
-    else:
-        step = (long_side - size) / (num_crops - 1)
-        starts = [int(j * step) for j in range(num_crops)]
-    return [(s, 0) if height >= width else (0, s) for s in starts]
-
-
-def resize_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """``(T, H, W, 3)`` uint8 -> ``(T, 3, h, w)`` uint8 with short side ``size`` (bilinear,
-    no antialiasing, rounded)."""
-    T, H, W, C = frames.shape
-    h, w = resized_size(H, W, size)
-    x = frames.permute(0, 3, 1, 2)
-    if (h, w) == (H, W):
-        return x.contiguous()
-    y = F.interpolate(x.float(), size=(h, w), mode="bilinear", align_corners=False)
-    return y.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def make_views(get_frames: Callable[[list[int]], torch.Tensor], n_frames: int, *, num_frames: int,
-               img_size: int, sampling_rate: int = 4, views: str | Sequence[int] = DEFAULT_VIEWS,
-               stack: bool = True) -> torch.Tensor | list[torch.Tensor]:
-    """The ``S x C`` views of one video as a uint8 batch ``(S*C, 3, num_frames, img_size, img_size)``,
-    clip-major (view ``k*C + j`` = clip ``k``, crop ``j``). ``get_frames(indices)`` returns those
-    frames as ``(len, H, W, 3)`` uint8; each needed frame is asked for and resized once.
-    ``stack=False``: the views as a list of (strided) crops, for a caller that copies them into
-    its own batch anyway (``train.data.Collate``)."""
-    s, c = parse_views(views)
-    clips = clip_frame_indices(n_frames, num_frames, sampling_rate, s)
-    needed = sorted({i for clip in clips for i in clip})
-    resized = resize_frames(get_frames(needed), img_size)  # (n, 3, h, w)
-    pos = {f: i for i, f in enumerate(needed)}
-    h, w = resized.shape[-2:]
-    out = []
-    for clip in clips:
-        x = resized[[pos[f] for f in clip]]  # (T, 3, h, w)
-        for top, left in crop_offsets(h, w, img_size, c):
-            out.append(x[:, :, top:top + img_size, left:left + img_size].transpose(0, 1))
-    return torch.stack(out) if stack else out
-
 
 @torch.no_grad()
 def predict_views(model: torch.nn.Module, views: torch.Tensor, batch_size: int = 8,
@@ -173,18 +86,6 @@ def predict_frames(model: torch.nn.Module, get_frames: Callable[[list[int]], tor
     return Prediction(name, top, probs, v.shape[0])
 
 
-def open_video(path: str, decoder: str = "auto"):
-    """``(get_frames, n_frames, close)`` of a video file or frame folder, through ``train.data``."""
-    try:
-        from train.data import Entry, VideoSource
-    except ImportError as exc:
-        raise ImportError("reading video files uses the training package's decoders (train.data, installed with "
-                          "vmae-fast; PyAV/torchcodec/decord from its train extra), or pass decoded frames to "
-                          "vmae_fast.predict.predict_frames") from exc
-    src = VideoSource(Entry(path=os.path.abspath(path)), decoder)
-    return src.get, len(src), src.close
-
-
 def predict(model: torch.nn.Module, video: str | torch.Tensor, **kw) -> Prediction:
     """Classify a video file (path) or a decoded ``(T, H, W, 3)`` uint8 tensor (keywords of
     ``predict_frames``, plus ``decoder`` for files)."""
@@ -193,11 +94,8 @@ def predict(model: torch.nn.Module, video: str | torch.Tensor, **kw) -> Predicti
         if video.dim() != 4 or video.shape[-1] != 3 or video.dtype != torch.uint8:
             raise ValueError(f"frames must be a (T, H, W, 3) uint8 tensor, got {tuple(video.shape)} {video.dtype}")
         return predict_frames(model, lambda idx: video[idx], video.shape[0], **kw)
-    get, n, close = open_video(os.fspath(video), decoder)
-    try:
-        return predict_frames(model, get, n, name=kw.pop("name", os.fspath(video)), **kw)
-    finally:
-        close()
+    with open_source(video, decoder) as src:
+        return predict_frames(model, src.get, len(src), name=kw.pop("name", os.fspath(video)), **kw)
 
 
 def default_labels(model: torch.nn.Module, hf_config: dict | None = None) -> list[str] | None:
@@ -236,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--decoder", default="auto", help="video decoder (train.decode: auto, pyav, torchcodec, decord)")
+    p.add_argument("--decoder", default="auto", help="video decoder (vmae_fast.video: auto, pyav, torchcodec, decord)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout, for scripts")
     return p
 

@@ -130,6 +130,34 @@ def _say(key: str, line: str, quiet: bool) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def add_decoder_arg(parser) -> None:
+    """``--decoder`` of a command line that reads videos (pass ``args.decoder`` on)."""
+    parser.add_argument("--decoder", default="auto", choices=("auto", *DECODERS),
+                        help="video decoder; auto: the fastest that loads here (torchcodec needs "
+                             "FFmpeg's shared libraries)")
+
+
+_av_quiet = False
+
+
+def quiet_pyav() -> None:
+    """FFmpeg's own log lines (PyAV prints them to stderr from C: "moov atom not found", "Invalid
+    data found" ...) kept off the console: a file that fails is said once, by its caller.
+    Once per process, and only when PyAV's log level is unset (a level the user set is kept).
+    decord and torchcodec have no such switch; fd 2 is left alone."""
+    global _av_quiet
+    if _av_quiet:
+        return
+    _av_quiet = True
+    try:
+        import av.logging
+
+        if av.logging.get_level() is None:
+            av.logging.set_level(av.logging.PANIC)
+    except Exception:  # no PyAV, or one without the switch
+        pass
+
+
 # ----------------------------------------------------------------------------- readers
 class VideoReader:
     """Base: ``len(reader)`` frames; ``reader.get(indices)`` -> ``(len(indices), H, W, 3)`` uint8."""
