@@ -71,7 +71,7 @@ MODULES = ["vmae_fast.checkpoint", "vmae_fast.models", "vmae_fast.models.common"
 
 @pytest.mark.parametrize("first", MODULES)
 def test_fresh_interpreter_import_orders(first):
-    rest = [m for m in MODULES if m != first] + ["vmae_fast.models.factory", "vmae_fast.reference"]
+    rest = [m for m in MODULES if m != first] + ["vmae_fast.models.factory", "vmae_fast.models.load", "vmae_fast.hf", "vmae_fast.reference"]
     proc = subprocess.run([sys.executable, "-c", _SCRIPT.format(pkg=str(PKG), first=first, rest=rest)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
@@ -98,3 +98,14 @@ def test_opting_out_of_the_extension_gives_no_warning():
                 "assert _dispatch.kernel_paths()['gather_cubes']['cpu'].startswith('reference (native: VMAE_FAST_NO_EXT')\n",
                 VMAE_FAST_NO_EXT="1")
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_hf_key_mapping_is_a_leaf_below_the_models():
+    # hf_keys knows key names only; the models import it, and only vmae_fast.hf (which builds
+    # models from HF weights) sits above both: no model file imports vmae_fast.hf, not even lazily.
+    leaf = _imported_modules(PKG / "hf_keys.py", "vmae_fast")
+    assert not [m for m in leaf if m.startswith(("vmae_fast.models", "vmae_fast.hf"))], leaf
+    for path in sorted((PKG / "models").glob("*.py")):
+        mods = _imported_modules(path, "vmae_fast.models")
+        assert not [m for m in mods if m == "vmae_fast.hf" or m.startswith("vmae_fast.hf.")], (path.name, mods)
+    assert "vmae_fast.hf_keys" in _imported_modules(PKG / "models" / "common.py", "vmae_fast.models")

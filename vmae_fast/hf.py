@@ -1,7 +1,7 @@
 """Hugging Face ``transformers`` VideoMAE interop: its state dicts into our models and back, and
 its ``VideoMAEForPreTraining`` built with a given model's weights (a peer for the benchmark).
 
-Key level (no model, no ``transformers`` needed)::
+Key level (no model, no ``transformers`` needed; the leaf ``vmae_fast.hf_keys``, re-exported here)::
 
     conv = convert_hf_state_dict(sd)    # HF keys -> official keys (docs/semantics.md §7)
     conv.state_dict, conv.kind, conv.layout, conv.dropped
@@ -40,35 +40,19 @@ Two differences that are not weights:
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import count_blocks, describe_keys, heads_of_width, mlp_ratio_of, unwrap_state_dict
+from .checkpoint import describe_keys, unwrap_state_dict
+from .hf_keys import (HF_CLASSIFIER_CLASS, HF_HEAD_NORM_EPS, HF_PRETRAIN_CLASS, OFFICIAL_EPS,  # noqa: F401
+                      HFConversion, convert_hf_state_dict, hf_layer_norm_eps, is_hf_state_dict,
+                      official_to_hf_keys, set_layer_norm_eps)
+from .layers import Attention
+from .models import VideoMAEv2Classifier, VideoMAEv2Pretrain
+from .models.load import build_model, infer_architecture, read_checkpoint
 from .ops._common import normalize_uint8
-
-HF_PRETRAIN_CLASS = "VideoMAEForPreTraining"
-HF_CLASSIFIER_CLASS = "VideoMAEForVideoClassification"
-OFFICIAL_EPS = 1e-6
-HF_HEAD_NORM_EPS = 1e-5  # transformers' fc_norm and decoder.norm: nn.LayerNorm's default
-
-# HF block sub-keys -> official block sub-keys (the q/k/v weights are assembled separately)
-_BLOCK_MAP = {
-    "layernorm_before.": "norm1.",
-    "layernorm_after.": "norm2.",
-    "attention.output.dense.": "attn.proj.",
-    "intermediate.dense.": "mlp.fc1.",
-    "output.dense.": "mlp.fc2.",
-    "attention.attention.query.bias": "attn.q_bias",
-    "attention.attention.q_bias": "attn.q_bias",
-    "attention.attention.value.bias": "attn.v_bias",
-    "attention.attention.v_bias": "attn.v_bias",
-}
-_QKV = ("query", "key", "value")
-_LAYER = re.compile(r"^(encoder\.layer|decoder\.decoder_layers)\.(\d+)\.(.+)$")
 
 
 def _require_transformers():
@@ -80,101 +64,7 @@ def _require_transformers():
     return transformers
 
 
-# --------------------------------------------------------------------------- key level
-
-@dataclass
-class HFConversion:
-    """What ``convert_hf_state_dict`` made of an HF state dict. ``state_dict``: official keys;
-    ``kind``: ``"pretrain"`` (VideoMAEForPreTraining), ``"classifier"``
-    (VideoMAEForVideoClassification) or ``"encoder"`` (VideoMAEModel); ``layout``: the bias
-    naming found (``"q_bias"``: transformers 4, ``"query.bias"``: transformers 5, ``"none"``);
-    ``dropped``: HF keys left out on purpose, with the reason; ``unknown``: HF keys of no known
-    place (kept under their own names, so a load reports them as unexpected)."""
-
-    state_dict: dict[str, torch.Tensor]
-    kind: str
-    layout: str
-    dropped: dict[str, str] = field(default_factory=dict)
-    unknown: list[str] = field(default_factory=list)
-
-
-def is_hf_state_dict(keys) -> bool:
-    """Whether keys look like transformers' VideoMAE (``vmae_fast.checkpoint.guess_format``)."""
-    from .checkpoint import guess_format
-
-    return guess_format(keys) == "hf-videomae"
-
-
-def convert_hf_state_dict(state_dict: Mapping[str, Any]) -> HFConversion:
-    """HF VideoMAE keys -> official keys (module docstring). Accepts a file's dict or its
-    ``model``/``state_dict`` entry. Raises ``ValueError`` when a block lacks one of its
-    ``query``/``key``/``value`` weights or the state dict is not transformers' VideoMAE."""
-    sd = unwrap_state_dict(state_dict)
-    if not is_hf_state_dict(sd):
-        raise ValueError(f"not a Hugging Face transformers VideoMAE state dict ({describe_keys(sd)})")
-    rooted = any(k.startswith("videomae.") for k in sd)
-    if any(k.startswith(("decoder.decoder_layers.", "encoder_to_decoder.")) or k == "mask_token" for k in sd):
-        kind = "pretrain"
-    elif any(k.startswith(("classifier.", "fc_norm.")) for k in sd):
-        kind = "classifier"
-    else:
-        kind = "encoder"
-    enc = "encoder." if kind == "pretrain" else ""
-    out: dict[str, torch.Tensor] = {}
-    dropped: dict[str, str] = {}
-    unknown: list[str] = []
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
-    layouts = set()
-    for key, v in sd.items():
-        k = key[len("videomae."):] if rooted and key.startswith("videomae.") else key
-        in_model = key.startswith("videomae.") or not rooted
-        m = _LAYER.match(k)
-        if m and (m.group(1) == "decoder.decoder_layers" or in_model):
-            stack, i, rest = m.groups()
-            base = f"{enc}blocks.{i}." if stack == "encoder.layer" else f"decoder.blocks.{i}."
-            name = rest.split(".")
-            if rest.startswith("attention.attention.") and name[2] in _QKV and name[3] == "weight":
-                qkv.setdefault(base, {})[name[2]] = v
-                continue
-            if rest == "attention.attention.key.bias":
-                dropped[key] = "key bias: softmax cancels it (the official model has none)"
-                continue
-            if rest.endswith(("q_bias", "v_bias")):
-                layouts.add("q_bias")
-            elif rest.endswith(("query.bias", "value.bias")):
-                layouts.add("query.bias")
-            for src, dst in _BLOCK_MAP.items():
-                if rest == src or (src.endswith(".") and rest.startswith(src)):
-                    out[base + dst + rest[len(src):]] = v
-                    break
-            else:
-                unknown.append(key)
-                out[key] = v
-        elif in_model and k.startswith("embeddings.patch_embeddings.projection."):
-            out[enc + "patch_embed.proj." + k.rsplit(".", 1)[1]] = v
-        elif in_model and k == "embeddings.position_embeddings":
-            out[enc + "pos_embed"] = v if v.dim() == 3 else v.unsqueeze(0)
-        elif in_model and k.startswith("layernorm."):
-            out[enc + "norm." + k[len("layernorm."):]] = v
-        elif key.startswith("classifier."):
-            out["head." + key[len("classifier."):]] = v
-        elif key.startswith(("fc_norm.", "decoder.norm.", "decoder.head.", "encoder_to_decoder.")) \
-                or key == "mask_token":
-            out[key] = v
-        elif key == "position_embeddings":  # the decoder's table, where a conversion saved it
-            out["pos_embed"] = v if v.dim() == 3 else v.unsqueeze(0)
-        else:
-            unknown.append(key)
-            out[key] = v
-    for base, parts in sorted(qkv.items()):
-        missing = [p for p in _QKV if p not in parts]
-        if missing:
-            raise ValueError(f"Hugging Face VideoMAE block {base.rstrip('.')} lacks its "
-                             f"{'/'.join(missing)} weight: cannot assemble the qkv projection")
-        out[base + "attn.qkv.weight"] = torch.cat([parts[p] for p in _QKV], dim=0)
-    layout = "q_bias" if "q_bias" in layouts else ("query.bias" if layouts else "none")
-    return HFConversion(out, kind, layout, dropped, unknown)
-
+# --------------------------------------------------------------------------- our models -> HF
 
 def to_hf_state_dict(model: nn.Module, legacy_bias_names: bool = False) -> dict[str, torch.Tensor]:
     """Our model's weights under transformers' keys: ``VideoMAEForPreTraining`` for a
@@ -184,39 +74,7 @@ def to_hf_state_dict(model: nn.Module, legacy_bias_names: bool = False) -> dict[
     cannot hold (layer scale, cosine attention, learnable positional tables, a custom qk scale)."""
     _check_representable(model)
     kind = _kind_of(model)
-    sd = model.official_state_dict()
-    enc = "encoder." if kind == "pretrain" else ""
-    qb, vb = ("q_bias", "v_bias") if legacy_bias_names else ("query.bias", "value.bias")
-    out: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
-        m = re.match(rf"^({re.escape(enc)}blocks|decoder\.blocks)\.(\d+)\.(.+)$", k)
-        if m:
-            stack, i, rest = m.groups()
-            base = (f"videomae.encoder.layer.{i}." if stack != "decoder.blocks"
-                    else f"decoder.decoder_layers.{i}.")
-            if rest == "attn.qkv.weight":
-                for name, w in zip(_QKV, v.chunk(3, dim=0)):  # copies: safetensors refuses shared storage
-                    out[f"{base}attention.attention.{name}.weight"] = w.clone()
-                continue
-            special = {"attn.q_bias": f"attention.attention.{qb}", "attn.v_bias": f"attention.attention.{vb}"}
-            if rest in special:
-                out[base + special[rest]] = v
-                continue
-            for src, dst in _BLOCK_MAP.items():
-                if src.endswith(".") and rest.startswith(dst):
-                    out[base + src + rest[len(dst):]] = v
-                    break
-            else:  # pragma: no cover - _check_representable refused it already
-                raise ValueError(f"no Hugging Face place for {k}")
-        elif k.startswith(enc + "patch_embed.proj."):
-            out["videomae.embeddings.patch_embeddings.projection." + k.rsplit(".", 1)[1]] = v
-        elif k.startswith(enc + "norm."):
-            out["videomae.layernorm." + k[len(enc + "norm."):]] = v
-        elif k.startswith("head.") and kind == "classifier":
-            out["classifier." + k[len("head."):]] = v
-        else:  # fc_norm, decoder.norm/head, encoder_to_decoder, mask_token: same names
-            out[k] = v
-    return out
+    return official_to_hf_keys(model.official_state_dict(), kind, legacy_bias_names)
 
 
 def hf_config_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -241,11 +99,7 @@ def hf_config_kwargs(model: nn.Module) -> dict[str, Any]:
     return kw
 
 
-# --------------------------------------------------------------------------- model level
-
 def _kind_of(model: nn.Module) -> str:
-    from .models import VideoMAEv2Classifier, VideoMAEv2Pretrain
-
     if isinstance(model, VideoMAEv2Pretrain):
         return "pretrain"
     if isinstance(model, VideoMAEv2Classifier):
@@ -257,8 +111,6 @@ def _check_representable(model: nn.Module, training: bool = False) -> None:
     """Refuse what transformers' VideoMAE cannot hold: weights or options that change its
     function (always), and, with ``training``, what changes only the training function (drop
     path, dropout where transformers has none)."""
-    from .layers import Attention
-
     cfg = model.cfg
     why = []
     if cfg.init_values > 0:
@@ -284,23 +136,7 @@ def _check_representable(model: nn.Module, training: bool = False) -> None:
         raise ValueError(f"transformers' VideoMAE cannot hold this {type(model).__name__}: " + "; ".join(why))
 
 
-def _config_dict(config: Any) -> dict[str, Any]:
-    if config is None:
-        return {}
-    if isinstance(config, Mapping):
-        return dict(config)
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    raise TypeError(f"config must be a transformers VideoMAEConfig, a dict or None, got {type(config).__name__}")
-
-
-def _int_size(v: Any) -> int:
-    if isinstance(v, (list, tuple)):
-        if len(set(v)) != 1:
-            raise ValueError(f"only square frames and patches are supported, got {v}")
-        v = v[0]
-    return int(v)
-
+# --------------------------------------------------------------------------- HF -> our models
 
 def from_hf_state_dict(state_dict: Mapping[str, Any], config: Any = None, *, eps: str = "official",
                        attn_backend: str = "sdpa", **overrides) -> nn.Module:
@@ -317,79 +153,13 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], config: Any = None, *, eps
     ``VideoMAEv2Classifier`` (``num_classes=0`` for a bare ``VideoMAEModel``, whose mean-pooling
     ``fc_norm`` it lacks stays at its init). ``eps``: ``"official"`` (1e-6, the function the
     released weights were trained with) or ``"hf"`` (transformers' LayerNorm eps, to match its
-    outputs exactly; module docstring).
+    outputs exactly; module docstring). The steps are ``load_model``'s (``vmae_fast.models.load``).
     """
-    from .models import create_model, create_pretrain_model
-
-    if eps not in ("official", "hf"):
-        raise ValueError(f"eps must be 'official' or 'hf', got {eps!r}")
-    conv = convert_hf_state_dict(state_dict)
-    sd, kind = conv.state_dict, conv.kind
-    if conv.unknown:
-        raise ValueError(f"keys of no known place in a transformers VideoMAE: {describe_keys(conv.unknown, 8)}")
-    c = _config_dict(config)
-    enc = "encoder." if kind == "pretrain" else ""
-    w = sd[enc + "patch_embed.proj.weight"]
-    dim, in_chans, tubelet, patch = w.shape[0], w.shape[1], w.shape[2], w.shape[3]
-    if c.get("patch_size") is not None and _int_size(c["patch_size"]) != patch:
-        raise ValueError(f"the config's patch_size is {c['patch_size']} but the weights' is {patch}")
-    depth = count_blocks(sd, enc + "blocks.")
-    hidden = sd[f"{enc}blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * dim
-    ratio = mlp_ratio_of(dim, hidden)
-    opts: dict[str, Any] = dict(
-        embed_dim=dim, depth=depth, patch_size=patch, tubelet_size=tubelet, in_chans=in_chans, mlp_ratio=ratio,
-        num_heads=heads_of_width(dim, "encoder", overrides.pop("num_heads", None) or c.get("num_attention_heads")),
-        num_frames=int(c.get("num_frames", 16)), img_size=_int_size(c.get("image_size", 224)),
-        qkv_bias=f"{enc}blocks.0.attn.q_bias" in sd if depth else True, attn_backend=attn_backend)
-    exclude: tuple[str, ...] = ()
-    if kind == "pretrain":
-        if "encoder.norm.weight" not in sd:
-            raise ValueError("this VideoMAEForPreTraining has no final encoder LayerNorm ('videomae.layernorm', "
-                             "absent with use_mean_pooling=True): the official pretraining model and ours always "
-                             "end the encoder with one, so its function cannot be reproduced")
-        ddim = sd["encoder_to_decoder.weight"].shape[0]
-        ddepth = count_blocks(sd, "decoder.blocks.")
-        if ddepth:
-            dhidden = sd["decoder.blocks.0.mlp.fc1.weight"].shape[0]
-            if int(ddim * ratio) != dhidden:
-                raise ValueError(f"the decoder's MLP width {dhidden} is not int(decoder width {ddim} x the encoder's "
-                                 f"MLP ratio {hidden}/{dim}): our decoder shares the encoder's ratio, as official")
-        opts.update(decoder_embed_dim=ddim, decoder_depth=ddepth,
-                    decoder_num_heads=heads_of_width(ddim, "decoder", overrides.pop("decoder_num_heads", None)
-                                                     or c.get("decoder_num_attention_heads")),
-                    normalize_target=bool(c.get("norm_pix_loss", True)))
-        opts.update(overrides)
-        model = create_pretrain_model("vit_base_patch16_224", **opts)
-    else:
-        mean_pool = "fc_norm.weight" in sd or "norm.weight" not in sd
-        opts.update(num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
-                    use_mean_pooling=mean_pool)
-        opts.update(overrides)
-        model = create_model("vit_base_patch16_224", **opts)
-        if kind == "encoder":
-            exclude = ("fc_norm.",)
-    model.load_official_state_dict(sd, strict=True, exclude=exclude)
-    if eps == "hf":
-        set_layer_norm_eps(model, hf_layer_norm_eps(c.get("layer_norm_eps", 1e-12), model))
-    return model
-
-
-def hf_layer_norm_eps(layer_norm_eps: float, model: nn.Module) -> dict[str, float]:
-    """transformers' eps of each LayerNorm of our ``model`` (by module name): ``layer_norm_eps``
-    in the blocks and the encoder's final norm, PyTorch's 1e-5 in ``fc_norm`` and ``decoder.norm``."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.LayerNorm):
-            out[name] = HF_HEAD_NORM_EPS if name in ("fc_norm", "decoder.norm") else float(layer_norm_eps)
-    return out
-
-
-def set_layer_norm_eps(model: nn.Module, eps: float | Mapping[str, float]) -> nn.Module:
-    """Set the ``eps`` of every LayerNorm of ``model`` (one value, or per module name)."""
-    for name, m in model.named_modules():
-        if isinstance(m, nn.LayerNorm):
-            m.eps = float(eps[name] if isinstance(eps, Mapping) else eps)
-    return model
+    sd = unwrap_state_dict(state_dict)
+    if not is_hf_state_dict(sd):
+        raise ValueError(f"not a Hugging Face transformers VideoMAE state dict ({describe_keys(sd)})")
+    weights = read_checkpoint(sd, config)
+    return build_model(infer_architecture(weights, attn_backend=attn_backend, **overrides), weights, eps=eps)
 
 
 def to_hf_model(model: nn.Module, attn_implementation: str = "sdpa", eps: str = "official") -> nn.Module:

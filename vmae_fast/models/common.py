@@ -11,7 +11,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from ..checkpoint import FORMATS, describe_keys, guess_format, unwrap_state_dict
 from ..config import VideoMAEConfig
-from ..hf import convert_hf_state_dict
+from ..hf_keys import convert_hf_state_dict
 from ..pos_embed import sincos_table
 
 
@@ -128,7 +128,7 @@ class OfficialCheckpointMixin:
 
         A Hugging Face transformers VideoMAE state dict (``VideoMAEForPreTraining``,
         ``VideoMAEForVideoClassification`` or ``VideoMAEModel``) is converted to the official keys
-        first (``vmae_fast.hf.convert_hf_state_dict``; its LayerNorm eps differences are not
+        first (``vmae_fast.hf_keys.convert_hf_state_dict``; its LayerNorm eps differences are not
         weights: see ``vmae_fast.hf``). Keys starting with any prefix in ``exclude`` are skipped
         (e.g. ``("head.",)`` to keep a fresh head of another class count). A positional table in
         the file where the model's is a fixed (non-persistent) table is skipped when it equals
