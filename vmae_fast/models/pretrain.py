@@ -99,7 +99,11 @@ class VideoMAEv2Pretrain(OfficialCheckpointMixin, nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
         make_pos_embed(self, "pos_embed", cfg.num_tokens, cfg.decoder_embed_dim, cfg.learnable_pos_embed)
         self.decoder = PretrainDecoder(cfg)
-        self.apply(init_weights_pretrain)
+        # The official encoder and decoder each apply the Xavier init to themselves; the top-level
+        # model never does, so ``encoder_to_decoder`` keeps nn.Linear's default (kaiming-uniform,
+        # a=sqrt(5): U(+-1/sqrt(D_enc))). Reproduced on purpose (docs/semantics.md §6).
+        self.encoder.apply(init_weights_pretrain)
+        self.decoder.apply(init_weights_pretrain)
         # truncated at +-1 std, as the VideoMAE pretraining code's own trunc_normal_
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
