@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import vmae_fast
+from vmae_fast.device import default_num_workers
 from vmae_fast.video.decoders import add_decoder_arg
 from vmae_fast.video.lists import read_list
 
@@ -118,7 +119,8 @@ def add_common_args(ap: argparse.ArgumentParser, kind: str) -> None:
     a("--device", default=None, help="cpu, cuda (under torchrun: the LOCAL_RANK GPU) or cuda:N "
       "(default: cuda when available)")
     add_decoder_arg(ap)
-    a("--num-workers", type=int, default=8)
+    a("--num-workers", type=int, default=default_num_workers(),
+      help="data-loading processes (default: one per CPU this process may use, at most 8)")
     a("--seed", type=int, default=0)
     a("--output-dir", required=True)
     a("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps (and at the end)")
