@@ -115,10 +115,13 @@ class VideoDataset(torch.utils.data.Dataset):
                     return tmpl, rate or self.rate
         return self.fname_tmpl, self.rate
 
-    def _load(self, entry: Entry, rng: np.random.Generator) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """``(views, erase boxes or None)``."""
-        tmpl, rate = self._folder_rules(entry.path) if os.path.isdir(entry.path) else (self.fname_tmpl, self.rate)
-        src = VideoSource(entry, self.decoder, tmpl, self.threads)
+    def _load(self, entry: Entry, rng: np.random.Generator, src=None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """``(views, erase boxes or None)``. ``src``: the entry's frames already opened (a shard
+        sample, ``train.shard_data``); by default the file or folder is opened here."""
+        folder = src.kind == "frames" if src is not None else os.path.isdir(entry.path)
+        tmpl, rate = self._folder_rules(entry.path) if folder else (self.fname_tmpl, self.rate)
+        if src is None:
+            src = VideoSource(entry, self.decoder, tmpl, self.threads)
         try:
             n = len(src)
             if n < 1:
