@@ -19,10 +19,11 @@ pytest.importorskip("av", reason="PyAV probes and re-encodes the videos")
 pytest.importorskip("webdataset", reason="the shards extra: pip install webdataset")
 
 from train import write_shards  # noqa: E402
-from train.data import VideoDataset, read_list  # noqa: E402
+from train.data import VideoDataset  # noqa: E402
 from train.shard_data import (ShardPosition, ShardStream, SkipAware, load_sample,  # noqa: E402
                               resume_start)
-from vmae_fast import shards as fmt  # noqa: E402
+from vmae_fast.video import read_list  # noqa: E402
+from vmae_fast.video import shards as fmt  # noqa: E402
 from vmae_fast.errors import EXIT_SOME_FAILED, UsageError  # noqa: E402
 
 DATA = Path(__file__).parent / "data"

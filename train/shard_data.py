@@ -1,6 +1,6 @@
 """Training from WebDataset shards (``--shards``): the same samples as from the list's files.
 
-A shard sample (``vmae_fast/shards.py``) is decoded from its bytes in memory by the decoder
+A shard sample (``vmae_fast/video/shards.py``) is decoded from its bytes in memory by the decoder
 ``--decoder`` names and goes through ``VideoDataset``'s own loading (clip indices, crops, flips,
 RandAugment, erase boxes), with the random generator of list line ``index``: the frames are bit
 for bit those of ``VideoDataset(...)[(epoch, index)]`` on the file (tests/test_shards.py).
@@ -15,102 +15,18 @@ skipped (counted in ``batch["skipped"]``, named once in a warning) and the next 
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import warnings
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from vmae_fast import shards as fmt
+from vmae_fast.video import shards as fmt
+from vmae_fast.video.lists import Entry
 
-from . import decode as _decode
-from .data import Collate, Entry, FrameFolder, VideoDataset, quiet_pyav
-
-
-# ----------------------------------------------------------------------------- decoding bytes
-class _PyAVBytes(_decode.PyAVReader):
-    def __init__(self, data: bytes, threads: int = 1):
-        self._data = data
-        super().__init__("<bytes>", threads)
-
-    def _open(self) -> None:  # every (re)open starts at byte 0 of a fresh view of the same bytes
-        self.path = io.BytesIO(self._data)
-        super()._open()
-
-
-class _DecordBytes(_decode.DecordReader):
-    def __init__(self, data: bytes, threads: int = 1):
-        import decord
-
-        decord.bridge.set_bridge("native")
-        self.vr = decord.VideoReader(io.BytesIO(data), num_threads=threads, ctx=decord.cpu(0))
-        self.n = len(self.vr)
-
-
-class _TorchCodecBytes(_decode.TorchCodecReader):
-    def __init__(self, data: bytes, threads: int = 1):
-        from torchcodec.decoders import VideoDecoder
-
-        self.dec = VideoDecoder(data, seek_mode="exact", num_ffmpeg_threads=threads, dimension_order="NHWC",
-                                device="cpu")
-        self.n = len(self.dec)
-
-
-_BYTES_READERS = {"pyav": _PyAVBytes, "decord": _DecordBytes, "torchcodec": _TorchCodecBytes}
-
-
-def open_video_bytes(data: bytes, decoder: str = "auto", threads: int = 1) -> _decode.VideoReader:
-    """``train.decode.open_video`` for a video held in memory (the same frames as from its file)."""
-    return _BYTES_READERS[_decode.resolve_decoder(decoder)](data, threads=threads)
-
-
-class _FramesInMemory(FrameFolder):
-    """A frame folder sample: the images ``<key>.000000.jpg`` .. as stored."""
-
-    def __init__(self, sample: dict, n: int):
-        self.sample, self.n = sample, n
-
-    def get(self, indices):
-        from PIL import Image
-
-        frames = []
-        for i in self._check(indices):
-            with Image.open(io.BytesIO(self.sample[fmt.frame_member(i)])) as im:
-                frames.append(np.asarray(im.convert("RGB")))
-        return torch.from_numpy(np.stack(frames))
-
-
-class SampleSource:
-    """``train.data.VideoSource`` of a shard sample: frames ``start_idx .. + total_frames - 1`` of
-    a video when the list gave ``total_frames > 0``, as from the file."""
-
-    def __init__(self, sample: dict, meta: dict, decoder: str, threads: int = 1):
-        if meta.get("folder"):
-            self.kind, self.reader = "frames", _FramesInMemory(sample, int(meta["frames"]))
-            self.offset, self.n = 0, len(self.reader)
-            return
-        ext = fmt.video_member(sample)
-        if ext is None:
-            raise ValueError("no video member")
-        quiet_pyav()
-        self.reader = open_video_bytes(sample[ext], decoder, threads)
-        self.kind = self.reader.name
-        self.offset, self.n = 0, len(self.reader)
-        start, total = int(meta.get("start_idx", 0)), int(meta.get("total_frames", -1))
-        if total > 0:
-            self.offset, self.n = start, max(0, min(self.n, start + total) - start)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def get(self, indices: Sequence[int]) -> torch.Tensor:
-        return self.reader.get([int(i) + self.offset for i in indices])
-
-    def close(self) -> None:
-        self.reader.close()
+from .data import Collate, VideoDataset
 
 
 def load_sample(ds: VideoDataset, sample: dict, epoch: int) -> dict:
@@ -121,7 +37,7 @@ def load_sample(ds: VideoDataset, sample: dict, epoch: int) -> dict:
     entry = Entry(meta["path"], int(meta.get("start_idx", 0)), int(meta.get("total_frames", -1)),
                   int(meta.get("label", -1)))
     rng = np.random.default_rng([ds.seed, epoch, index, 0])  # VideoDataset's draw for attempt 0
-    src = SampleSource(sample, meta, ds.decoder, ds.threads)
+    src = fmt.SampleSource(sample, meta, ds.decoder, ds.threads)
     views, erase = ds._load(entry, rng, src)
     out = {"video": views, "label": entry.label, "index": index, "skipped": [], "key": sample["__key__"],
            "epoch": epoch}

@@ -1,9 +1,9 @@
-"""Write a dataset list into WebDataset shards (the format: ``vmae_fast/shards.py``).
+"""Write a dataset list into WebDataset shards (the format: ``vmae_fast/video/shards.py``).
 
     vmae-shards --data-list train.csv --data-root /data/k400 --kind finetune --out /data/k400-shards \\
         [--samples-per-shard 500] [--short-side 320] [--workers 8]
 
-Every official list format (``train.data.read_list``; ``--kind`` says which family, as a line
+Every official list format (``vmae_fast.video.read_list``; ``--kind`` says which family, as a line
 ``path a b`` reads differently in each). List line ``i`` becomes sample ``i`` of shard
 ``i // --samples-per-shard``; each video is probed once (frame count, size, fps; its first frame
 decoded) and stored as its own bytes, or, with ``--short-side S``, re-encoded by PyAV to short
@@ -27,11 +27,12 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
-from vmae_fast import shards as fmt
 from vmae_fast.checkpoint import write_atomic
 from vmae_fast.errors import EXIT_OK, EXIT_SOME_FAILED, UsageError, run_cli
+from vmae_fast.video import FRAME_PATTERN, Entry, FrameFolder, read_list
+from vmae_fast.video import shards as fmt
 
-from .data import FRAME_PATTERN, HYBRID_RULES, Entry, FrameFolder, read_list
+from .data import HYBRID_RULES
 
 SKIPPED = "skipped.txt"
 
@@ -101,8 +102,6 @@ def _fps(data: bytes) -> float | None:
 
 
 def _video_sample(entry: Entry, short: int | None) -> tuple[dict, dict]:
-    from .shard_data import open_video_bytes
-
     if short is not None:
         data = _reencode(entry.path, short)
     else:
@@ -110,7 +109,7 @@ def _video_sample(entry: Entry, short: int | None) -> tuple[dict, dict]:
             data = f.read()
     ext = Path(entry.path).suffix.lower().lstrip(".")
     ext = "mp4" if short is not None or ext not in fmt.VIDEO_EXTS else ext
-    with open_video_bytes(data, "pyav") as r:  # the probe: what the reader will see
+    with fmt.open_video_bytes(data, "pyav") as r:  # the probe: what the reader will see
         n = len(r)
         if n < 1:
             raise ValueError("no frames")

@@ -27,6 +27,7 @@ drops the samples already given and releases the rest in the same order.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -36,6 +37,10 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
+import torch
+
+from .decoders import DecordReader, PyAVReader, TorchCodecReader, VideoReader, quiet_pyav, resolve_decoder
+from .frames import FrameFolder
 
 FORMAT = "vmae-shards/1"
 MANIFEST = "manifest.json"
@@ -296,6 +301,89 @@ def video_member(sample: dict) -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------- decoding bytes
+class _PyAVBytes(PyAVReader):
+    def __init__(self, data: bytes, threads: int = 1):
+        self._data = data
+        super().__init__("<bytes>", threads)
+
+    def _open(self) -> None:  # every (re)open starts at byte 0 of a fresh view of the same bytes
+        self.path = io.BytesIO(self._data)
+        super()._open()
+
+
+class _DecordBytes(DecordReader):
+    def __init__(self, data: bytes, threads: int = 1):
+        import decord
+
+        decord.bridge.set_bridge("native")
+        self.vr = decord.VideoReader(io.BytesIO(data), num_threads=threads, ctx=decord.cpu(0))
+        self.n = len(self.vr)
+
+
+class _TorchCodecBytes(TorchCodecReader):
+    def __init__(self, data: bytes, threads: int = 1):
+        from torchcodec.decoders import VideoDecoder
+
+        self.dec = VideoDecoder(data, seek_mode="exact", num_ffmpeg_threads=threads, dimension_order="NHWC",
+                                device="cpu")
+        self.n = len(self.dec)
+
+
+_BYTES_READERS = {"pyav": _PyAVBytes, "decord": _DecordBytes, "torchcodec": _TorchCodecBytes}
+
+
+def open_video_bytes(data: bytes, decoder: str = "auto", threads: int = 1) -> VideoReader:
+    """``open_video`` for a video held in memory (the same frames as from its file)."""
+    return _BYTES_READERS[resolve_decoder(decoder)](data, threads=threads)
+
+
+class _FramesInMemory(FrameFolder):
+    """A frame folder sample: the images ``<key>.000000.jpg`` .. as stored."""
+
+    def __init__(self, sample: dict, n: int):
+        self.sample, self.n = sample, n
+
+    def get(self, indices):
+        from PIL import Image
+
+        frames = []
+        for i in self._check(indices):
+            with Image.open(io.BytesIO(self.sample[frame_member(i)])) as im:
+                frames.append(np.asarray(im.convert("RGB")))
+        return torch.from_numpy(np.stack(frames))
+
+
+class SampleSource:
+    """``vmae_fast.video.VideoSource`` of a shard sample: frames ``start_idx .. + total_frames - 1`` of
+    a video when the list gave ``total_frames > 0``, as from the file."""
+
+    def __init__(self, sample: dict, meta: dict, decoder: str, threads: int = 1):
+        if meta.get("folder"):
+            self.kind, self.reader = "frames", _FramesInMemory(sample, int(meta["frames"]))
+            self.offset, self.n = 0, len(self.reader)
+            return
+        ext = video_member(sample)
+        if ext is None:
+            raise ValueError("no video member")
+        quiet_pyav()
+        self.reader = open_video_bytes(sample[ext], decoder, threads)
+        self.kind = self.reader.name
+        self.offset, self.n = 0, len(self.reader)
+        start, total = int(meta.get("start_idx", 0)), int(meta.get("total_frames", -1))
+        if total > 0:
+            self.offset, self.n = start, max(0, min(self.n, start + total) - start)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get(self, indices: Sequence[int]) -> torch.Tensor:
+        return self.reader.get([int(i) + self.offset for i in indices])
+
+    def close(self) -> None:
+        self.reader.close()
+
+
 __all__ = ["FORMAT", "MANIFEST", "SHARD_NAME", "ShardError", "ShardSet", "resolve", "read_manifest",
            "sample_key", "frame_member", "buffer_order", "EpochLayout", "Piece", "read_piece", "PartStream",
-           "meta_of", "video_member"]
+           "meta_of", "video_member", "open_video_bytes", "SampleSource"]
