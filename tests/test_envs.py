@@ -121,3 +121,19 @@ def test_the_build_reads_no_ext_as_the_library_does(monkeypatch, value, skipped)
     monkeypatch.setenv("VMAE_FAST_NO_EXT", value)
     assert (scope["_skip_reason"]() == "VMAE_FAST_NO_EXT is set") is skipped
     assert envs.VMAE_FAST_NO_EXT is skipped
+
+
+def test_imagenet_stats_made_while_tracing_are_not_kept():
+    """A trace (torch.export, torch.onnx.export) that first asks for the stats gets fake tensors;
+    kept, every later eager call would get them too and return fake outputs."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from vmae_fast.ops import _common
+
+    _common._STATS.clear()
+    with FakeTensorMode():
+        fake_mean, _ = _common.imagenet_stats("cpu")
+    assert isinstance(fake_mean, FakeTensor)
+    mean, std = _common.imagenet_stats("cpu")
+    assert not isinstance(mean, FakeTensor) and mean.tolist() == pytest.approx(list(IMAGENET_MEAN))
+    assert _common.imagenet_stats("cpu")[0] is mean  # made once, then kept

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
@@ -31,16 +30,22 @@ def use_kernels(enabled: bool):
         _kernels_override = saved
 
 
-@functools.lru_cache(maxsize=None)
-def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device),
-            torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device))
+_STATS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def imagenet_stats(device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean, std)`` float32 ``(3,)`` tensors on ``device``, made once per device (no
     per-step host-to-device copy)."""
-    return _stats(torch.device(device))
+    device = torch.device(device)
+    stats = _STATS.get(device)
+    if stats is None:
+        stats = (torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device),
+                 torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device))
+        # made while torch.export / torch.onnx.export trace, they are fake tensors: kept, they
+        # would be returned to every later eager call (whose outputs then are fake too)
+        if not any(isinstance(t, torch._subclasses.fake_tensor.FakeTensor) for t in stats):
+            _STATS[device] = stats
+    return stats
 
 
 def normalize_uint8(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
