@@ -13,6 +13,7 @@ import torch
 
 import vmae_fast
 from vmae_fast import load_checkpoint_file, save_atomic
+from vmae_fast.checkpoint import unwrap_state_dict
 
 from conftest import ODD
 
@@ -60,6 +61,14 @@ def test_round_trip_with_wrappers_and_prefixes(tmp_path, wrap, prefix):
     video = torch.randn(1, 3, 6, 48, 48)
     masks = vmae_fast.DualMask.sample(1, src.grid, 0.5, 0.5)
     assert torch.equal(src(video, masks).loss, dst(video, masks).loss)
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.module.", "module._orig_mod.", "module.module.",
+                                    "_orig_mod.backbone.module."])
+def test_nested_wrapper_prefixes_are_all_stripped(prefix):
+    """Wrappers nest in any order (DDP around compile, compile around DDP): every prefix goes."""
+    sd = {prefix + "encoder.norm.weight": torch.ones(2), prefix + "mask_token": torch.zeros(1, 1, 2)}
+    assert sorted(unwrap_state_dict({"model": sd, "epoch": 1})) == ["encoder.norm.weight", "mask_token"]
 
 
 def test_safetensors(tmp_path):

@@ -76,12 +76,44 @@ def test_use_kernels_overrides_the_environment_and_restores(monkeypatch):
     assert not ops.kernels_enabled()
 
 
-def test_use_kernels_false_gives_the_reference(monkeypatch):
-    video = torch.randint(0, 256, (2, 3, 4, 16, 16), dtype=torch.uint8)
-    idx = torch.tensor([[0, 3], [1, 2]])
+def _op_calls():
+    """Each public fused op with small valid arguments (the model's own call shapes)."""
+    video = torch.randn(2, 3, 4, 16, 16)
+    vis, dec = torch.tensor([[0, 3], [1, 2]]), torch.tensor([[1, 2], [0, 3]])
+    D = 6
+    return {
+        "gather_cubes": lambda: ops.gather_cubes(video, vis, tubelet=2, patch=8),
+        "decoder_input": lambda: ops.decoder_input(torch.randn(2, 2, D), torch.randn(4, D),
+                                                   torch.randn(1, 1, D), vis, dec),
+        "masked_mse_loss": lambda: ops.masked_mse_loss(torch.randn(2, 2, 384), video, dec,
+                                                       torch.ones(2, 2), tubelet=2, patch=8),
+    }
+
+
+@pytest.mark.parametrize("op", ["gather_cubes", "decoder_input", "masked_mse_loss"])
+def test_kernel_switch_decides_whether_the_op_runs(monkeypatch, op):
+    """The registered op (the kernels' entry) is called with the kernels on and never with them
+    off, through ``use_kernels`` or ``VMAE_FAST_KERNELS``: a spy, not a comparison of values
+    (the native ops are bit-exact with the references, so equal values prove nothing)."""
+    calls = []
+
+    def spy(*args):
+        calls.append(op)
+        raise RuntimeError("kernel ran")
+
+    monkeypatch.setattr(torch.ops.vmae_fast, op, spy, raising=False)
+    call = _op_calls()[op]
+    monkeypatch.setenv("VMAE_FAST_KERNELS", "1")
+    with pytest.raises(RuntimeError, match="kernel ran"):
+        call()
+    assert calls == [op]
     with ops.use_kernels(False):
-        out = ops.gather_cubes(video, idx, tubelet=2, patch=8)
-    torch.testing.assert_close(out, ops.gather_cubes_ref(video, idx, tubelet=2, patch=8), rtol=0, atol=0)
+        call()
+    monkeypatch.setenv("VMAE_FAST_KERNELS", "0")
+    call()
+    with ops.use_kernels(True), pytest.raises(RuntimeError, match="kernel ran"):
+        call()
+    assert calls == [op, op]
 
 
 def test_library_code_does_not_write_the_environment():

@@ -60,6 +60,25 @@ def test_odd_cube_and_int32_idx(interpret):
     torch.testing.assert_close(g.double(), g_ref, atol=1e-6, rtol=1e-4)
 
 
+def test_low_contrast_cubes_divide_by_std_plus_eps(interpret):
+    """Cubes whose pixel std (~2e-5 after un-normalizing) is near ``eps`` (1e-6): the target
+    divides by ``sqrt(var) + eps`` (official); ``sqrt(var + eps)`` (~1e-3) would shrink it ~50x.
+    On ordinary clips (std ~1) the two differ by ~5e-7 relative, below any fp32 tolerance."""
+    B, n, t, p = 2, 5, 2, 8
+    video = 0.3 + 1e-4 * video_clip(B, 4, 16, 24)
+    idx = rand_idx(B, n, 12)
+    w = torch.ones(B, n)
+    pred = torch.zeros(B, n, 3 * t * p * p)  # loss = mean square of the normalized target
+    kw = dict(tubelet=t, patch=p)
+    loss, g = loss_and_grad(ops.masked_mse_loss, pred, video, idx, w, **kw)
+    loss_ref, g_ref = ref64(pred, video, idx, w, **kw)
+    assert 0.8 < loss_ref.item() < 1.0  # ~ (1 + eps / std)^-2: the division by the std held
+    torch.testing.assert_close(loss.double(), loss_ref, atol=0, rtol=1e-3)
+    # a target element carries its pixels' fp32 rounding (ulp(0.5) = 6e-8) over their std
+    # (2e-5): ~3e-3 relative per element, elementwise; the loss averages it away.
+    torch.testing.assert_close(g.double(), g_ref, atol=2e-2 * g_ref.abs().max().item(), rtol=0)
+
+
 def test_zero_weight_sum_is_zero_not_nan(interpret):
     video, idx = video_clip(2), rand_idx(2, 3, 12)
     pred, w = torch.randn(2, 3, 384), torch.zeros(2, 3)

@@ -148,6 +148,22 @@ def test_layer_decay_and_weight_decay_groups():
     assert wd["head.weight"] == 0.05 and wd["head.bias"] == 0.0 and wd["blocks.0.norm1.weight"] == 0.0
 
 
+def test_weight_decay_skips_tokens_and_tables_by_name():
+    """The official recipe keeps ``pos_embed``, ``mask_token`` and ``cls_token`` out of weight decay
+    by name, though they are 3-d (every 1-d parameter is out by shape): listed here by hand."""
+    model = vmae_fast.create_pretrain_model(S, depth=1, decoder_depth=1, embed_dim=64, num_heads=2,
+                                            decoder_embed_dim=32, decoder_num_heads=2, patch_size=8,
+                                            num_frames=4, img_size=32, learnable_pos_embed=True)
+    model.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 64))  # no VideoMAE model has one; the rule does
+    no_decay = {"mask_token", "pos_embed", "encoder.pos_embed", "cls_token"}
+    groups = param_groups(model, 0.05)
+    for g in groups:
+        for n, p in zip(g["names"], g["params"]):
+            assert g["weight_decay"] == (0.0 if n in no_decay or p.ndim == 1 else 0.05), n
+    named = {n for g in groups for n in g["names"]}
+    assert no_decay <= named and "encoder_to_decoder.weight" in named
+
+
 def test_layer_decay_reads_through_ddp_and_compile_wrappers():
     """DDP names the parameters ``module.*`` and torch.compile ``_orig_mod.*``: the layer rules
     must see the model's own names, or every group gets lr_scale 1 under torchrun."""
