@@ -18,7 +18,6 @@ COMMANDS = {
     "kernels": ("bench.kernels:main", "fused ops vs eager / compiled references; --compile-only for sm_80/sm_90"),
     "attention": ("bench.attention:main", "attention backends at the encoder and decoder shapes"),
     "loader": ("bench.loader:main", "data loading, ours vs the restated official pipeline, per decoder"),
-    "visualize": ("bench.visualize:main", "reconstruction picture of a pretraining checkpoint (PNG)"),
 }
 
 

@@ -1,4 +1,4 @@
-"""vmae_fast.predict: the official multi-view test protocol (clip starts, resize, crops, softmax
+"""vmae-predict (vmae_fast.tools.predict): the official multi-view test protocol (clip starts, resize, crops, softmax
 average) on hand-computed cases, and the CLI on a real video with the shipped K400 names."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import vmae_fast
-from vmae_fast import predict as P
+from vmae_fast.errors import UsageError
+from vmae_fast.tools import predict as P
 from vmae_fast.video import resize as R
 from vmae_fast.video import views as V
 
@@ -97,7 +98,7 @@ def test_cli_on_a_video_json_and_text(tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith(f"{VIDEO}  (15 views)")
     assert len(re.findall(r"^  [1-5]\. class \d+ +0\.\d{4}$", text, re.M)) == 5
-    with pytest.raises(SystemExit, match="3 names for a model of 400"):
+    with pytest.raises(UsageError, match="--labels gives 3 names for a model of 400"):
         (tmp_path / "three.txt").write_text("a\nb\nc\n")
         P.main(common + ["--labels", str(tmp_path / "three.txt")])
 
@@ -131,3 +132,22 @@ def test_the_training_evaluation_takes_the_same_views():
         src.close()
     assert sample["label"] == 3 and len(sample["video"]) == 6
     assert torch.equal(torch.stack(sample["video"]), want)
+
+
+def test_cli_a_bad_video_is_one_line_and_the_others_complete(tmp_path, capsys):
+    pytest.importorskip("av", reason="PyAV (the test extra) reads the test video")
+    ckpt = tmp_path / "ft.pth"
+    torch.save({"model": _clf(num_classes=3).state_dict()}, ckpt)
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video")
+    common = ["--checkpoint", str(ckpt), "--num-frames", "4", "--img-size", "32", "--device", "cpu", "--views", "1x1"]
+    assert P.main([str(bad), VIDEO, "--json"] + common) == 1  # EXIT_SOME_FAILED
+    captured = capsys.readouterr()
+    assert [r["video"] for r in json.loads(captured.out)] == [VIDEO]
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"vmae-predict: skipping {bad}: "), err
+    # the console script: a usage error is one line and exit status 2, before any video is read
+    with pytest.raises(SystemExit) as stop:
+        P.cli([VIDEO, "--checkpoint", str(tmp_path / "missing.pth")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"vmae-predict: error: --checkpoint {tmp_path / 'missing.pth'}: no such file or folder\n"

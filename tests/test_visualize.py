@@ -1,4 +1,4 @@
-"""bench.visualize: a perfect prediction reproduces the clip (the un-normalization with each
+"""vmae-visualize (vmae_fast.tools.visualize): a perfect prediction reproduces the clip (the un-normalization with each
 cube's statistics), the masked row shows only encoder-visible cubes, and the PNG grid's shape."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vmae_fast
-from bench import visualize as V
+from vmae_fast.tools import visualize as V
 
 VIDEO = str(Path(__file__).resolve().parent / "data" / "carphone_distorted.mp4")
 

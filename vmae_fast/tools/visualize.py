@@ -1,7 +1,8 @@
 """Reconstruction picture of a pretraining checkpoint, as the official VideoMAE visualizer shows it.
 
-    python -m bench.visualize VIDEO --checkpoint FILE [--out recon.png] [--encoder-ratio 0.9]
+    vmae-visualize VIDEO --checkpoint FILE [--out recon.png] [--encoder-ratio 0.9]
         [--mask-type tube|random] [--decoder-ratio 0] [--start N] [--sampling-rate 4] [--seed 0]
+        [--device cpu] [--dtype fp32] [--decoder auto] [--debug]
 
 A PNG grid, one column per frame of the clip, three rows:
 
@@ -19,26 +20,32 @@ video), short side resized to ``img_size`` and center-cropped. Masks: the encode
 ``--encoder-ratio`` and, by default, encoder-only decoding (every masked cube reconstructed, as
 the official visualizer). With ``--decoder-ratio 0.5`` (dual masking) the cubes the decoder does
 not reconstruct stay black in row 3.
+
+``--device`` defaults to the CPU and ``--dtype`` to fp32 (one clip is cheap; the picture is then
+the same on every machine). A video that cannot be read is said in one line (exit status 1).
 """
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-import vmae_fast
-from vmae_fast.checkpoint import write_atomic
-from vmae_fast.device import select_device
-from vmae_fast.ops._common import imagenet_stats
-from vmae_fast.ops.masked_mse import cube_targets_ref
+from ..errors import UsageError
+from ..masking import DualMask
+from ..models.pretrain import VideoMAEv2Pretrain
+from ..ops._common import imagenet_stats
+from ..ops.masked_mse import cube_targets_ref
+from ..video.resize import resize_frames
+from ..video.sources import open_source
+from ..video.views import crop_offsets
+from .common import (VideoErrors, add_model_args, add_run_args, device_and_dtype, entry, load_model_from_args,
+                     make_parser, write_png)
 
-from .common.cli import add_device_arg
+PROG = "vmae-visualize"
 
 GAP = 2  # pixels of white between the tiles
 
@@ -66,7 +73,7 @@ def _to_cubes(pix: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, -1, tubelet * patch * patch, C)
 
 
-def reconstruct(video: torch.Tensor, pred: torch.Tensor, masks: vmae_fast.DualMask, *, tubelet: int, patch: int,
+def reconstruct(video: torch.Tensor, pred: torch.Tensor, masks: DualMask, *, tubelet: int, patch: int,
                 normalize_target: bool = True, eps: float = 1e-6) -> dict[str, torch.Tensor]:
     """The three rows as float32 ``(B, C, T, H, W)`` pixels in ``[0, 1]``: ``original``,
     ``masked`` (encoder-masked cubes 0), ``reconstructed`` (module docstring). ``pred``: the
@@ -110,23 +117,18 @@ def grid_image(rows: Sequence[torch.Tensor], frames: Sequence[int] | None = None
     return img
 
 
-def save_png(img: np.ndarray, path: str | os.PathLike) -> Path:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return write_atomic(path, buf.getvalue())
-
-
 @torch.no_grad()
-def visualize(model: vmae_fast.VideoMAEv2Pretrain, video: torch.Tensor, masks: vmae_fast.DualMask,
-              out: str | os.PathLike | None = None, frames: Sequence[int] | None = None) -> np.ndarray:
-    """Run ``model`` on one clip ``(1, C, T, H, W)`` with ``masks`` and return the grid image
-    (uint8 ``(3*H + 2*gap, T*W + (T-1)*gap, 3)``); saved as PNG to ``out`` when given."""
+def visualize(model: VideoMAEv2Pretrain, video: torch.Tensor, masks: DualMask,
+              out: str | os.PathLike | None = None, frames: Sequence[int] | None = None,
+              amp_dtype: torch.dtype | None = None) -> np.ndarray:
+    """Run ``model`` on one clip ``(1, C, T, H, W)`` with ``masks`` (under autocast to
+    ``amp_dtype`` when given) and return the grid image (uint8 ``(3*H + 2*gap, T*W + (T-1)*gap,
+    3)``); saved as PNG to ``out`` when given."""
     was = model.training
     model.eval()
     try:
-        pred = model(video, masks).pred
+        with torch.autocast(video.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            pred = model(video, masks).pred
     finally:
         model.train(was)
     cfg = model.cfg
@@ -134,11 +136,11 @@ def visualize(model: vmae_fast.VideoMAEv2Pretrain, video: torch.Tensor, masks: v
                        normalize_target=cfg.normalize_target)
     img = grid_image([rows[k][0] for k in ("original", "masked", "reconstructed")], frames)
     if out is not None:
-        save_png(img, out)
+        write_png(out, img)
     return img
 
 
-def perfect_prediction(video: torch.Tensor, masks: vmae_fast.DualMask, *, tubelet: int, patch: int,
+def perfect_prediction(video: torch.Tensor, masks: DualMask, *, tubelet: int, patch: int,
                        normalize_target: bool = True) -> torch.Tensor:
     """The loss's own target at the decoder rows: what a perfect model predicts."""
     return cube_targets_ref(video, masks.decoder_idx, tubelet=tubelet, patch=patch, normalize=normalize_target)
@@ -147,10 +149,6 @@ def perfect_prediction(video: torch.Tensor, masks: vmae_fast.DualMask, *, tubele
 def read_clip(path: str, num_frames: int, img_size: int, sampling_rate: int = 4, start: int | None = None,
               decoder: str = "auto") -> torch.Tensor:
     """``(1, 3, num_frames, img_size, img_size)`` uint8 clip of a video file or frame folder."""
-    from vmae_fast.video.resize import resize_frames
-    from vmae_fast.video.sources import open_source
-    from vmae_fast.video.views import crop_offsets
-
     with open_source(path, decoder) as src:
         n = len(src)
         span = (num_frames - 1) * sampling_rate + 1
@@ -163,47 +161,44 @@ def read_clip(path: str, num_frames: int, img_size: int, sampling_rate: int = 4,
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.visualize", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(PROG, __doc__)
     p.add_argument("video")
-    p.add_argument("--checkpoint", required=True, help="pretraining checkpoint (official or Hugging Face)")
+    add_model_args(p, "pretraining checkpoint (official or Hugging Face)", decoder_heads=True)
     p.add_argument("--out", default=None, help="PNG path (default: <video name>_recon.png here)")
-    p.add_argument("--num-frames", type=int, default=None, help="default 16")
-    p.add_argument("--img-size", type=int, default=None, help="default 224")
-    p.add_argument("--num-heads", type=int, default=None)
-    p.add_argument("--decoder-num-heads", type=int, default=None)
     p.add_argument("--encoder-ratio", type=float, default=0.9)
     p.add_argument("--mask-type", default="tube", choices=("tube", "random"))
     p.add_argument("--decoder-ratio", type=float, default=0.0, help="0: encoder-only (every masked cube)")
     p.add_argument("--sampling-rate", type=int, default=4)
     p.add_argument("--start", type=int, default=None, help="first frame (default: the middle of the video)")
     p.add_argument("--seed", type=int, default=0)
-    add_device_arg(p, default="cpu")
-    p.add_argument("--decoder", default="auto", help="video decoder (vmae_fast.video)")
+    add_run_args(p, device="cpu", dtype="fp32")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = _parser()
-    args = p.parse_args(argv)
-    try:
-        args.device = select_device(args.device)
-    except ValueError as exc:
-        p.error(str(exc))
-    extra = {k: v for k, v in (("num_heads", args.num_heads), ("decoder_num_heads", args.decoder_num_heads)) if v}
-    model = vmae_fast.load_model(args.checkpoint, "pretrain", num_frames=args.num_frames, img_size=args.img_size,
-                                 **extra).to(args.device)
+    args = _parser().parse_args(argv)
+    device, amp = device_and_dtype(args.device, args.dtype)
+    model = load_model_from_args(args, "pretrain").to(device)
     cfg = model.cfg
-    clip = read_clip(args.video, cfg.num_frames, cfg.img_size, args.sampling_rate, args.start, args.decoder)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    masks = vmae_fast.DualMask.sample(1, model.grid, args.encoder_ratio, args.decoder_ratio,
-                                      encoder_mask_type=args.mask_type, device=args.device, generator=gen)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    try:
+        masks = DualMask.sample(1, model.grid, args.encoder_ratio, args.decoder_ratio,
+                                encoder_mask_type=args.mask_type, device=device, generator=gen)
+    except ValueError as exc:
+        raise UsageError(f"--encoder-ratio / --decoder-ratio / --mask-type: {exc}") from None
+    errors = VideoErrors(PROG, args.debug)
+    ok, clip = errors.attempt(args.video, read_clip, args.video, cfg.num_frames, cfg.img_size, args.sampling_rate,
+                              args.start, args.decoder)
+    if not ok:
+        return errors.exit_status
     out = args.out or f"{Path(args.video).name.split('.')[0]}_recon.png"
-    img = visualize(model, clip.to(args.device), masks, out)
+    img = visualize(model, clip.to(device), masks, out, amp_dtype=amp)
     print(f"{out}: {img.shape[1]}x{img.shape[0]} (original / encoder-visible / reconstructed, "
           f"{cfg.num_frames} frames)")
-    return 0
+    return errors.exit_status
 
+
+cli = entry(main, PROG)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

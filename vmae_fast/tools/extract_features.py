@@ -1,9 +1,9 @@
 """Per-video encoder features over sliding windows, as the official temporal-action-detection
 extractor (``extract_tad_feature.py`` of VideoMAE V2) computes them.
 
-    python -m train.extract_features --checkpoint FILE --output-dir OUT VIDEO... [--video-dir DIR]
+    vmae-extract-features --checkpoint FILE --output-dir OUT VIDEO... [--video-dir DIR]
         [--num-frames 16] [--stride 4] [--sampling-rate 1] [--img-size 224] [--no-pool]
-        [--input-norm imagenet|none]
+        [--input-norm imagenet|none] [--device auto] [--dtype auto] [--decoder auto] [--debug]
 
 For each video, window ``k`` is frames ``s_k + i * sampling_rate`` (``i < num_frames``) with
 ``s_k = k * stride`` for every start that fits (``range(0, n - span + 1, stride)``, ``span =
@@ -16,8 +16,8 @@ pooled ``(D,)`` (official: ``fc_norm`` of the token mean) or, with ``--no-pool``
 
 Resume: a video whose ``.npy`` exists is skipped, so an interrupted run continues where it
 stopped. A video shorter than one window gives one window, its last frame repeated (the official
-script fails there). A video that cannot be read is named in a warning and skipped (exit code 1
-at the end).
+script fails there). A video that cannot be read is named in one line on stderr and skipped; the
+others are written (exit status 1 at the end; ``vmae_fast.errors``).
 
 ``--input-norm``: ``imagenet`` (default) feeds the model what it was fine-tuned on (ImageNet
 mean/std). The official script feeds frames scaled to ``[0, 1]`` without that normalization:
@@ -26,10 +26,8 @@ mean/std). The official script feeds frames scaled to ``[0, 1]`` without that no
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -37,11 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vmae_fast.checkpoint import write_atomic
-from vmae_fast.ops._common import imagenet_stats
-from vmae_fast.predict import device_and_dtype
-from vmae_fast.video.decoders import add_decoder_arg
-from vmae_fast.video.sources import open_source
+from ..errors import UsageError
+from ..ops._common import imagenet_stats
+from ..video.sources import open_source
+from .common import (VideoErrors, add_model_args, add_run_args, device_and_dtype, entry, load_model_from_args,
+                     make_parser, write_npy)
+
+PROG = "vmae-extract-features"
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
 
@@ -111,22 +111,20 @@ def output_path(out_dir: str | os.PathLike, video: str | os.PathLike) -> Path:
     return Path(out_dir) / (Path(video).name.split(".")[0] + ".npy")
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    write_atomic(path, buf.getvalue())
-
-
 def list_videos(videos: Sequence[str], video_dir: str | None) -> list[str]:
+    """``videos`` and the video files of ``video_dir``, each once; two that would write the same
+    output file are a ``UsageError``."""
     paths = list(videos)
     if video_dir:
+        if not os.path.isdir(video_dir):
+            raise UsageError(f"--video-dir {video_dir}: no such folder")
         paths += sorted(str(p) for p in Path(video_dir).iterdir()
                         if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
     seen: dict[str, str] = {}
     for p in paths:
         key = output_path("", p).name
         if key in seen and seen[key] != p:
-            raise ValueError(f"{seen[key]} and {p} would both write {key}")
+            raise UsageError(f"{seen[key]} and {p} would both write {key} in --output-dir")
         seen[key] = p
     return list(dict.fromkeys(paths))
 
@@ -142,12 +140,20 @@ def _progress(items: list, enabled: bool) -> Iterable:
     return items
 
 
+def _features_of(model: torch.nn.Module, video: str, decoder: str, **kw) -> np.ndarray:
+    with open_source(video, decoder) as src:
+        return video_features(model, src.get, len(src), **kw)
+
+
 def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.PathLike, *, stride: int = 4,
             sampling_rate: int = 1, pool: bool = True, batch_size: int = 8, input_norm: str = "imagenet",
-            decoder: str = "auto", amp_dtype: torch.dtype | None = None, progress: bool = True) -> dict[str, list[str]]:
+            decoder: str = "auto", amp_dtype: torch.dtype | None = None, progress: bool = True,
+            errors: VideoErrors | None = None) -> dict[str, list[str]]:
     """Write the features of each video (module docstring). Returns ``{"written": [...],
-    "skipped": [...] (existing files), "failed": [...]}``."""
+    "skipped": [...] (existing files), "failed": [...]}``; ``errors`` says each failure (default:
+    one line on stderr)."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    errors = errors or VideoErrors(PROG)
     done: dict[str, list[str]] = {"written": [], "skipped": [], "failed": []}
     bar = _progress(list(videos), progress)
     for video in bar:
@@ -155,15 +161,13 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
         if dest.exists():
             done["skipped"].append(video)
             continue
-        try:
-            with open_source(video, decoder) as src:
-                feats = video_features(model, src.get, len(src), stride=stride, sampling_rate=sampling_rate,
-                                       pool=pool, batch_size=batch_size, input_norm=input_norm, amp_dtype=amp_dtype)
-        except Exception as exc:  # a bad video: say which, go on
-            warnings.warn(f"skipping {video}: {type(exc).__name__}: {exc}", stacklevel=2)
+        ok, feats = errors.attempt(video, _features_of, model, video, decoder, stride=stride,
+                                   sampling_rate=sampling_rate, pool=pool, batch_size=batch_size,
+                                   input_norm=input_norm, amp_dtype=amp_dtype)
+        if not ok:
             done["failed"].append(video)
             continue
-        _save_npy(dest, feats)
+        write_npy(dest, feats)
         done["written"].append(video)
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"{Path(video).name}: {feats.shape[0]} windows")
@@ -171,47 +175,40 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.extract_features", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(PROG, __doc__)
     p.add_argument("videos", nargs="*", metavar="VIDEO")
     p.add_argument("--video-dir", default=None, help="also every video file in this folder")
-    p.add_argument("--checkpoint", required=True,
-                   help="classifier (official fine-tuned, e.g. ViT-g K710 for TAD) or pretraining file, or HF")
+    add_model_args(p, "classifier (official fine-tuned, e.g. ViT-g K710 for TAD) or pretraining file, or HF")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--num-frames", type=int, default=None, help="frames per window (default 16)")
-    p.add_argument("--img-size", type=int, default=None, help="default 224")
-    p.add_argument("--num-heads", type=int, default=None, help="default: the named arch of the checkpoint's width")
     p.add_argument("--stride", type=int, default=4, help="frames between window starts (THUMOS14 4, FineAction 16)")
     p.add_argument("--sampling-rate", type=int, default=1, help="frame step inside a window (official: 1)")
     p.add_argument("--no-pool", dest="pool", action="store_false", help="per-token features (windows, N, D)")
     p.add_argument("--input-norm", default="imagenet", choices=("imagenet", "none"),
                    help="none: [0, 1] frames without normalization, as the official extractor")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    add_decoder_arg(p)
+    add_run_args(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from vmae_fast.models.factory import load_model
-
     videos = list_videos(args.videos, args.video_dir)
     if not videos:
-        raise SystemExit("no videos given (VIDEO... or --video-dir)")
-    extra = {"num_heads": args.num_heads} if args.num_heads else {}
-    model = load_model(args.checkpoint, "classifier", num_frames=args.num_frames, img_size=args.img_size, **extra)
+        raise UsageError("no videos given (VIDEO... or --video-dir)")
+    model = load_model_from_args(args, "classifier")
     dev, amp = device_and_dtype(args.device, args.dtype)
     model = model.to(dev).eval()
+    errors = VideoErrors(PROG, args.debug)
     done = extract(model, videos, args.output_dir, stride=args.stride, sampling_rate=args.sampling_rate,
                    pool=args.pool, batch_size=args.batch_size, input_norm=args.input_norm, decoder=args.decoder,
-                   amp_dtype=amp, progress=args.progress)
+                   amp_dtype=amp, progress=args.progress, errors=errors)
     print(f"features: {len(done['written'])} written, {len(done['skipped'])} already there (skipped), "
           f"{len(done['failed'])} failed -> {args.output_dir}", file=sys.stderr)
-    return 1 if done["failed"] else 0
+    return errors.exit_status
 
+
+cli = entry(main, PROG)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

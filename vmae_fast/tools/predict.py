@@ -1,27 +1,20 @@
 """Classify videos with a fine-tuned checkpoint: top-k labels with probabilities, by the official
 multi-view test protocol.
 
-    python -m vmae_fast.predict VIDEO... --checkpoint FILE [--labels k400|FILE] [--views 5x3]
-                                [--topk 5] [--json]
+    vmae-predict VIDEO... --checkpoint FILE [--labels k400|FILE] [--views 5x3] [--topk 5] [--json]
+                 [--device auto] [--dtype auto] [--decoder auto] [--debug]
+
+A video that cannot be read is named in one line on stderr and the others are classified (exit
+status 1; ``vmae_fast.errors``).
 
 The protocol (the official fine-tuning code's ``test`` mode for Kinetics, ``--test_num_segment S
---test_num_crop C``; ``5x3`` in its Kinetics scripts), per video:
+--test_num_crop C``; ``5x3`` in its Kinetics scripts), per video: the ``S x C`` views of
+``vmae_fast.video.views`` (every ``--sampling-rate``-th frame, short side resized to
+``img_size``, ``S`` temporal clips x ``C`` spatial crops), then the softmax of each view's
+logits, averaged (the official ``prob`` merge).
 
-1. Frames ``0, r, 2r, ...`` of the whole video (``r = --sampling-rate``, 4 for Kinetics), the
-   last repeated until there are at least ``num_frames``.
-2. Every frame resized so that its short side is ``img_size`` (bilinear without antialiasing,
-   as the official ``cv2.INTER_LINEAR``; the long side ``int(img_size * long / short)``).
-3. ``S`` temporal clips: clip ``k`` is ``num_frames`` consecutive frames of that list from
-   position ``int(k * (L - num_frames) / (S - 1))`` (``L`` its length; from 0 when shorter).
-4. ``C`` spatial crops of ``img_size x img_size`` along the long side: crop ``j`` from
-   ``int(j * (long - img_size) / (C - 1))``.
-5. The softmax of each of the ``S x C`` views' logits, averaged (the official ``prob`` merge).
-
-``S = 1`` or ``C = 1`` (where the official code divides by zero) takes the middle clip / crop.
-
-Steps 1-4 are ``vmae_fast.video.views``. Video files and frame folders are read by
-``vmae_fast.video`` (PyAV, torchcodec or decord; the ``train`` extra brings them);
-``predict_frames`` takes decoded frames from anywhere.
+Video files and frame folders are read by ``vmae_fast.video`` (PyAV, torchcodec or decord; the
+``train`` extra brings them); ``predict_frames`` takes decoded frames from anywhere.
 """
 from __future__ import annotations
 
@@ -34,8 +27,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from .video.sources import open_source
-from .video.views import DEFAULT_VIEWS, make_views
+from ..errors import UsageError
+from ..video.sources import open_source
+from ..video.views import DEFAULT_VIEWS, make_views, parse_views
+from .common import (VideoErrors, add_model_args, add_run_args, device_and_dtype, entry, load_model_from_args,
+                     make_parser, read_hf_config)
+
 
 @dataclass
 class Prediction:
@@ -101,7 +98,7 @@ def predict(model: torch.nn.Module, video: str | torch.Tensor, **kw) -> Predicti
 def default_labels(model: torch.nn.Module, hf_config: dict | None = None) -> list[str] | None:
     """The shipped Kinetics names for a 400/600/700/710-class model, a Hugging Face config's
     ``id2label``, else ``None`` (indices are printed)."""
-    from .labels import load_labels
+    from ..labels import load_labels
 
     n = model.num_classes
     id2label = {int(k): str(v) for k, v in ((hf_config or {}).get("id2label") or {}).items()}
@@ -114,73 +111,51 @@ def default_labels(model: torch.nn.Module, hf_config: dict | None = None) -> lis
 
 # --------------------------------------------------------------------------- CLI
 
+PROG = "vmae-predict"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vmae_fast.predict", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(PROG, __doc__)
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files (or frame folders)")
-    p.add_argument("--checkpoint", required=True,
-                   help="fine-tuned classifier: an official file, or a Hugging Face VideoMAEForVideoClassification "
-                        "file or folder")
+    add_model_args(p, "fine-tuned classifier: an official file, or a Hugging Face VideoMAEForVideoClassification "
+                      "file or folder")
     p.add_argument("--labels", default=None,
                    help="k400, k600, k700, k710, or a file (one name per line, or JSON); default: by class count")
     p.add_argument("--views", default="5x3", help="temporal clips x spatial crops (official Kinetics test: 5x3)")
     p.add_argument("--sampling-rate", type=int, default=4, help="frame stride of a clip (official Kinetics: 4)")
-    p.add_argument("--num-frames", type=int, default=None, help="frames per clip (default 16, or the HF config's)")
-    p.add_argument("--img-size", type=int, default=None, help="crop size (default 224, or the HF config's)")
-    p.add_argument("--num-heads", type=int, default=None,
-                   help="attention heads (default: those of the named arch of the checkpoint's width)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8, help="views per forward pass")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--decoder", default="auto", help="video decoder (vmae_fast.video: auto, pyav, torchcodec, decord)")
+    add_run_args(p)
     p.add_argument("--json", action="store_true", help="one JSON document on stdout, for scripts")
     return p
 
 
-def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None]:
-    """``--device`` and ``--dtype`` (``auto``: bf16 on CUDA, else fp32) of an inference CLI ->
-    ``(device, autocast dtype or None)``."""
-    from .device import select_device
-
-    dev = select_device(device)  # validated; a cuda:N device becomes the current one
-    if dtype == "auto":
-        dtype = "bf16" if dev.type == "cuda" else "fp32"
-    return dev, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-
-
-def _read_hf_config(checkpoint: str) -> dict | None:
-    path = os.path.join(checkpoint, "config.json") if os.path.isdir(checkpoint) else \
-        os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        if cfg.get("model_type") == "videomae":
-            return cfg
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .labels import load_labels
-    from .models.factory import load_model
+    from ..labels import load_labels
 
-    hf_config = _read_hf_config(args.checkpoint)
-    extra = {"num_heads": args.num_heads} if args.num_heads else {}
-    model = load_model(args.checkpoint, "classifier", num_frames=args.num_frames, img_size=args.img_size,
-                       hf_config=hf_config, **extra)
+    try:
+        parse_views(args.views)
+    except ValueError as exc:
+        raise UsageError(f"--views: {exc}") from None
+    hf_config = read_hf_config(args.checkpoint) if os.path.exists(args.checkpoint) else None
+    model = load_model_from_args(args, "classifier", hf_config=hf_config)
     if model.num_classes == 0:
-        raise SystemExit(f"{args.checkpoint} holds no classification head: predict needs a fine-tuned classifier")
+        raise UsageError(f"--checkpoint {args.checkpoint} holds no classification head: predict needs a "
+                         "fine-tuned classifier")
     device, amp = device_and_dtype(args.device, args.dtype)
     model = model.to(device).eval()
     labels = load_labels(args.labels) if args.labels else default_labels(model, hf_config)
     if labels is not None and len(labels) != model.num_classes:
-        raise SystemExit(f"--labels gives {len(labels)} names for a model of {model.num_classes} classes")
+        raise UsageError(f"--labels gives {len(labels)} names for a model of {model.num_classes} classes")
+    errors = VideoErrors(PROG, args.debug)
     results = []
     for video in args.videos:
-        pred = predict(model, video, labels=labels, views=args.views, sampling_rate=args.sampling_rate,
-                       topk=args.topk, batch_size=args.batch_size, decoder=args.decoder, amp_dtype=amp)
+        ok, pred = errors.attempt(video, predict, model, video, labels=labels, views=args.views,
+                                  sampling_rate=args.sampling_rate, topk=args.topk, batch_size=args.batch_size,
+                                  decoder=args.decoder, amp_dtype=amp)
+        if not ok:
+            continue
         results.append(pred)
         if not args.json:
             print(f"{video}  ({pred.views} views)")
@@ -190,8 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         json.dump([r.to_json() for r in results], sys.stdout, indent=2)
         print()
-    return 0
+    return errors.exit_status
 
+
+cli = entry(main, PROG)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
