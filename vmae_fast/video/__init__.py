@@ -7,6 +7,7 @@
     sources   one entry or path as frames, file or folder alike (``VideoSource``, ``open_source``)
     resize    the uint8 resizes: the training crops' antialiased one, the test views' one
     views     the official multi-view test protocol (``make_views``)
+    shards    video datasets as WebDataset tar shards (imported on its own: ``webdataset``)
 """
 from .decoders import DECODERS, VideoReader, add_decoder_arg, available_decoders, open_video, resolve_decoder
 from .frames import FRAME_PATTERN, FrameFolder
