@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vmae_fast
-from vmae_fast import export
+from vmae_fast.tools import export
 from vmae_fast.checkpoint import save_atomic
 
 pytest.importorskip("onnx", reason="ONNX export needs the export extra (onnx, onnxscript)")

@@ -28,7 +28,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import UsageError, run_cli
+from ..errors import UsageError
+from .common import add_model_args, entry, load_model_from_args
 
 INPUTS = ("uint8", "float")
 
@@ -61,7 +62,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, encoder: bool = Fal
     """Write ``model`` (a ``VideoMAEv2Classifier``) as ONNX to ``out`` (module docstring) and
     return the path. The file appears whole or not at all (written in a temporary folder beside it,
     then moved; a model over 2 GB has its weights in ``out + ".data"`` beside it)."""
-    from . import ops
+    from .. import ops
 
     if input not in INPUTS:
         raise ValueError(f"input must be one of {', '.join(INPUTS)}, got {input!r}")
@@ -100,7 +101,7 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, *, encoder: bool = Fal
                input: str = "uint8", batch: int = 3) -> float:
     """Largest absolute difference between the graph under onnxruntime and ``model`` (the same
     references) on a random batch of ``batch`` clips (not the export's batch of 2)."""
-    from . import ops
+    from .. import ops
 
     video = example_clip(model, batch, input, seed=1)
     with ops.use_kernels(False), torch.no_grad():
@@ -116,18 +117,13 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, *, encoder: bool = Fal
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmae-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="a fine-tuned classifier (official or Hugging Face), or with --encoder any checkpoint")
+    add_model_args(p, "a fine-tuned classifier (official or Hugging Face), or with --encoder any checkpoint")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--encoder", action="store_true", help="export the features (forward_features), not the logits")
     p.add_argument("--no-pool", dest="pool", action="store_false",
                    help="with --encoder: per-token features (batch, N, D)")
     p.add_argument("--input", default="uint8", choices=INPUTS,
                    help="uint8: raw 0..255 frames, normalized inside the graph; float: ImageNet-normalized clips")
-    p.add_argument("--num-frames", type=int, default=None, help="frames per clip (default 16, or the HF config's)")
-    p.add_argument("--img-size", type=int, default=None, help="crop size (default 224, or the HF config's)")
-    p.add_argument("--num-heads", type=int, default=None,
-                   help="attention heads (default: those of the named arch of the checkpoint's width)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="do not compare the file under onnxruntime with PyTorch after writing")
     p.add_argument("--debug", action="store_true", help="print tracebacks of errors")
@@ -149,16 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import onnx  # noqa: F401
     except ImportError as exc:
         raise UsageError(f"ONNX export needs the export extra (pip install 'vmae-fast[export]'): {exc}") from None
-    if not os.path.exists(args.checkpoint):
-        raise UsageError(f"--checkpoint {args.checkpoint}: no such file or folder")
-    from .models.load import load_model
-
-    extra = {"num_heads": args.num_heads} if args.num_heads else {}
-    try:
-        model = load_model(args.checkpoint, "classifier", num_frames=args.num_frames, img_size=args.img_size,
-                           **extra).eval()
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        raise UsageError(f"--checkpoint {args.checkpoint}: {exc}") from None
+    model = load_model_from_args(args, "classifier").eval()
     if not args.encoder and model.num_classes == 0:
         raise UsageError(f"--checkpoint {args.checkpoint} holds no classification head: export its features "
                          "with --encoder")
@@ -179,8 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def cli() -> None:
-    sys.exit(run_cli(main, "vmae-export"))
+cli = entry(main, "vmae-export")
 
 
 if __name__ == "__main__":
