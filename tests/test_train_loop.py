@@ -154,8 +154,8 @@ def test_finetune_resume_is_exact_with_the_recipe_defaults(data, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "b") if "loss" in r] == list(range(1, 7))
     ca = torch.load(tmp_path / "a" / CHECKPOINT, weights_only=True)
     cb = torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)
-    for part in (ca["model"], ca["task_state"]["ema"]):
-        other = cb["model"] if part is ca["model"] else cb["task_state"]["ema"]
+    for part in (ca["model"], ca["state"]["task"]["ema"]):
+        other = cb["model"] if part is ca["model"] else cb["state"]["task"]["ema"]
         assert all(torch.equal(part[k], other[k]) for k in part)
     assert full["eval"] == {k: v for k, v in read_metrics(tmp_path / "b")[-1].items() if k in full["eval"]}
     # resuming into a longer schedule says so, naming what changed

@@ -25,7 +25,8 @@ import torch.nn as nn
 import vmae_fast
 from vmae_fast.checkpoint import write_atomic
 
-from .distributed import Dist, all_true, barrier, gather_objects, unwrap
+from .distributed import Dist, all_true, barrier, unwrap
+from .errors import CheckpointWriteFailed
 
 CHECKPOINT = "checkpoint-last.pt"     # single process and DDP: one file, replaced atomically
 PENDING = "checkpoint-pending.pt"     # written, not yet vouched for by the next step's loss
@@ -65,11 +66,6 @@ def set_rng_state(s: dict, generators: dict[str, torch.Generator]) -> None:
     for k, g in generators.items():
         if k in s["generators"]:
             g.set_state(s["generators"][k])
-
-
-def gather_rng(generators: dict[str, torch.Generator], d: Dist) -> list:
-    """Every rank's RNG state (drop path differs per rank), for rank 0 to save."""
-    return gather_objects(rng_state(generators), d)
 
 
 # ----------------------------------------------------------------------------- comparisons
@@ -130,12 +126,19 @@ class Checkpointer:
         return p if p.is_file() else None
 
     def write_pending(self, model: nn.Module, opt, extra: dict) -> Path:
-        """``extra``: plain data (step, RNG of every rank, scaler, plan...). Every rank calls it."""
+        """``extra``: plain data (step, config, the state set...). Every rank calls it. A write
+        that fails on any rank (no space, an I/O error) removes what it wrote and raises
+        ``CheckpointWriteFailed`` on every rank: the committed checkpoint is untouched."""
         if not self.fsdp:
             path = self.dir / PENDING
+            err = None
             if self.d.main:
-                vmae_fast.save_atomic(dict(extra, model=unwrap(model).state_dict(), optimizer=opt.state_dict()), path)
-            barrier(self.d)
+                try:
+                    vmae_fast.save_atomic(dict(extra, model=unwrap(model).state_dict(), optimizer=opt.state_dict()),
+                                          path)
+                except OSError as exc:  # write_atomic removed its temporary file
+                    err = exc
+            self._agree(err, path)
             self.pending = path
             return path
         import torch.distributed.checkpoint as dcp
@@ -149,27 +152,49 @@ class Checkpointer:
                     shutil.rmtree(p)
         barrier(self.d)
         msd, osd = get_state_dict(model, opt)
-        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
-        if self.d.main:
-            vmae_fast.save_atomic(extra, tmp / "extra.pt")
-            os.replace(tmp, final)
-        barrier(self.d)
+        err = None
+        try:  # collective: a rank's failure reaches every rank as a CheckpointException
+            dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
+        except Exception as exc:
+            err = exc
+        if self.d.main and err is None:
+            try:
+                vmae_fast.save_atomic(extra, tmp / "extra.pt")
+                os.replace(tmp, final)
+            except OSError as exc:
+                err = exc
+        self._agree(err, tmp, remove=tmp)
         self.pending = final
         return final
 
+    def _agree(self, err: BaseException | None, path: Path, remove: Path | None = None) -> None:
+        """Every rank learns whether the write succeeded everywhere; if not, rank 0 removes
+        ``remove`` and every rank raises ``CheckpointWriteFailed``."""
+        if all_true(err is None, self.d):
+            return None
+        if self.d.main and remove is not None and remove.exists():
+            shutil.rmtree(remove, ignore_errors=True)
+        why = f"{type(err).__name__}: {err}" if err is not None else "it failed on another rank"
+        raise CheckpointWriteFailed(f"writing the checkpoint {path} failed ({why})")
+
     def commit(self) -> Path:
-        """Make the pending checkpoint the one ``latest()`` names."""
+        """Make the pending checkpoint the one ``latest()`` names (a rename, or for FSDP the
+        atomic rewrite of ``checkpoint-latest.txt``: either the old or the new one is named)."""
         pending, self.pending = self.pending, None
         final = pending if self.fsdp else self.dir / CHECKPOINT
+        err = None
         if self.d.main:
-            if not self.fsdp:
-                os.replace(pending, final)
-            else:
-                old = self.latest()
-                write_atomic(self.dir / DCP_LATEST, final.name)
-                if old is not None and old != final and old.exists():
-                    shutil.rmtree(old)
-        barrier(self.d)
+            try:
+                if not self.fsdp:
+                    os.replace(pending, final)
+                else:
+                    old = self.latest()
+                    write_atomic(self.dir / DCP_LATEST, final.name)
+                    if old is not None and old != final and old.exists():
+                        shutil.rmtree(old)
+            except OSError as exc:
+                err = exc
+        self._agree(err, final)
         return final
 
     def discard(self) -> None:
@@ -179,7 +204,8 @@ class Checkpointer:
         barrier(self.d)
 
     def read_extra(self, path: Path) -> dict:
-        """The checkpoint's plain entries (no tensors of the model or optimizer are loaded)."""
+        """The checkpoint's plain entries (no tensors of the model or optimizer are loaded;
+        ``train.state.upgrade_legacy`` turns those of an older layout into today's)."""
         if path.is_dir():
             return torch.load(path / "extra.pt", map_location="cpu", weights_only=True)
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

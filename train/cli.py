@@ -1,5 +1,7 @@
-"""The command line both loops share: options, checks made before anything is created, and the
-console entry that turns a user's mistake into one line on stderr (exit 2) instead of a traceback."""
+"""The command line both loops share: options, checks made before anything is created, the one
+``main`` of both commands (``run_command``), and the console entry that turns a user's mistake
+into one line on stderr (exit 2) instead of a traceback, and a stopped run into its status
+(vmae_fast/errors.py has the table)."""
 from __future__ import annotations
 
 import argparse
@@ -18,18 +20,20 @@ import vmae_fast
 from vmae_fast.device import default_num_workers
 from vmae_fast.video.decoders import add_decoder_arg
 from vmae_fast.video.lists import read_list
+from vmae_fast import envs
+from vmae_fast import errors as _errors
+from vmae_fast.errors import EXIT_STOPPED_BY_SIGNAL, UsageError
 
-from . import recipe
+from . import distributed as dist_
+from . import loop, recipe
 from .checkpointing import CHECKPOINT, DCP_LATEST
-from .metrics import tensorboard_available
+from .config import RunConfig
+from .errors import EXIT_CODES, StoppedBySignal
+from .metrics import METRICS, tensorboard_available
 from .optim import LR_SCALINGS
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 OUR_CODE = (str(PACKAGE_ROOT / "train") + os.sep, str(PACKAGE_ROOT / "vmae_fast") + os.sep)
-
-
-class UsageError(ValueError):
-    """A mistake in the command line or its files; ``cli`` prints it as one line."""
 
 
 # ----------------------------------------------------------------------------- options
@@ -67,12 +71,26 @@ def read_list_or_usage(path: str, data_root: str, kind: str) -> list:
 
 def parse(ap: argparse.ArgumentParser, argv, kind: str, validate) -> argparse.Namespace:
     """``ap`` (a loop's own options) with the common ones added, parsed; every option left at
-    ``None`` filled from the official recipe of ``--model``; then ``validate(args)``."""
+    ``None`` filled from the official recipe of ``--model``; the loop's ``RunConfig`` built once
+    (``args.run``, its checks first); then ``validate(args)``."""
     add_common_args(ap, kind)
     args = ap.parse_args(argv)
     recipe.fill_defaults(args, kind)
+    args.run = RunConfig.from_args(args, kind, tuple(sys.argv[1:] if argv is None else argv))
     validate(args)
     return args
+
+
+def run_command(parse_args, build, argv=None, on_step=None) -> dict:
+    """The ``main`` of both commands: parse, set up the processes, build the task, run it;
+    returns the run's summary. ``on_step(step, loss)`` runs after each optimizer step (tests
+    use it to simulate a crash)."""
+    args = parse_args(argv)
+    try:
+        d = dist_.setup(args.run)
+    except ValueError as exc:  # --device
+        raise UsageError(str(exc)) from None
+    return loop.Trainer(args.run, d, build(args, d), on_step=on_step).run()
 
 
 def add_common_args(ap: argparse.ArgumentParser, kind: str) -> None:
@@ -124,13 +142,19 @@ def add_common_args(ap: argparse.ArgumentParser, kind: str) -> None:
     a("--seed", type=int, default=0)
     a("--output-dir", required=True)
     a("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps (and at the end)")
-    a("--resume", default="", help="'auto' (the last checkpoint in --output-dir, if any) or a checkpoint path")
+    a("--save-every-minutes", type=float, default=0.0,
+      help="also a checkpoint once this many minutes passed since the last one (0: off); rank 0's clock")
+    a("--resume", default="", help="'auto' (the last checkpoint in --output-dir, if any) or a checkpoint path; "
+      "a group restarted by torchrun --max-restarts resumes by itself")
+    a("--overwrite", action="store_true",
+      help="start over in an --output-dir that holds an earlier run's metrics or checkpoints (they are removed)")
     a("--log-every", type=int, default=10)
     a("--divergence-factor", type=float, default=10.0,
       help="a checkpoint is kept only if the loss of its weights (the next step's) is finite and at most this "
            "many times the run's lowest step loss so far; a non-finite loss stops the run (0: no factor check)")
     a("--no-progress", action="store_true", help="no tqdm bar (logs still go to metrics.jsonl)")
     a("--tensorboard", action="store_true", help="also log to OUT/tb (needs the tensorboard package)")
+    a("--debug", action="store_true", help="print the traceback of an error too")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -184,40 +208,35 @@ def check_model_config(args, **options) -> vmae_fast.VideoMAEConfig:
         raise UsageError(f"model options: {exc}") from None
 
 
-def check_common(args, *, eval_only: bool = False) -> None:
-    """What both loops check before creating anything (the model's own checks are separate)."""
-    check_positive(args, ("batch_size", "num_sample", "accum_steps", "num_frames", "sampling_rate", "img_size",
-                          "save_every", "log_every", "epochs"))
-    check_positive(args, ("num_workers", "warmup_steps"), minimum=0)
-    if args.steps is not None and args.steps < 1 and not eval_only:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}"
-                         + (" (to evaluate without training use --eval)" if hasattr(args, "eval") else ""))
-    if args.warmup_epochs < 0:
-        raise UsageError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
-    for flag, v in (("--base-lr", args.base_lr), ("--lr", args.lr)):
-        if v is not None and not v > 0:
-            raise UsageError(f"{flag} must be > 0, got {v}")
-    for flag, v in (("--min-lr", args.min_lr), ("--warmup-lr", args.warmup_lr), ("--weight-decay", args.weight_decay)):
-        if v < 0:
-            raise UsageError(f"{flag} must be >= 0, got {v}")
-    if args.clip_grad is not None and args.clip_grad < 0:
-        raise UsageError(f"--clip-grad must be >= 0 (0: no clipping), got {args.clip_grad}")
-    if args.clip_grad == 0:
-        args.clip_grad = None
-    if args.divergence_factor != 0 and not args.divergence_factor > 1:
-        raise UsageError(f"--divergence-factor must be > 1 (or 0 for none), got {args.divergence_factor}")
-    if args.tensorboard and not tensorboard_available():
+def check_common(args) -> None:
+    """What both loops check before creating anything, besides ``RunConfig``'s own checks (the
+    model's own checks are separate)."""
+    check_positive(args, ("num_frames", "sampling_rate", "img_size"))
+    cfg = args.run
+    if cfg.tensorboard and not tensorboard_available():
         raise UsageError("--tensorboard: the tensorboard package is not installed (it comes with the train "
                          "extra: pip install 'vmae-fast[train]', or pip install tensorboard)")
-    if args.resume and args.resume != "auto" and not Path(args.resume).exists():
-        raise UsageError(f"--resume {args.resume}: no such checkpoint")
-    check_output_dir(args.output_dir)
-    out = Path(args.output_dir)
-    if not args.resume and not eval_only:
-        for name in (CHECKPOINT, DCP_LATEST):
-            if (out / name).is_file():
-                raise UsageError(f"--output-dir {out} holds the checkpoint of an earlier run ({name}); "
-                                 "continue it with --resume auto, or choose another --output-dir")
+    if cfg.resume and cfg.resume != "auto" and not Path(cfg.resume).exists():
+        raise UsageError(f"--resume {cfg.resume}: no such checkpoint")
+    check_output_dir(cfg.output_dir)
+    check_earlier_run(cfg)
+
+
+def check_earlier_run(cfg: RunConfig) -> None:
+    """A new run does not mix with an earlier one's files: a checkpoint it would not continue, or
+    metrics rows with no checkpoint to continue them from (the run would truncate them)."""
+    if cfg.eval_only or cfg.start_over or cfg.restart or (cfg.resume and cfg.resume != "auto"):
+        return
+    out = Path(cfg.output_dir)
+    held = [name for name in (CHECKPOINT, DCP_LATEST) if (out / name).is_file()]
+    rows = (out / METRICS).is_file() and (out / METRICS).stat().st_size > 0
+    if not cfg.resume and held:
+        raise UsageError(f"--output-dir {out} holds the checkpoint of an earlier run ({held[0]}); continue it "
+                         "with --resume auto, start over with --overwrite, or choose another --output-dir")
+    if rows and not held:
+        raise UsageError(f"--output-dir {out} holds the metrics of an earlier run ({METRICS}) and no checkpoint "
+                         "to continue from; start over with --overwrite (its rows are removed), or choose "
+                         "another --output-dir")
 
 
 # ----------------------------------------------------------------------------- console entry
@@ -249,19 +268,20 @@ def warnings_name_our_code(prog: str):
 
 
 def run_cli(main, prog: str, argv=None) -> int:
-    """Run ``main(argv)``: a ``UsageError`` (any check before the run starts) becomes one line on
-    stderr and exit code 2; a stop for a non-finite loss, its message and exit code 3."""
-    from .loop import NonFiniteLoss
+    """Run ``main(argv)`` under ``vmae_fast.errors.run_cli``: a ``UsageError`` (any check before
+    the run starts) is one line on stderr and status 2; a stopped run (non-finite loss, a stop
+    signal, a checkpoint that could not be written) its line and its status. Under torchrun each
+    line names its rank; a stop signal's line (the same on every rank) comes from rank 0 only."""
+    rank = envs.RANK
+    tag = f"{prog}[rank {rank}]" if envs.WORLD_SIZE > 1 else prog
 
-    rank = int(os.environ.get("RANK", "0"))
-    tag = f"{prog}[rank {rank}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else prog
-    with warnings_name_our_code(tag):
+    def quiet(a):
         try:
-            main(argv)
-        except UsageError as exc:
-            print(f"{tag}: error: {exc}", file=sys.stderr, flush=True)
-            return 2
-        except NonFiniteLoss as exc:
-            print(f"{tag}: stopped: {exc}", file=sys.stderr, flush=True)
-            return 3
-    return 0
+            return main(a)
+        except StoppedBySignal:
+            if rank == 0:
+                raise
+            return EXIT_STOPPED_BY_SIGNAL
+
+    with warnings_name_our_code(tag):
+        return _errors.run_cli(quiet, tag, argv, exit_codes=EXIT_CODES)

@@ -30,7 +30,7 @@ from . import loop
 from .recipe import official
 from .augment import ERASE_MODES, INTERPOLATIONS, EraseSpec, erase_, parse_rand_augment
 from .cli import (UsageError, check_common, check_file, check_model_config, make_parser, model_options, parse,
-                  read_list_or_usage)
+                  read_list_or_usage, run_command)
 from .data import VideoDataset, collate
 from .optim import autocast, resolve_precision
 
@@ -87,7 +87,7 @@ def _model_options(args) -> dict:
 
 def validate(args) -> vmae_fast.VideoMAEConfig:
     """Every check that needs no device and no data."""
-    check_common(args, eval_only=args.eval)
+    check_common(args)
     if args.num_classes < 1:
         raise UsageError(f"--num-classes must be >= 1, got {args.num_classes}")
     if args.eval:
@@ -245,6 +245,19 @@ def make_evaluate(args, d: dist_.Dist, precision: str, ema=None):
     return evaluate
 
 
+class EmaState:
+    """The EMA weights as the task's piece of the run's state set."""
+
+    def __init__(self, ema):
+        self.ema = ema
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema.module.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.module.load_state_dict(state["ema"])
+
+
 def build(args, d: dist_.Dist) -> loop.Task:
     dist_.seed_all(args.seed)  # the same initial weights on every rank (FSDP shards one model)
     model = vmae_fast.create_model(args.model, args.num_classes, **_model_options(args))
@@ -264,7 +277,7 @@ def build(args, d: dist_.Dist) -> loop.Task:
     config = dict(cfg.to_dict(), num_classes=args.num_classes, head_drop_rate=args.head_drop)
     if args.eval:
         return loop.Task(name="finetune", model=model, model_config=config, loss=None, dataset=None,
-                         evaluate=evaluate)
+                         evaluate=evaluate, state=EmaState(ema) if ema is not None else None)
     entries = read_list_or_usage(args.train_list, args.data_root, "finetune")
     dataset = VideoDataset(entries, "finetune", args.num_frames, args.sampling_rate, args.img_size,
                            num_sample=args.num_sample, seed=args.seed, min_scale=args.min_scale,
@@ -286,8 +299,7 @@ def build(args, d: dist_.Dist) -> loop.Task:
         flops_per_clip=3 * 2 * (encoder_macs(cfg) + cfg.embed_dim * args.num_classes),
         layer_decay=args.layer_decay, evaluate=evaluate, eval_every=args.eval_every,
         after_step=(lambda m, step: ema.update(dist_.unwrap(m), step=step)) if ema is not None else None,
-        state_dict=(lambda: {"ema": ema.module.state_dict()}) if ema is not None else None,
-        load_state_dict=(lambda s: ema.module.load_state_dict(s["ema"])) if ema is not None else None,
+        state=EmaState(ema) if ema is not None else None,
         summary=f", {args.num_classes} classes, layer decay {args.layer_decay}, drop path {args.drop_path}"
                 + (f", mixup {args.mixup} / cutmix {args.cutmix}" if mixup is not None else "")
                 + f", RandAugment {args.aa if dataset.rand_augment else 'off'}"
@@ -296,13 +308,8 @@ def build(args, d: dist_.Dist) -> loop.Task:
 
 
 def main(argv=None, on_step=None) -> dict:
-    """Runs the fine-tuning (or, with ``--eval``, the evaluation); returns a summary dict."""
-    args = parse_args(argv)
-    try:
-        d = dist_.setup(args)
-    except ValueError as exc:  # --device
-        raise UsageError(str(exc)) from None
-    return loop.run(args, d, build(args, d), eval_only=args.eval, on_step=on_step)
+    """Runs the fine-tuning (or, with ``--eval``, the evaluation); returns a summary dict (see ``cli.run_command``)."""
+    return run_command(parse_args, build, argv, on_step)
 
 
 def cli() -> None:

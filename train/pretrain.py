@@ -22,7 +22,7 @@ from . import distributed as dist_
 from . import loop
 from .recipe import official
 from .cli import (UsageError, check_common, check_file, check_model_config, make_parser, model_options, parse,
-                  read_list_or_usage)
+                  read_list_or_usage, run_command)
 from .data import VideoDataset
 
 
@@ -94,13 +94,8 @@ def build(args, d: dist_.Dist) -> loop.Task:
 
 
 def main(argv=None, on_step=None) -> dict:
-    """Runs the training; returns a summary dict (see ``loop.run``)."""
-    args = parse_args(argv)
-    try:
-        d = dist_.setup(args)
-    except ValueError as exc:  # --device
-        raise UsageError(str(exc)) from None
-    return loop.run(args, d, build(args, d), on_step=on_step)
+    """Runs the training; returns a summary dict (see ``cli.run_command``)."""
+    return run_command(parse_args, build, argv, on_step)
 
 
 def cli() -> None:

@@ -9,6 +9,8 @@
     TRITON_INTERPRET=1    Triton's own switch: kernels decorated after it is set run through the
                           interpreter on CPU tensors (it must be set before Triton is imported)
     RANK, WORLD_SIZE, LOCAL_RANK   torchrun's process numbering (default 0, 1, 0)
+    TORCHELASTIC_RESTART_COUNT     torchrun's count of worker-group restarts (default 0); above
+                          0 the training loops resume from their output folder by themselves
 
 A switch is on for ``1``, ``true``, ``yes``, ``on`` and off for ``0``, ``false``, ``no``, ``off``
 (any case; empty or unset: its default). Any other value is a ``UsageError`` naming the variable
@@ -76,6 +78,8 @@ SWITCHES: dict[str, Switch] = {
     "RANK": Switch(_parse_count, 0, "torchrun: this process's global rank"),
     "WORLD_SIZE": Switch(_parse_count, 1, "torchrun: number of processes"),
     "LOCAL_RANK": Switch(_parse_count, 0, "torchrun: this process's rank on its machine"),
+    "TORCHELASTIC_RESTART_COUNT": Switch(_parse_count, 0, "torchrun: restarts of the worker group so far "
+                                         "(> 0: the training loops resume from their output folder)"),
 }
 
 

@@ -11,6 +11,10 @@ Exit statuses (the same for every command):
     1  done, but some inputs failed (each named in one line; the good ones have their output)
     2  usage error: a bad flag, or a file named by a flag that is missing or not what was expected
     3  a training run stopped on a non-finite loss
+    4  a training run stopped by SIGTERM, SIGINT or SIGUSR1 after committing a checkpoint (the
+       line names it and the command that resumes the run); a second signal: 128 + its number
+    5  a training run stopped because a checkpoint could not be written (no space, an I/O
+       error); the previous checkpoint is kept and the line names it
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import traceback
 from typing import Callable, Mapping, Sequence
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_NONFINITE = 0, 1, 2, 3
+EXIT_STOPPED_BY_SIGNAL, EXIT_CHECKPOINT_FAILED = 4, 5
 
 
 class UsageError(ValueError):
@@ -65,4 +70,4 @@ def _report(prog: str, kind: str, exc: BaseException, code: int, argv) -> int:
 
 
 __all__ = ["UsageError", "run_cli", "debug_requested", "EXIT_OK", "EXIT_SOME_FAILED",
-           "EXIT_USAGE", "EXIT_NONFINITE"]
+           "EXIT_USAGE", "EXIT_NONFINITE", "EXIT_STOPPED_BY_SIGNAL", "EXIT_CHECKPOINT_FAILED"]
