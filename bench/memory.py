@@ -5,7 +5,7 @@
     python -m bench.memory --arch vit_giant_patch14_224 --gpu-mem 40,80,141 [--dist ddp|fsdp --world N]
 
 Every number is an exact count of live tensor bytes during one train step (forward, backward,
-AdamW step; ``vmae_fast.memory.measure_train_step``), the same on every device for the same ops
+AdamW step; ``vmae_fast.memory_count.measure_train_step``), the same on every device for the same ops
 and dtypes: on a CPU under bf16 autocast with CUDA's autocast op lists (the default
 ``--autocast-rules cuda``) the counts are those a GPU holds (on a GPU,
 ``torch.cuda.max_memory_allocated`` of the same step is reported beside them). Each step is
@@ -30,7 +30,7 @@ import torch
 
 from vmae_fast.device import select_device
 from vmae_fast.flops import counted_flops
-from vmae_fast.memory import CATEGORIES
+from vmae_fast.memory_count import CATEGORIES
 
 from .common import device as devmod
 from .common.cli import add_arch_arg, add_device_arg, add_output_args, make_parser, parse_plan
@@ -432,7 +432,7 @@ def run(pl: dict, ns) -> dict:
                          "encoder_ratio": ns.encoder_ratio, "dtype": str(pl["dtype"]).replace("torch.", ""),
                          "batches": pl["batches"], "depths": pl["depths"], "full_depth": pl["full_depth"],
                          "optimizer": "AdamW, fused where this torch has it on the device",
-                         "count": "exact live tensor bytes, op by op (vmae_fast.memory.measure_train_step)",
+                         "count": "exact live tensor bytes, op by op (vmae_fast.memory_count.measure_train_step)",
                          "autocast_rules": ns.autocast_rules if pl["device"].type == "cpu" else "native"},
               "summaries": [summary(p) for p in profiles],
               "runs": [{"impl": p["impl"], "policy": p["policy"], "runs": p["runs"]} for p in profiles]}

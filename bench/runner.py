@@ -22,7 +22,8 @@ import vmae_fast
 from vmae_fast.config import config_for
 from vmae_fast.flops import counted_flops as _counted_flops
 from vmae_fast.layers import Blocks
-from vmae_fast.memory import checkpoint_block, measure_train_step, parse_policy
+from vmae_fast.memory import checkpoint_block, parse_policy
+from vmae_fast.memory_count import measure_train_step
 from vmae_fast.reference import ReferencePretrain
 
 from .common.timing import PeakMemory, Stats, free_memory, is_oom, synchronize, time_fn
@@ -337,7 +338,7 @@ def _with_kernels(impl: str, fn: Callable) -> Callable:
 
 def count_train_step(impl: str, module: nn.Module, video, masks, decoder_ratio: float, optimizer,
                      dtype: torch.dtype, **kw):
-    """``vmae_fast.memory.measure_train_step`` of one train step of ``impl`` (under its kernel
+    """``vmae_fast.memory_count.measure_train_step`` of one train step of ``impl`` (under its kernel
     switch); ``kw`` goes to ``measure_train_step``."""
     mask_tensors = [getattr(masks, f) for f in ("encoder_masked", "decoder_masked", "visible_idx", "decoder_idx")]
     fwd = loss_fn(impl, module, video, masks, decoder_ratio)
@@ -422,7 +423,7 @@ def _memory_flops_maxbatch(impl, module, setup, decoder_ratio, opt, optimizer, s
 
 
 def exact_memory(impl, module, setup, decoder_ratio, opt, optimizer, video, masks) -> dict:
-    """The exact bytes of one more train step of the cell (``vmae_fast.memory.measure_train_step``:
+    """The exact bytes of one more train step of the cell (``vmae_fast.memory_count.measure_train_step``:
     live tensor storages op by op, checkpointing's recomputation included, the same count on
     every device; on CUDA ``torch.cuda.max_memory_allocated`` of the same step beside it). The
     step is the timed one (same optimizer, autocast dtype and clip), after it has run, so

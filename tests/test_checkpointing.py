@@ -11,8 +11,8 @@ import torch
 import vmae_fast
 from vmae_fast.flops import attention_flops, counted_flops
 from vmae_fast.layers import Blocks
-from vmae_fast.memory import (ATTENTION_RECOMPUTE_MAX, cuda_autocast_rules, measure_train_step, parse_policy,
-                              saved_casts_enabled)
+from vmae_fast.memory import ATTENTION_RECOMPUTE_MAX, parse_policy, saved_casts_enabled
+from vmae_fast.memory_count import cuda_autocast_rules, measure_train_step
 
 from conftest import ODD
 

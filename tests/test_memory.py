@@ -1,4 +1,4 @@
-"""The exact memory count (``vmae_fast.memory``), its extrapolation in batch and depth and the
+"""The exact memory count (``vmae_fast.memory_count``), its extrapolation in batch and depth and the
 planner (``bench.memory``): real counts of real steps, checked against what they must be."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import vmae_fast
 from bench import memory as bm
 from bench.runner import Setup
-from vmae_fast.memory import LiveTensorMemory, cuda_autocast_rules, measure_train_step
+from vmae_fast.memory_count import LiveTensorMemory, cuda_autocast_rules, measure_train_step
 
 from conftest import ODD
 

@@ -204,4 +204,4 @@ def free_memory(device: torch.device) -> None:
 
 
 # The exact count of what a train step holds (saved activations included, also inside
-# checkpointed blocks) is vmae_fast.memory.measure_train_step; bench.runner.exact_memory uses it.
+# checkpointed blocks) is vmae_fast.memory_count.measure_train_step; bench.runner.exact_memory uses it.
