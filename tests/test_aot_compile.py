@@ -21,6 +21,8 @@ if _dispatch.INTERPRETED:
                 allow_module_level=True)
 
 from bench import kernels as bk  # noqa: E402  (after the skips: imports the kernels)
+from bench.kernels import aot_capture as cap  # noqa: E402
+from bench.kernels import aot_compile as comp  # noqa: E402
 
 # (kernel, pass) -> the one setting compiled here: ViT-g (P = 1176, D = 512), bf16 activations,
 # an fp32 channels-last clip for the strided loads.
@@ -47,7 +49,7 @@ def _driver_state():
 
 @pytest.fixture(scope="module")
 def variants():
-    found, _ = bk.aot_variants(archs=bk.AOT_ARCHS[1:], batches=(32,))
+    found, _ = cap.aot_variants(archs=cap.AOT_ARCHS[1:], batches=(32,))
     picked = {}
     for v in found:
         key = (v.kernel, v.attrs.get("pass"))
@@ -62,7 +64,7 @@ def variants():
 def compiled(variants):
     driver_before = _driver_state()
     cuda_before = torch.cuda.is_initialized()
-    out = {(key, cc): bk.compile_variant(v, cc) for key, v in variants.items() for cc in bk.AOT_TARGETS}
+    out = {(key, cc): comp.compile_variant(v, cc) for key, v in variants.items() for cc in comp.AOT_TARGETS}
     if driver_before is False:
         assert _driver_state() is False, "ahead-of-time compilation created Triton's active driver"
     if not cuda_before:
@@ -70,12 +72,12 @@ def compiled(variants):
     return out
 
 
-@pytest.mark.parametrize("cc", bk.AOT_TARGETS, ids=lambda cc: f"sm_{cc}")
+@pytest.mark.parametrize("cc", comp.AOT_TARGETS, ids=lambda cc: f"sm_{cc}")
 @pytest.mark.parametrize("key", list(PICK), ids=lambda k: k[0].strip("_") + (f"-{k[1]}" if k[1] else ""))
 def test_kernel_compiles_and_fits(compiled, key, cc):
     r = compiled[(key, cc)]
     assert r["ok"], r.get("error")
-    limits = bk.SM_LIMITS[cc]
+    limits = comp.SM_LIMITS[cc]
     threads = r["num_warps"] * 32
     assert r["spill_bytes"] == 0, f"{r['spill_bytes']} bytes of local memory (spills) per thread"
     assert 0 < r["regs"] <= limits["max_regs_per_thread"]
@@ -89,7 +91,7 @@ def test_kernel_compiles_and_fits(compiled, key, cc):
 def test_divisions_are_round_to_nearest(compiled):
     """The kernels that divide in fp32 (uint8 normalization, the loss) do it with div.rn: the
     scan of the PTX is not vacuous."""
-    for cc in bk.AOT_TARGETS:
+    for cc in comp.AOT_TARGETS:
         assert compiled[(("_gather_cubes_kernel", None), cc)]["div_rn_f32"] > 0
         assert compiled[(("_masked_mse_kernel", "fwd"), cc)]["div_rn_f32"] > 0
 
@@ -97,14 +99,14 @@ def test_divisions_are_round_to_nearest(compiled):
 def test_occupancy_arithmetic():
     # 32 regs x 128 threads: warps limit 16 blocks; 40 regs -> 1280 regs/warp, 12 warps per
     # sub-partition -> 48 warps = 12 blocks; 255 regs x 1024 threads does not fit.
-    assert bk.occupancy(32, 0, 4, 80)["blocks"] == 16
-    r = bk.occupancy(40, 0, 4, 80)
+    assert comp.occupancy(32, 0, 4, 80)["blocks"] == 16
+    r = comp.occupancy(40, 0, 4, 80)
     assert (r["blocks"], r["warps"], r["limiter"]) == (12, 48, "regs")
-    assert bk.occupancy(255, 0, 32, 90)["blocks"] == 0
+    assert comp.occupancy(255, 0, 32, 90)["blocks"] == 0
     # shared memory: 100 KiB + 1 KiB reserved per block -> 1 block on sm_80, 2 on sm_90
-    assert bk.occupancy(32, 100 * 1024, 4, 80)["blocks"] == 1
-    assert bk.occupancy(32, 100 * 1024, 4, 90)["blocks"] == 2
-    assert bk.occupancy(32, 200 * 1024, 4, 80)["limiter"] == "does not fit"
+    assert comp.occupancy(32, 100 * 1024, 4, 80)["blocks"] == 1
+    assert comp.occupancy(32, 100 * 1024, 4, 90)["blocks"] == 2
+    assert comp.occupancy(32, 200 * 1024, 4, 80)["limiter"] == "does not fit"
 
 
 def test_signature_follows_the_launch(variants):
@@ -124,7 +126,7 @@ def _jit_specialization(kernel, args, meta):
     from triton.compiler import make_backend
 
     backend = make_backend(GPUTarget("cuda", 80, 32))
-    kw = {k: v for k, v in meta.items() if k not in bk._LAUNCH_OPTIONS}
+    kw = {k: v for k, v in meta.items() if k not in cap._LAUNCH_OPTIONS}
     names = [p.name for p in kernel.params]
     values = dict(zip(names, args), **kw)
     values = [values[n] if n in values else p.default for n, p in zip(names, kernel.params)]
@@ -150,14 +152,14 @@ def test_compile_keys_are_the_jits(monkeypatch):
     """What ``bench.kernels`` compiles (signature, constants, divisibility) is what Triton's JIT
     would compile for the same launch on a GPU, for every launch at the ViT-g shapes."""
     launches = []
-    real = bk.launch_to_variant
+    real = cap.launch_to_variant
 
     def recording(op, rec, attrs):
         launches.append(rec)
         return real(op, rec, attrs)
 
-    monkeypatch.setattr(bk, "launch_to_variant", recording)
-    variants, _ = bk.aot_variants(archs=bk.AOT_ARCHS[1:], batches=(32,))
+    monkeypatch.setattr(cap, "launch_to_variant", recording)
+    variants, _ = cap.aot_variants(archs=cap.AOT_ARCHS[1:], batches=(32,))
     assert len(variants) == len(launches) > 0
     for v, (kernel, _, args, meta) in zip(variants, launches):
         mine = {n: ("constexpr", v.constexprs[n]) if n in v.constexprs else (v.signature[n], n in v.divisible16)
