@@ -12,7 +12,7 @@ EXTRAS := .[test,bench,train]
 BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(wildcard kernels/*)
 PYTEST_ARGS ?=
 
-.PHONY: test test-oldest bench bench-micro install clean
+.PHONY: test test-oldest bench bench-micro gpu-check install clean
 
 # $(call make_venv,VENV,PIP_CONSTRAINT_ARGS): the venv, every dependency, then the extension.
 # 1. Every dependency (torch among them) and the package, without building vmae_fast._C.
@@ -60,6 +60,11 @@ test-oldest: $(OLDEST_VENV)/.installed
 
 bench: $(STAMP)
 	$(PY) -m bench.dual_masking $(BENCH_ARGS)
+
+# the first GPU hour: every GPU goal met or missed on one CUDA device in under 8 minutes
+# (GPU_CHECK_ARGS=--dry-run: the same plan at toy sizes on the CPU)
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 # pytest-benchmark microbenchmarks of the CPU ops (kept out of `make test`)
 bench-micro: $(STAMP)

@@ -23,12 +23,36 @@ BF16_DENSE_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
+# HBM bandwidth in GB/s (datasheets), matched the same way: the denominator of "near HBM
+# bandwidth" for memory-bound kernels, and the byte rate of a plan's time estimate.
+HBM_GBPS: tuple[tuple[str, float], ...] = (
+    ("H200", 4800.0),  # 141 GB HBM3e
+    ("H100 PCIe", 2000.0),  # HBM2e
+    ("H100", 3350.0),  # SXM / HBM3
+    ("A100 80GB PCIe", 1935.0),
+    ("A100-SXM4-40GB", 1555.0),
+    ("A100-PCIE-40GB", 1555.0),
+    ("A100", 2039.0),  # 80 GB SXM
+)
+
+
+def _by_name(table: tuple[tuple[str, float], ...], device_name: str) -> float | None:
+    for key, value in table:
+        if key.lower() in device_name.lower():
+            return value
+    return None
+
+
 def datasheet_peak_tflops(device_name: str) -> float | None:
     """The bf16 dense datasheet peak of a CUDA device by its name, None when unknown."""
-    for key, peak in BF16_DENSE_PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
-            return peak
-    return None
+    return _by_name(BF16_DENSE_PEAK_TFLOPS, device_name)
+
+
+def datasheet_hbm_gbps(device_name: str) -> float | None:
+    """The datasheet HBM bandwidth (GB/s) of a CUDA device by its name, None when unknown."""
+    return _by_name(HBM_GBPS, device_name)
+
+
 LN_MACS_PER_ELEMENT = 5
 
 

@@ -8,7 +8,7 @@ import subprocess
 import torch
 
 from vmae_fast import envs
-from vmae_fast.flops import datasheet_peak_tflops
+from vmae_fast.flops import datasheet_hbm_gbps, datasheet_peak_tflops
 
 from . import paths
 from .timing import time_fn
@@ -98,9 +98,10 @@ def device_info(device: torch.device) -> dict:
         info.update(name=p.name, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,
                     total_memory=p.total_memory, driver=_nvidia_driver())
         info["bf16_dense_peak_tflops"] = datasheet_peak_tflops(p.name)
+        info["hbm_gbps"] = datasheet_hbm_gbps(p.name)
     else:
         info["name"] = f"CPU {info['cpu_model']} ({torch.get_num_threads()} threads)"
-        info["bf16_dense_peak_tflops"] = None
+        info["bf16_dense_peak_tflops"] = info["hbm_gbps"] = None
     return info
 
 
