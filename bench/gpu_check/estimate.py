@@ -54,10 +54,10 @@ HOST_S: dict[str, tuple[float, str]] = {
     "dual_masking_vit_g": (50.0, "ViT-g's 1.0B weights initialized on the host (about 15 s), 3 builds moving "
                                  "4 GB each, about 4 s of op-by-op counting per cell (6)"),
     "memory_count": (10.0, "a ViT-B build and one step counted op by op in Python"),
-    "pretrain": (35.0, "24 videos written, loader workers started, ViT-B built, the final checkpoint with "
-                       "AdamW state (1.3 GB) written"),
+    "pretrain": (35.0, "96 small videos written, loader workers started (3 epochs), ViT-B built, the final "
+                       "checkpoint with AdamW state (1.3 GB) written"),
     "attention": (5.0, "input creation and kernel selection per shape"),
-    "torchcodec_cuda": (5.0, "a 4 s clip encoded with libx264 (ultrafast), two decoders opened"),
+    "torchcodec_cuda": (5.0, "100 frames rendered and encoded with libx264 (ultrafast), two decoders opened"),
 }
 
 

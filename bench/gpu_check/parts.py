@@ -271,7 +271,7 @@ def attention(ctx: Context, share_s: float) -> dict:
 
 # ------------------------------------------------------------------------------ torchcodec
 def torchcodec_cuda(ctx: Context, share_s: float) -> dict:
-    """Decode one H.264 clip (``train.make_synthetic.write_kinetics_like``) with torchcodec on the
+    """Decode one H.264 clip (``train.make_synthetic.write_mp4``) with torchcodec on the
     CPU and, on CUDA, on the GPU: frames/s of each and the largest pixel difference."""
     if importlib.util.find_spec("torchcodec") is None:
         return {"status": "not run", "reason": "torchcodec is not installed"}
@@ -283,13 +283,17 @@ def torchcodec_cuda(ctx: Context, share_s: float) -> dict:
         if "libtorchcodec" in str(exc) or isinstance(exc, (ImportError, OSError)):
             return {"status": "not run", "reason": f"torchcodec does not load here: {str(exc).splitlines()[0][:150]} "
                                                    "(it needs FFmpeg 4-9 shared libraries and the torch it was built for)"}
-    from train.make_synthetic import write_kinetics_like
+    if importlib.util.find_spec("av") is None:
+        return {"status": "not run", "reason": "PyAV (which writes the clip) is not installed"}
+    import numpy as np
 
-    seconds = plan.DRY["torchcodec_seconds"] if ctx.dry_run else plan.TORCHCODEC_SECONDS
+    from train.make_synthetic import render, write_mp4
+
+    frames = plan.DRY["torchcodec_frames"] if ctx.dry_run else plan.TORCHCODEC_FRAMES
     with tempfile.TemporaryDirectory(prefix="gpu-check-torchcodec-") as tmp:
         path = str(Path(tmp) / "clip.mp4")
-        write_kinetics_like(path, seconds=seconds, preset="ultrafast")
-        out = {"clip": f"{seconds} s, 25 fps, 340x256 H.264"}
+        write_mp4(path, render(0, frames, 256, 340, np.random.default_rng(0)), fps=25)  # H.264 where PyAV has it
+        out = {"clip": f"{frames} frames, 25 fps, 340x256"}
         cpu, out["cpu"] = _decode(VideoDecoder, path, "cpu")
         if ctx.device.type != "cuda":
             out["cuda"] = None
