@@ -13,7 +13,7 @@ import torch
 
 from bench.gpu_check import estimate as est_mod, plan
 from bench.gpu_check.cli import cli as gpu_check
-from bench.gpu_check.parts import Context, pytest_counts
+from bench.gpu_check.parts import Context, memory_count, pytest_counts
 from bench.gpu_check.report import GOALS, judge_goals
 from bench.gpu_check.run import run_part
 from vmae_fast.flops import datasheet_hbm_gbps, pretrain_macs
@@ -101,6 +101,24 @@ def test_a_spent_share_stops_its_part_and_a_failing_part_is_recorded(tmp_path):
     said = run_part(plan.Part("na", "", 5), lambda c, s: {"status": "not run", "reason": "no torchcodec"},
                     _ctx(tmp_path))
     assert (said["status"], said["reason"], said["data"]) == ("not run", "no torchcodec", {})
+
+
+def test_memory_count_sets_aside_what_the_allocator_held_before_the_step(tmp_path, monkeypatch):
+    import bench.memory
+
+    mib = 2 ** 20
+    step = {"peak_total": 900 * mib, "cuda_max_allocated": 1000 * mib, "cuda_base_allocated": 500 * mib,
+            "parameters": 300 * mib, "buffers": 0, "gradients": 100 * mib, "optimizer_state": 0,
+            "inputs": 60 * mib, "peak_phase": "backward"}
+    monkeypatch.setattr(bench.memory, "measure", lambda *a, **k: {"step_memory": step})
+    d = memory_count(_ctx(tmp_path), 25)
+    assert d["untracked_before_step_bytes"] == 40 * mib  # 500 - (300 + 100 + 60)
+    assert d["difference_bytes"] == 100 * mib and d["difference_in_step_bytes"] == 60 * mib
+    assert d["relative_difference"] == pytest.approx(0.06)
+    assert d["summary"] == ("exact 900.0 MiB, max_memory_allocated 1,000.0 MiB (+10.00%; 40.0 MiB held before the "
+                            "step by no counted tensor; in the step +6.00%)")
+    step["cuda_max_allocated"] = None
+    assert "difference_bytes" not in memory_count(_ctx(tmp_path), 25)
 
 
 def _part(data, status="ok", reason=None):
