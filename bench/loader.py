@@ -15,6 +15,14 @@ random-erasing boxes (what the augmentation costs a worker). Measured:
 * wall clips/s: clips after the first batch of every worker / the wall time they took, as the
   training loop would receive them (this machine's cores, shared with whatever else runs).
 
+* bytes read per clip: what the workers read (files: ``/proc/self/io`` rchar, Linux; shards: the
+  bytes taken from the shard streams), over the clips.
+
+``--sources files,shards,http``: our pretraining pipeline (``auto`` decoder) also from WebDataset
+shards of the same files (``vmae-shards``, the files' own bytes, into a temp folder): read locally,
+and over HTTP from a ``http.server`` this benchmark runs on 127.0.0.1 (webdataset opens http URLs
+with ``curl``: its CPU time, a child's, is counted with the worker's).
+
 A clip is one view: with ``num_sample 4`` one decoded video gives 4 clips, in both pipelines.
 "ours" is ``train.data.VideoDataset`` + ``collate`` (uint8 out); "official" is
 ``bench/official_pipeline.py`` (decord + PIL + float normalization, as the official code), run
@@ -88,16 +96,86 @@ def describe(path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- measuring
-class TimedCollate:
-    """Runs in the worker: the batch, how many clips it holds, which worker, its CPU clock."""
+def _cpu() -> float:
+    """This process's CPU time and its waited-for children's (curl for http shards)."""
+    t = os.times()
+    return time.process_time() + t.children_user + t.children_system
 
-    def __init__(self, inner, clips_of):
-        self.inner, self.clips_of = inner, clips_of
+
+def _bytes_read(source: str) -> int | None:
+    if source != "files":
+        from vmae_fast.video.shards import BYTES_READ
+
+        return BYTES_READ[0]
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+    except (OSError, StopIteration):  # not Linux
+        return None
+
+
+class TimedCollate:
+    """Runs in the worker: the batch, how many clips it holds, which worker, its CPU clock and
+    the bytes it has read."""
+
+    def __init__(self, inner, clips_of, source: str = "files"):
+        self.inner, self.clips_of, self.source = inner, clips_of, source
 
     def __call__(self, samples):
         batch = self.inner(samples)
         info = torch.utils.data.get_worker_info()
-        return batch, self.clips_of(batch), info.id if info else -1, time.process_time()
+        return batch, self.clips_of(batch), info.id if info else -1, _cpu(), _bytes_read(self.source)
+
+
+class _ShardCollate(TimedCollate):
+    """For the shard stream: the batch dict carries the timing (``SkipAware`` adds its keys)."""
+
+    def __call__(self, samples):
+        batch, n, wid, cpu, nbytes = super().__call__(samples)
+        batch["_timing"] = (n, wid, cpu, nbytes)
+        return batch
+
+
+def write_bench_shards(paths: list[Path], folder: Path) -> Path:
+    """The files as shards (their own bytes), 3 videos a shard."""
+    from train import write_shards
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lst = folder / "list.txt"
+    lst.write_text("".join(f"{p.resolve()} 0 -1\n" for p in paths))
+    rc = write_shards.main(["--data-list", str(lst), "--kind", "pretrain", "--out", str(folder / "shards"),
+                            "--samples-per-shard", "3", "--workers", "1", "--no-progress"])
+    if rc != 0:
+        raise SystemExit(f"vmae-shards could not write every benchmark file into shards (see {folder})")
+    return folder / "shards"
+
+
+def _quiet_handler():
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # one line per request would drown the table
+            pass
+
+    return Quiet
+
+
+class _HTTP:
+    """A ``http.server`` on 127.0.0.1 serving ``folder``, in a thread, for the benchmark's life."""
+
+    def __init__(self, folder: Path):
+        import functools
+        import http.server
+        import threading
+
+        handler = functools.partial(_quiet_handler(), directory=str(folder))
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
+
+    def close(self):
+        self.srv.shutdown()
+        self.srv.server_close()
 
 
 def _video_of(batch):
@@ -157,19 +235,52 @@ def measure(pipeline: str, decoder: str, num_sample: int, workers: int, paths: l
     seen: dict[int, list[tuple[float, int]]] = {}
     t_start, counted, wall_clips = None, 0, 0
     t0 = time.perf_counter()
-    for b, (out, n, wid, cpu) in enumerate(loader):
+    for b, (out, n, wid, cpu, nbytes) in enumerate(loader):
         assert _video_of(out).dtype == (torch.float32 if pipeline == "official" else torch.uint8)
-        seen.setdefault(wid, []).append((cpu, n))
+        seen.setdefault(wid, []).append((cpu, n, nbytes))
         if t_start is None and len(seen) == workers:
             t_start = time.perf_counter()  # every worker has delivered its first batch
         elif t_start is not None:
             wall_clips += n
         counted += 1
+    return _row(pipeline, decoder, num_sample, workers, batch, seen, t0, t_start, wall_clips, counted, "files")
+
+
+def measure_shards(source: str, spec: str, decoder: str, num_sample: int, workers: int, clips: int, batch: int,
+                   frames: int, rate: int, size: int, seed: int = 0) -> dict:
+    """``ours`` from shards (``source``: "shards" local, "http"), one rank, ``workers`` workers."""
+    from train.data import Collate, VideoDataset
+    from train.shard_data import ShardStream, make_loader
+    from vmae_fast.video.shards import resolve
+
+    ds = VideoDataset([], "pretrain", frames, rate, size, num_sample=num_sample, seed=seed, decoder=decoder)
+    stream = ShardStream(resolve(spec), ds, world=1, rank=0, workers=workers, seed=seed, buffer=4)
+    fn = _ShardCollate(Collate(pin_memory=False), lambda b: b["video"].shape[0], source)
+    n_batches = math.ceil(clips / (batch * num_sample)) + workers
+    seen: dict[int, list[tuple[float, int, int | None]]] = {}
+    t_start, counted, wall_clips = None, 0, 0
+    t0 = time.perf_counter()
+    for out in make_loader(stream, batch, fn, workers, False, seed):
+        n, wid, cpu, nbytes = out["_timing"]
+        seen.setdefault(wid, []).append((cpu, n, nbytes))
+        if t_start is None and len(seen) == workers:
+            t_start = time.perf_counter()
+        elif t_start is not None:
+            wall_clips += n
+        counted += 1
+        if counted == n_batches:
+            break
+    return _row("ours", decoder, num_sample, workers, batch, seen, t0, t_start, wall_clips, counted, source)
+
+
+def _row(pipeline, decoder, num_sample, workers, batch, seen, t0, t_start, wall_clips, counted, source) -> dict:
     t_end = time.perf_counter()
     cpu_s = sum(r[-1][0] - r[0][0] for r in seen.values())
-    cpu_clips = sum(n for r in seen.values() for _, n in r[1:])
+    cpu_clips = sum(n for r in seen.values() for _, n, _ in r[1:])
+    read = None if any(r[0][2] is None for r in seen.values()) else sum(r[-1][2] - r[0][2] for r in seen.values())
     wall_s = t_end - (t_start or t0)
-    return {"pipeline": pipeline, "decoder": decoder, "num_sample": num_sample, "workers": workers,
+    return {"pipeline": pipeline, "source": source, "decoder": decoder, "num_sample": num_sample,
+            "workers": workers, "bytes_per_clip": read / cpu_clips if read is not None and cpu_clips else None,
             "batch": batch, "clips": cpu_clips, "cpu_s": cpu_s,
             "clips_per_cpu_s": cpu_clips / cpu_s if cpu_s > 0 else None,
             "wall_s": wall_s, "wall_clips": wall_clips,
@@ -187,18 +298,20 @@ def _baseline(r: dict, rows: list[dict]) -> dict | None:
     our fine-tuning without augmentation for fine-tuning rows (same num_sample and workers)."""
     want = ("ours-finetune", None) if r["pipeline"] in FINETUNE_PIPELINES else ("official", "decord")
     return next((b for b in rows if b["pipeline"] == want[0] and (want[1] is None or b["decoder"] == want[1])
+                 and b.get("source", "files") == "files"
                  and (b["num_sample"], b["workers"]) == (r["num_sample"], r["workers"])), None)
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| pipeline | decoder | num_sample | workers | clips / CPU-s | x baseline | wall clips/s | x baseline |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| pipeline | source | decoder | num_sample | workers | clips / CPU-s | x baseline | wall clips/s | "
+             "x baseline | kB read / clip |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = _baseline(r, rows)
         rel = lambda k: _fmt(r[k] / b[k]) + "x" if b and r.get(k) and b.get(k) else "n/a"  # noqa: E731
-        lines.append(f"| {r['pipeline']} | {r['decoder']} | {r['num_sample']} | {r['workers']} | "
-                     f"{_fmt(r['clips_per_cpu_s'])} | {rel('clips_per_cpu_s')} | {_fmt(r['wall_clips_per_s'])} | "
-                     f"{rel('wall_clips_per_s')} |")
+        kb = None if r.get("bytes_per_clip") is None else r["bytes_per_clip"] / 1e3
+        lines.append(f"| {r['pipeline']} | {r.get('source', 'files')} | {r['decoder']} | {r['num_sample']} | "
+                     f"{r['workers']} | {_fmt(r['clips_per_cpu_s'])} | {rel('clips_per_cpu_s')} | "
+                     f"{_fmt(r['wall_clips_per_s'])} | {rel('wall_clips_per_s')} | {_fmt(kb, 0)} |")
     lines.append("\nbaseline: official (decord) for the pretraining rows; ours-finetune (no RandAugment, no "
                  "erasing) for ours-finetune+aug")
     return "\n".join(lines)
@@ -208,7 +321,7 @@ def goals(rows: list[dict], auto: str) -> list[dict]:
     out = []
     for ns, target in GOALS.items():
         ours = next((r for r in rows if r["pipeline"] == "ours" and r["decoder"] == auto and r["num_sample"] == ns
-                     and r["workers"] == 1), None)
+                     and r["workers"] == 1 and r.get("source", "files") == "files"), None)
         off = next((r for r in rows if r["pipeline"] == "official" and r["decoder"] == "decord"
                     and r["num_sample"] == ns and r["workers"] == 1), None)
         if ours is None or off is None:
@@ -217,6 +330,12 @@ def goals(rows: list[dict], auto: str) -> list[dict]:
         out.append({"num_sample": ns, "target": target, "ratio": ratio, "met": ratio >= target,
                     "ours": ours["clips_per_cpu_s"], "official": off["clips_per_cpu_s"], "decoder": auto})
     return out
+
+
+def _say(r: dict) -> None:
+    print(f"  {r['pipeline']:8s} {r['source']:6s} {r['decoder']:10s} ns={r['num_sample']} workers={r['workers']}: "
+          f"{_fmt(r['clips_per_cpu_s'])} clips/CPU-s, {_fmt(r['wall_clips_per_s'])} wall clips/s", file=sys.stderr,
+          flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -232,6 +351,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--finetune", action="store_true",
                     help="also measure our fine-tuning pipeline, without and with the official RandAugment "
                          "(rand-m7-n4-mstd0.5-inc1) and random-erasing boxes, with the auto decoder")
+    ap.add_argument("--sources", default="files",
+                    help="comma list of files, shards (local WebDataset shards of the same files), http (those "
+                         "shards from a local http.server); shards and http rows: ours, auto decoder")
     ap.add_argument("--num-sample", default="1,4")
     ap.add_argument("--workers", default=None, help="comma list (default 1..cores)")
     ap.add_argument("--clips", type=int, default=48, help="clips measured per row (default 48)")
@@ -257,14 +379,39 @@ def main(argv: list[str] | None = None) -> dict:
     plan = [("official", d) for d in off_dec] + [("ours", d) for d in ours_dec]
     if ns.finetune:
         plan += [(p, auto) for p in FINETUNE_PIPELINES]
+    sources = [x for x in ns.sources.split(",") if x]
+    bad = [x for x in sources if x not in ("files", "shards", "http")]
+    if bad:
+        raise SystemExit(f"--sources: {bad[0]} is not one of files, shards, http")
+    if "files" not in sources:
+        plan = []
+    tmp = server = None
+    specs = {}
+    if set(sources) & {"shards", "http"}:
+        tmp = tempfile.TemporaryDirectory(prefix="vmae_fast_loader_shards_")
+        folder = write_bench_shards(paths, Path(tmp.name))
+        specs["shards"] = str(folder)
+        if "http" in sources:
+            server = _HTTP(folder)
+            n = len(list(folder.glob("shard-*.tar")))
+            specs["http"] = f"{server.url}/shard-{{000000..{n - 1:06d}}}.tar"
     rows = []
-    for w in workers:
-        for s in samples:
-            for pipeline, dec in plan:
-                r = measure(pipeline, dec, s, w, paths, ns.clips, ns.batch, ns.frames, ns.rate, ns.size)
-                rows.append(r)
-                print(f"  {pipeline:8s} {dec:10s} ns={s} workers={w}: {_fmt(r['clips_per_cpu_s'])} clips/CPU-s, "
-                      f"{_fmt(r['wall_clips_per_s'])} wall clips/s", file=sys.stderr, flush=True)
+    try:
+        for w in workers:
+            for s in samples:
+                for pipeline, dec in plan:
+                    r = measure(pipeline, dec, s, w, paths, ns.clips, ns.batch, ns.frames, ns.rate, ns.size)
+                    rows.append(r)
+                    _say(r)
+                for src in [x for x in sources if x != "files"]:
+                    r = measure_shards(src, specs[src], auto, s, w, ns.clips, ns.batch, ns.frames, ns.rate, ns.size)
+                    rows.append(r)
+                    _say(r)
+    finally:
+        if server is not None:
+            server.close()
+        if tmp is not None:
+            tmp.cleanup()
     info = devmod.device_info(torch.device("cpu"))
     versions = {m: devmod.module_version(m) for m in ("av", "decord", "torchcodec", "PIL")}
     try:
@@ -287,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**result_header("loader", argv, device=info), "versions": versions, "auto_decoder": auto,
               "unavailable": {d: decode.why_unavailable(d) for d in decode.DECODERS if d not in avail},
               "config": {"frames": ns.frames, "rate": ns.rate, "size": ns.size, "batch": ns.batch,
-                         "clips": ns.clips, "workers": workers, "num_sample": samples},
+                         "clips": ns.clips, "workers": workers, "num_sample": samples, "sources": sources},
               "files": files, "rows": rows, "goals": g}
     save_result(result, ns, "loader")
     return result

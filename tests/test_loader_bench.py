@@ -53,8 +53,28 @@ def test_bench_loader_writes_rows_goals_and_a_table(tmp_path, capsys):
     if official == "decord" and saved["auto_decoder"] == ours:
         assert [g["num_sample"] for g in saved["goals"]] == [1]  # (no goal is set for num_sample 2)
     out = capsys.readouterr().out
-    assert "| pipeline | decoder | num_sample | workers | clips / CPU-s |" in out
-    assert out.count("\n| ours | pyav |") == 2
+    assert "| pipeline | source | decoder | num_sample | workers | clips / CPU-s |" in out
+    assert out.count("\n| ours | files | pyav |") == 2
+
+
+def test_bench_loader_sources_read_each_shard_once_per_clip(tmp_path, capsys):
+    pytest.importorskip("webdataset", reason="the shards extra")
+    video = DATA / "carphone_distorted.mp4"
+    res = loader.main(["--videos", str(video), "--decoders", "pyav", "--official-decoders", "pyav",
+                       "--sources", "files,shards,http", "--num-sample", "1", "--workers", "1", "--clips", "2",
+                       "--batch", "1", "--frames", "4", "--size", "32", "--out", str(tmp_path), "--name", "t"])
+    rows = {(r["pipeline"], r["source"]): r for r in res["rows"]}
+    assert set(rows) == {("official", "files"), ("ours", "files"), ("ours", "shards"), ("ours", "http")}
+    # one sample a shard: each clip after the first batch reads that shard once, whole (a 10240-byte
+    # tar: 512-byte headers and the 7019-byte video padded, in one tar record); the files row reads
+    # the file at least once a clip
+    shard = loader.write_bench_shards([video], tmp_path / "again") / "shard-000000.tar"
+    for src in ("shards", "http"):
+        r = rows[("ours", src)]
+        assert r["clips"] >= 2 and r["clips_per_cpu_s"] > 0
+        assert r["bytes_per_clip"] == shard.stat().st_size == 10240, src
+    assert rows[("ours", "files")]["bytes_per_clip"] >= video.stat().st_size
+    assert "| ours | http | pyav | 1 | 1 |" in capsys.readouterr().out
 
 
 def test_bench_loader_finetune_rows_price_the_augmentation(tmp_path, capsys):

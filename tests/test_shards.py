@@ -147,8 +147,11 @@ def test_spec_forms_folder_brace_file_url_and_http(real):
     brace = fmt.resolve(f"{out}/shard-{{000000..000002}}.tar")
     assert brace.urls == tuple(f"{out}/{n}" for n in names) and brace.counts == (1, 1, 1)
     assert fmt.resolve(f"file://{out}/shard-{{000001..000002}}.tar").counts == (1, 1)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))
-    handler.log_message = lambda *a: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(out))
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as srv:
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         try:

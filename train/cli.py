@@ -61,6 +61,29 @@ def make_parser(kind: str, doc: str) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def shards_or_usage(spec: str):
+    """``vmae_fast.video.shards.resolve``: a missing shard or manifest as one usage line."""
+    try:
+        from vmae_fast.video.shards import ShardError, resolve
+    except ImportError as exc:
+        raise UsageError(f"--shards needs the webdataset package ({exc}): pip install 'vmae-fast[shards]'") from None
+    try:
+        return resolve(spec)
+    except ShardError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def training_data(args, dataset):
+    """What the loop reads: the list's ``dataset``, or, with ``--shards``, the shards loaded with
+    ``dataset``'s options (``train/data_source.py``)."""
+    from .data_source import ListSource, ShardSource
+
+    log_dir = args.output_dir if args.log_samples else None
+    if args.shards:
+        return ShardSource(shards_or_usage(args.shards), dataset, args.seed, args.shuffle_buffer, log_dir)
+    return ListSource(dataset, args.seed, log_dir)
+
+
 def read_list_or_usage(path: str, data_root: str, kind: str) -> list:
     """``vmae_fast.video.read_list``, its errors (a bad line, a missing file) as one usage line."""
     try:
@@ -99,6 +122,14 @@ def add_common_args(ap: argparse.ArgumentParser, kind: str) -> None:
     R = "(default: official recipe of --model)"
     a = ap.add_argument
     a("--data-root", default="", help="folder the lists' paths are relative to")
+    a("--shards", default=None, metavar="SPEC",
+      help="train from WebDataset shards written by vmae-shards instead of a list: a folder, a brace pattern "
+           "(/data/shard-{000000..000127}.tar), file://, http(s):// or pipe: URLs (object stores); "
+           "every epoch visits every sample once across ranks (README 'Shards')")
+    a("--shuffle-buffer", type=int, default=64,
+      help="--shards: samples a loader worker holds to shuffle (memory: this x a video's bytes per worker)")
+    a("--log-samples", action="store_true",
+      help="every rank appends {step, epoch, keys} lines to OUT/samples-rank<r>.jsonl (keys: list line numbers)")
     a("--model", default=recipe.B, choices=sorted(vmae_fast.ARCHS), help="arch (docs/semantics.md §6)")
     a("--model-overrides", default="", help="VideoMAEConfig fields, e.g. 'depth=2,embed_dim=64'")
     a("--num-frames", type=int, default=None, help=R)
@@ -211,7 +242,7 @@ def check_model_config(args, **options) -> vmae_fast.VideoMAEConfig:
 def check_common(args) -> None:
     """What both loops check before creating anything, besides ``RunConfig``'s own checks (the
     model's own checks are separate)."""
-    check_positive(args, ("num_frames", "sampling_rate", "img_size"))
+    check_positive(args, ("num_frames", "sampling_rate", "img_size", "shuffle_buffer"))
     cfg = args.run
     if cfg.tensorboard and not tensorboard_available():
         raise UsageError("--tensorboard: the tensorboard package is not installed (it comes with the train "

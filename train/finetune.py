@@ -30,7 +30,7 @@ from . import loop
 from .recipe import official
 from .augment import ERASE_MODES, INTERPOLATIONS, EraseSpec, erase_, parse_rand_augment
 from .cli import (UsageError, check_common, check_file, check_model_config, make_parser, model_options, parse,
-                  read_list_or_usage, run_command)
+                  read_list_or_usage, run_command, training_data)
 from .data import VideoDataset, collate
 from .optim import autocast, resolve_precision
 
@@ -95,8 +95,9 @@ def validate(args) -> vmae_fast.VideoMAEConfig:
             raise UsageError("--eval needs --val-list")
         if not (args.resume or args.finetune):
             raise UsageError("--eval needs the weights to evaluate: --resume CHECKPOINT or --finetune FILE")
-    elif not args.train_list:
-        raise UsageError("--train-list is required (or --eval to evaluate only)")
+    elif bool(args.train_list) == bool(args.shards):
+        raise UsageError("give the training data as --train-list LIST or --shards SPEC, one of them "
+                         "(or --eval to evaluate only)")
     for flag, path in (("--train-list", args.train_list), ("--val-list", args.val_list),
                        ("--finetune", args.finetune)):
         check_file(flag, path)
@@ -278,7 +279,7 @@ def build(args, d: dist_.Dist) -> loop.Task:
     if args.eval:
         return loop.Task(name="finetune", model=model, model_config=config, loss=None, dataset=None,
                          evaluate=evaluate, state=EmaState(ema) if ema is not None else None)
-    entries = read_list_or_usage(args.train_list, args.data_root, "finetune")
+    entries = read_list_or_usage(args.train_list, args.data_root, "finetune") if args.train_list else []
     dataset = VideoDataset(entries, "finetune", args.num_frames, args.sampling_rate, args.img_size,
                            num_sample=args.num_sample, seed=args.seed, min_scale=args.min_scale,
                            decoder=args.decoder, auto_augment=args.aa, train_interpolation=args.train_interpolation,
@@ -295,7 +296,7 @@ def build(args, d: dist_.Dist) -> loop.Task:
         return F.cross_entropy(model(video).float(), label, label_smoothing=0.0 if mixup is not None else args.smoothing)
 
     return loop.Task(
-        name="finetune", model=model, model_config=config, loss=loss, dataset=dataset,
+        name="finetune", model=model, model_config=config, loss=loss, dataset=training_data(args, dataset),
         flops_per_clip=3 * 2 * (encoder_macs(cfg) + cfg.embed_dim * args.num_classes),
         layer_decay=args.layer_decay, evaluate=evaluate, eval_every=args.eval_every,
         after_step=(lambda m, step: ema.update(dist_.unwrap(m), step=step)) if ema is not None else None,

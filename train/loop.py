@@ -37,17 +37,17 @@ from . import distributed as dist_
 from .checkpointing import (CHECKPOINT, CONFIG_FREE, DCP_LATEST, Checkpointer, config_diff, export_official,
                             plan_changes, resolve_resume, weights_finite)
 from .config import RunConfig
-from .data import StepSampler, collate
+from .data_source import source_of
 from .errors import CheckpointWriteFailed, NonFiniteLoss, StoppedBySignal
 from .metrics import METRICS, Logger, peak_flops, throughput, truncate_metrics
 from .optim import autocast, make_optimizer, make_plan, make_scaler, optimizer_step, resolve_precision, set_lr
-from .signals import StopRequests, ignore_in_worker
+from .signals import StopRequests
 from .state import BestEval, DataPosition, LossWatch, RngState, SkipCount, Stateful, upgrade_legacy
 
 CHECKPOINT_FORMAT = 2  # 1 (no "format" key): one top-level key per piece, read by state.upgrade_legacy
 
 __all__ = ["Task", "Trainer", "LossWatch", "NonFiniteLoss", "StoppedBySignal", "CheckpointWriteFailed",
-           "steps_per_epoch"]
+           ]
 
 
 @dataclass
@@ -69,28 +69,6 @@ class Task:
     summary: str = ""                            # appended to the start line
 
 
-def _loader(dataset, cfg: RunConfig, d: dist_.Dist, start: int, total: int):
-    """``(sampler, loader)`` yielding this rank's micro-batches from optimizer step ``start``. The
-    loader has its own generator: making an iterator draws worker seeds from it, and drawing them
-    from the global stream would shift drop path after a resume."""
-    sampler = StepSampler(len(dataset), cfg.batch_size, cfg.accum_steps, d.world, d.rank, cfg.seed, start, total)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.num_workers, collate_fn=collate,
-                                         pin_memory=d.device.type == "cuda",
-                                         prefetch_factor=4 if cfg.num_workers else None,
-                                         worker_init_fn=ignore_in_worker if cfg.num_workers else None,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
-    return sampler, loader
-
-
-def steps_per_epoch(n_videos: int, cfg, d: dist_.Dist) -> int:
-    try:
-        probe = StepSampler(n_videos, cfg.batch_size, cfg.accum_steps, d.world, d.rank, cfg.seed, 0, 1)
-        return probe.steps_per_epoch
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 class Trainer:
     """One training (or evaluation) run: built from the task and the config, ``run()`` does it.
 
@@ -102,8 +80,15 @@ class Trainer:
         self.prog = f"vmae-{task.name}"
         self.precision = resolve_precision(cfg.precision, d.device)
         self.plan = None
+        # where the batches come from (a list or shards, train/data_source.py); its position is
+        # the state's "data" piece
+        self.source = None if cfg.eval_only else source_of(task.dataset, cfg.seed)
         if not cfg.eval_only:
-            self.plan = make_plan(cfg, d.world, steps_per_epoch(len(task.dataset), cfg, d))
+            try:
+                per_epoch = self.source.steps_per_epoch(cfg, d)
+            except ValueError as exc:  # fewer videos than one step needs
+                raise UsageError(str(exc)) from None
+            self.plan = make_plan(cfg, d.world, per_epoch)
         self.plan_now = None if self.plan is None else dict(self.plan.to_dict(), world=d.world, seed=cfg.seed)
         self.model = dist_.wrap(task.model, d, bf16=self.precision == "bf16", compile=cfg.compile)
         self.opt = None if cfg.eval_only else make_optimizer(self.model, cfg, d.device, task.layer_decay,
@@ -111,7 +96,7 @@ class Trainer:
         self.scaler = make_scaler(self.precision, d.device)
         self.ck = Checkpointer(cfg.output_dir, d)
         self.step = 0  # optimizer steps done (the schedule's position)
-        self.data = DataPosition(cfg.seed)
+        self.data = self.source.position if self.source is not None else DataPosition(cfg.seed)
         self.watch = LossWatch(d, cfg.divergence_factor)
         self.skips = SkipCount(d)
         self.evals = BestEval()
@@ -259,9 +244,7 @@ class Trainer:
     def _train(self) -> dict:
         cfg, d, task, plan, log = self.cfg, self.d, self.task, self.plan, self.log
         start, total = self.step, plan.total_steps
-        sampler, loader = _loader(task.dataset, cfg, d, start, total)
-        self.data.sampler, self.data.step = sampler, start
-        batches = iter(loader)
+        batches = self.source.batches(cfg, d, start, total)
         n_params = sum(p.numel() for p in task.model.parameters())
         log.write(f"{task.name} {task.model_config.get('arch')}: {n_params / 1e6:.1f}M params, {len(task.dataset)} "
                   f"videos, {plan.clips_per_step} clips/step ({plan.videos_per_step} videos x {cfg.num_sample}), "
@@ -306,6 +289,7 @@ class Trainer:
             # The last checkpoint has no next step to vouch for it: its weights were checked finite
             # and the loss of the step that made them within the factor.
             self._commit(total)
+        self.source.close()
         skipped = self.skips.sync()
         export = export_official(self.model, d, Path(cfg.output_dir) / f"{task.name}_official.pth")
         log.write(f"done: {total} steps, {skipped} videos skipped; checkpoint {self.committed}; weights in {export}")
@@ -319,6 +303,7 @@ class Trainer:
         total = None
         for micro in range(accum):
             batch = next(batches)
+            self.source.took(batch, self.step)
             self.skips.add(batch["skipped"])
             # DDP: all-reduce the gradients once, on the last micro-batch. (FSDP reduce-scatters
             # every micro-batch: keeping unsharded gradients would undo its memory saving.)
@@ -387,7 +372,7 @@ class Trainer:
                                   self.task.flops_per_clip, self.peak, self.d.world)
         self.t0, self.t_out, self.n_win = now, 0.0, 0
         row = {"loss": sum(window) / len(window), "lr": lr, "clips_per_s": clips_s, "mfu": mfu,
-               "skipped_videos": skipped, "epoch": self.data.sampler.position(done - 1)[0]}
+               "skipped_videos": skipped, "epoch": self.source.epoch(done)}
         norms = self.watch.take_norms()
         if norms is not None:
             row["grad_norm"] = norms.mean().item()

@@ -22,14 +22,14 @@ from . import distributed as dist_
 from . import loop
 from .recipe import official
 from .cli import (UsageError, check_common, check_file, check_model_config, make_parser, model_options, parse,
-                  read_list_or_usage, run_command)
+                  read_list_or_usage, run_command, training_data)
 from .data import VideoDataset
 
 
 def parse_args(argv=None):
     ap = make_parser("pretrain", __doc__)
     a = ap.add_argument
-    a("--data-list", required=True, help="lines 'path start_idx total_frames [label]'")
+    a("--data-list", default=None, help="lines 'path start_idx total_frames [label]' (or --shards)")
     a("--encoder-ratio", type=float, default=None, help=f"encoder mask ratio {official('pretrain', 'encoder_ratio')}")
     a("--decoder-ratio", type=float, default=None,
       help="running-cell decoder mask ratio: 0.25, 0.5 (official) or 0.75; 0 = encoder-only masking")
@@ -46,6 +46,8 @@ def _model_options(args) -> dict:
 def validate(args) -> vmae_fast.VideoMAEConfig:
     """Every check that needs no device and no data: bad sizes and ratios fail here."""
     check_common(args)
+    if bool(args.data_list) == bool(args.shards):
+        raise UsageError("give the training data as --data-list LIST or --shards SPEC (one of them)")
     check_file("--data-list", args.data_list)
     cfg = check_model_config(args, **_model_options(args))
     try:
@@ -69,7 +71,7 @@ def build(args, d: dist_.Dist) -> loop.Task:
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     cfg = model.cfg
-    entries = read_list_or_usage(args.data_list, args.data_root, "pretrain")
+    entries = read_list_or_usage(args.data_list, args.data_root, "pretrain") if args.data_list else []
     dataset = VideoDataset(entries, "pretrain", args.num_frames, args.sampling_rate, args.img_size,
                            num_sample=args.num_sample, seed=args.seed, decoder=args.decoder)
     mask_gen = torch.Generator(device=d.device).manual_seed(args.seed)
@@ -86,7 +88,8 @@ def build(args, d: dist_.Dist) -> loop.Task:
         return model(video, masks).loss
 
     macs = count_macs(cfg, args.encoder_ratio, args.decoder_ratio, "vmae_fast", args.encoder_mask_type)["total"]
-    return loop.Task(name="pretrain", model=model, model_config=cfg.to_dict(), loss=loss, dataset=dataset,
+    return loop.Task(name="pretrain", model=model, model_config=cfg.to_dict(), loss=loss,
+                     dataset=training_data(args, dataset),
                      flops_per_clip=3 * 2 * macs,  # forward + backward (2x) MACs, 2 FLOPs per MAC
                      generators={"mask": mask_gen},
                      summary=f", masks {args.encoder_mask_type} {args.encoder_ratio} / running cell "

@@ -171,18 +171,32 @@ def resume_start(states: list[dict] | None, rank: int, world: int, workers: int,
 def make_loader(stream: ShardStream, batch_size: int, collate: Collate, num_workers: int, pin: bool,
                 seed: int) -> torch.utils.data.DataLoader:
     """Batches of ``stream``, in the workers (``batch_size=None``: the loader passes them as made)."""
+    from .signals import ignore_in_worker
+
     return torch.utils.data.DataLoader(SkipAware(stream, batch_size, collate), batch_size=None,
                                        num_workers=num_workers, pin_memory=pin,
                                        prefetch_factor=4 if num_workers else None,
+                                       worker_init_fn=ignore_in_worker if num_workers else None,
                                        generator=torch.Generator().manual_seed(seed))
 
 
 class SampleLog:
-    """``--log-samples``: ``{"step", "epoch", "keys"}`` lines to ``samples-rank{r}.jsonl``."""
+    """``--log-samples``: ``{"step", "epoch", "keys"}`` lines to ``samples-rank{r}.jsonl``, one per
+    micro-batch taken (``step`` counts optimizer steps from 1, as ``metrics.jsonl``). Lines of
+    steps after ``keep_until`` (a resume redoes them) are dropped first."""
 
-    def __init__(self, folder: str | os.PathLike, rank: int):
+    def __init__(self, folder: str | os.PathLike, rank: int, keep_until: int = 0):
+        from vmae_fast.checkpoint import write_atomic
+
         os.makedirs(folder, exist_ok=True)
-        self.f = open(os.path.join(folder, f"samples-rank{rank}.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(folder, f"samples-rank{rank}.jsonl")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+            kept = [ln for ln in lines if _step_of(ln) is not None and _step_of(ln) <= keep_until]
+            if len(kept) != len(lines):
+                write_atomic(path, "".join(k + "\n" for k in kept))
+        self.f = open(path, "a", encoding="utf-8")
 
     def write(self, step: int, epoch: int, keys: list[str]) -> None:
         self.f.write(json.dumps({"step": step, "epoch": epoch, "keys": keys}) + "\n")
@@ -190,3 +204,10 @@ class SampleLog:
 
     def close(self) -> None:
         self.f.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+        return None
