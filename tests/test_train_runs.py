@@ -307,3 +307,95 @@ def test_finetune_signal_resume_keeps_ema_and_best(data, tmp_path):
     evals = lambda out: [(r["step"], r["acc1"]) for r in read_metrics(out) if "acc1" in r]  # noqa: E731
     assert evals(a) == evals(b) and [s for s, _ in evals(b)] == [2, 4, 6]
     assert not math.isnan(evals(b)[-1][1])
+
+
+# ----------------------------------------------------------------------------- torchrun
+def torchrun(data, out, *extra, restarts=0, steps=12):
+    """A world-2 gloo run of pretraining (a tiny model, a row every step), started in its own
+    process group."""
+    argv = args(data, out, "--steps", str(steps), "--batch-size", "1", "--log-every", "1", *extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", str(restarts), "-m", "train.pretrain", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc, timeout=240) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{out[-6000:]}")
+    return proc.returncode, out
+
+
+def worker(proc, rank: int) -> int:
+    """The pid of torchrun's worker of global rank ``rank`` (its child with that RANK)."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (p / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == proc.pid and f"RANK={rank}".encode() in env:
+            return int(p.name)
+    raise AssertionError(f"no worker of rank {rank} under torchrun {proc.pid}")
+
+
+def when_logged(proc, out: Path, step: int, timeout=180) -> None:
+    """Wait until rank 0 logged the row of ``step``."""
+    deadline = time.monotonic() + timeout
+    while not ((out / "metrics.jsonl").is_file()
+               and any(r.get("step", 0) >= step and "loss" in r for r in read_metrics(out))):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the run ended or stalled before step {step}:\n{finish(proc)[1][-6000:]}")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_torchrun_one_ranks_signal_stops_every_rank_and_the_resume_is_bit_exact(data, tmp_path, engine):
+    full, out = tmp_path / "full", tmp_path / "run"
+    ref = torchrun(data, full, "--dist", engine)
+    proc = torchrun(data, out, "--dist", engine)
+    when_logged(proc, out, 2)
+    os.kill(worker(proc, 1), signal.SIGTERM)  # rank 1 only: rank 0 learns it at the step boundary
+    rc, log = finish(proc)
+    assert rc != 0 and log.count("vmae-pretrain[rank 0]: stopped: SIGTERM at step ") == 1 and "[rank 1]: stopped" not in log, log[-6000:]
+    stop = int(log.split("stopped: SIGTERM at step ")[1].split(":")[0])
+    assert 2 <= stop < 12, log[-6000:]
+    assert [r for r in read_metrics(out) if r.get("event") == "stopped"][0]["step"] == stop
+    rc, log = finish(torchrun(data, out, "--dist", engine, "--resume", "auto"))
+    assert rc == 0, log[-6000:]
+    rc, log = finish(ref)
+    assert rc == 0, log[-6000:]
+    assert rows(out) == rows(full) and [r["step"] for r in rows(out)] == list(range(1, 13))
+    wa, wb = (torch.load(p / "pretrain_official.pth", weights_only=True)["model"] for p in (full, out))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    if engine == "ddp":  # the optimizer state too (FSDP: sharded folders, the weights above are gathered)
+        ca, cb = (torch.load(p / CHECKPOINT, weights_only=True)["optimizer"]["state"] for p in (full, out))
+        assert all(torch.equal(ca[i][k], cb[i][k]) for i in ca for k in ca[i])
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_group_whose_rank_was_killed_and_resumes_by_itself(data, tmp_path):
+    full, out = tmp_path / "full", tmp_path / "run"
+    ref = torchrun(data, full, "--save-every", "3")
+    proc = torchrun(data, out, "--save-every", "3", restarts=1)
+    when_logged(proc, out, 4)  # the checkpoint of step 3 is committed once step 4's loss vouched for it
+    os.kill(worker(proc, 1), signal.SIGKILL)
+    rc, log = finish(proc)
+    assert rc == 0, "\n".join(ln for ln in log.splitlines() if "vmae-pretrain[" in ln or "Error" in ln)
+    resumed = [r for r in read_metrics(out) if r.get("event") == "resume"]
+    assert len(resumed) == 1 and resumed[0]["step"] % 3 == 0 and resumed[0]["step"] >= 3, log[-6000:]
+    rc, log = finish(ref)
+    assert rc == 0, log[-6000:]
+    assert rows(out) == rows(full) and [r["step"] for r in rows(out)] == list(range(1, 13))
+    wa, wb = (torch.load(p / "pretrain_official.pth", weights_only=True)["model"] for p in (full, out))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ca, cb = (torch.load(p / CHECKPOINT, weights_only=True)["optimizer"]["state"] for p in (full, out))
+    assert all(torch.equal(ca[i][k], cb[i][k]) for i in ca for k in ca[i])

@@ -43,7 +43,13 @@ def setup(args) -> Dist:
     device = select_device(args.device, local, world)  # a CUDA device also becomes the current one
     if world > 1 and not dist.is_initialized():
         backend = args.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend, **({"device_id": device} if device.type == "cuda" else {}))
+        # Each torchrun restart of the group keys its store entries apart: the agent's store
+        # outlives a restart, and a restarted rank that read the address a dead one had left
+        # there failed gloo's connect ("Connection refused"; 2 runs in 3 of the restart test).
+        store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"vmae_fast/restart{envs.TORCHELASTIC_RESTART_COUNT}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                **({"device_id": device} if device.type == "cuda" else {}))
     return Dist(rank, world, local, device, fsdp=world > 1 and args.dist == "fsdp")
 
 
