@@ -8,9 +8,6 @@ import torch
 
 import vmae_fast
 
-# fp32 tolerance table (relative to the reference's magnitude): forward values, gradients.
-TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-10, 1e-9), torch.bfloat16: (2e-2, 5e-2)}
-
 # "odd" small config: dims not powers of two, 3 heads, non-square-ish token counts.
 ODD = dict(embed_dim=72, depth=2, num_heads=3, decoder_embed_dim=48, decoder_num_heads=2, decoder_depth=2,
            patch_size=8, num_frames=6, img_size=48)

@@ -7,10 +7,6 @@ import torch
 from vmae_fast.ops import _dispatch
 
 
-# Per-dtype tolerances of a kernel against the fp32/fp64 reference: (atol, rtol).
-TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
-
-
 INTERPRET_SKIP = ("Triton kernels on CPU need TRITON_INTERPRET=1 set before Triton is imported; "
                   "`make test` runs these tests in their own process (pytest -m interpret)")
 

@@ -9,7 +9,8 @@ import torch
 import vmae_fast
 from vmae_fast import DualMask
 
-from conftest import TOL, rel_err, small_pretrain
+from conftest import rel_err, small_pretrain
+from tolerances import MODEL_TOL
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +97,8 @@ def test_uint8_clip_into_bf16_pretrain_model():
     got = bf16(clip, masks)
     assert got.pred.dtype == torch.bfloat16 and got.loss.dtype == torch.float32
     assert torch.isfinite(got.loss)
-    assert rel_err(got.pred, want.pred) < TOL[torch.bfloat16][0], rel_err(got.pred, want.pred)
-    assert rel_err(got.loss, want.loss) < TOL[torch.bfloat16][0], (got.loss.item(), want.loss.item())
+    assert rel_err(got.pred, want.pred) < MODEL_TOL[torch.bfloat16][0], rel_err(got.pred, want.pred)
+    assert rel_err(got.loss, want.loss) < MODEL_TOL[torch.bfloat16][0], (got.loss.item(), want.loss.item())
 
 
 def test_pretraining_needs_rgb():

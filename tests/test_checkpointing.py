@@ -176,9 +176,16 @@ def test_saved_casts_refuse_a_weight_changed_before_backward():
     model, masks, _ = _model_and_fwd(0.0)
     video = torch.randn(2, 3, 6, 48, 48)
     w = model.encoder.blocks[0].mlp.fc2.weight
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(video, masks).loss
+
     for on in (False, True):
-        with saved_casts_enabled(on), torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(video, masks).loss
+        with saved_casts_enabled(on):
+            forward().backward()  # the gradient of these weights, nothing edited
+            want = {n: p.grad.clone() for n, p in model.named_parameters()}
+            model.zero_grad(set_to_none=True)
+            loss = forward()
         with torch.no_grad():
             w.add_(1.0)
         if on:
@@ -186,6 +193,8 @@ def test_saved_casts_refuse_a_weight_changed_before_backward():
                 loss.backward()
         else:
             loss.backward()  # the copy autograd saved: the gradient of the forward that ran
+            for n, p in model.named_parameters():
+                assert torch.equal(p.grad, want[n]), n
         model.zero_grad(set_to_none=True)
 
 

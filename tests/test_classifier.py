@@ -10,7 +10,8 @@ import torch
 import vmae_fast
 from vmae_fast.reference import ReferenceClassifier
 
-from conftest import TOL, rel_err
+from conftest import rel_err
+from tolerances import MODEL_TOL
 
 KW = dict(embed_dim=72, depth=2, num_heads=3, patch_size=8, num_frames=6, img_size=48)
 
@@ -23,12 +24,12 @@ def test_classifier_matches_reference(ckpt):
     video = torch.randn(3, 3, 6, 48, 48)
     a, b = clf(video), ref(video)
     assert a.shape == (3, 5)
-    assert rel_err(a, b) < TOL[torch.float32][0]
+    assert rel_err(a, b) < MODEL_TOL[torch.float32][0]
     a.square().sum().backward()
     b.square().sum().backward()
     refp = dict(ref.named_parameters())
     for n, p in clf.named_parameters():
-        assert rel_err(p.grad, refp[n].grad) < TOL[torch.float32][1], n
+        assert rel_err(p.grad, refp[n].grad) < MODEL_TOL[torch.float32][1], n
 
 
 def test_head_init_scale_and_dropout():
@@ -52,7 +53,7 @@ def test_uint8_clip_into_bf16_classifier():
     bf16 = copy.deepcopy(clf).to(torch.bfloat16)
     got = bf16(clip)
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
-    assert rel_err(got, want) < TOL[torch.bfloat16][0], rel_err(got, want)
+    assert rel_err(got, want) < MODEL_TOL[torch.bfloat16][0], rel_err(got, want)
 
 
 def test_timm_registration():

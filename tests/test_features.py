@@ -70,8 +70,13 @@ def test_extract_features_windows_values_and_resume(tmp_path, capsys):
     assert feats.shape == (len(starts), 384) == (8, 384) and feats.dtype == np.float32
     # windows 0 and 7, computed directly: frames s..s+3, /255, resized to 32x32, ImageNet-normalized
     src = VideoSource(Entry(path=os.path.abspath(VIDEO)))
+    mean = torch.tensor(vmae_fast.IMAGENET_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(vmae_fast.IMAGENET_STD).view(3, 1, 1, 1)
     for k in (0, 7):
-        clip = E.preprocess(src.get(E.window_frames(starts[k], 120, 4)), 32).transpose(0, 1)[None]
+        assert E.window_frames(starts[k], 120, 4) == list(range(16 * k, 16 * k + 4))
+        frames = src.get(list(range(16 * k, 16 * k + 4))).permute(0, 3, 1, 2).float() / 255  # (T, 3, H, W)
+        x = torch.nn.functional.interpolate(frames, size=(32, 32), mode="bilinear", align_corners=False)
+        clip = ((x.transpose(0, 1) - mean) / std)[None]
         with torch.no_grad():
             assert rel_err(torch.from_numpy(feats[k]), model.forward_features(clip)[0]) < 1e-5
     # --input-norm none: the official extractor's unnormalized [0, 1] frames

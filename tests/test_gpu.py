@@ -10,7 +10,8 @@ import torch
 import vmae_fast
 from vmae_fast.reference import ReferencePretrain
 
-from conftest import TOL, full_fp32, on_devices, rel_err
+from conftest import full_fp32, on_devices, rel_err
+from tolerances import MODEL_TOL, eps
 
 # ViT-S, 4 blocks, 8x128: a 4x8x8 token grid (running-cell masking needs an even grid).
 FRAMES, SIZE, BATCH = 8, 128, 2
@@ -60,10 +61,12 @@ def test_bf16_autocast_close_to_fp32(device, backend):
         out16 = model(video, masks)
     assert out16.loss.dtype == torch.float32
     g16 = torch.autograd.grad(out16.loss, list(model.parameters()))
-    fwd_tol, grad_tol = TOL[torch.bfloat16]
-    assert rel_err(out16.loss, out32.loss) < fwd_tol
+    # Measured on CPU (sdpa, auto): loss 2-3e-5, gradients median 6e-3, worst 1.6e-2 (the q_bias
+    # of deep blocks), i.e. within 2 bf16 epsilons. The loss is a mean of many rows in fp32.
+    _, grad_tol = MODEL_TOL[torch.bfloat16]
+    assert rel_err(out16.loss, out32.loss) < eps(torch.bfloat16) / 8
     for (n, _), a, b in zip(model.named_parameters(), g16, g32):
-        assert rel_err(a, b) < grad_tol * 4, n  # bf16 grads through 8 blocks
+        assert rel_err(a, b) < grad_tol, n
 
 
 @on_devices

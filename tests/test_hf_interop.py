@@ -10,6 +10,7 @@ import vmae_fast
 from vmae_fast import hf as vhf
 
 from conftest import rel_err
+from tolerances import MODEL_TOL
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers, "
                                                           "in the test extra)")
@@ -18,7 +19,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 HF_KW = dict(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=48, num_hidden_layers=2,
              num_attention_heads=3, intermediate_size=192, decoder_hidden_size=32, decoder_num_attention_heads=2,
              decoder_num_hidden_layers=2, decoder_intermediate_size=128, qkv_bias=True)
-FWD_TOL = 1e-5
+FWD_TOL = MODEL_TOL[torch.float32][0]
 
 
 def _randomize(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:

@@ -9,9 +9,10 @@ import vmae_fast
 from vmae_fast.attention import why_not
 from vmae_fast.reference import ReferencePretrain
 
-from conftest import ODD, TOL, rel_err, small_pretrain
+from conftest import ODD, rel_err, small_pretrain
+from tolerances import MODEL_TOL
 
-LOSS_TOL, GRAD_TOL = TOL[torch.float32]
+LOSS_TOL, GRAD_TOL = MODEL_TOL[torch.float32]
 
 
 def _compare(model, masks, video, *, grad_tol=GRAD_TOL):
@@ -147,4 +148,4 @@ def test_bf16_autocast_keeps_official_dtypes_and_matches_reference():
         loss_ref, _ = ref(video, masks.encoder_masked, masks.decoder_masked)
     assert seen == {"enc": torch.bfloat16, "ref_enc": torch.bfloat16, "dec": torch.float32}
     assert out.loss.dtype == torch.float32
-    assert rel_err(out.loss, loss_ref) < TOL[torch.bfloat16][0]
+    assert rel_err(out.loss, loss_ref) < MODEL_TOL[torch.bfloat16][0]

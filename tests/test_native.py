@@ -16,6 +16,8 @@ import torch
 from vmae_fast import _native
 from vmae_fast.ops import cube_targets_ref, decoder_input_ref, gather_cubes_ref, masked_mse_loss_ref
 
+from tolerances import KERNEL_TOL
+
 
 def test_no_ext_env_falls_back_without_a_warning(monkeypatch):
     monkeypatch.setenv("VMAE_FAST_NO_EXT", "1")
@@ -171,9 +173,6 @@ def _decoder_case(B, N, n_vis, n_dec, D, dtype, seed=0):
     return z, pos, mask, vis, dec
 
 
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
-
-
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("B,N,n_vis,n_dec,D", [(1, 30, 7, 11, 72), (2, 45, 13, 40, 100), (3, 9, 0, 9, 72)])
@@ -187,8 +186,9 @@ def test_decoder_input_fwd_bwd_match_autograd(ops, dtype, B, N, n_vis, n_dec, D)
     g = torch.randn(ref.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
     ref.backward(g)
     gm, gp = ops.decoder_input_bwd_cpu(g, vis, dec, N, True)
-    torch.testing.assert_close(gm, mr.grad, **TOL[dtype])
-    torch.testing.assert_close(gp, pr.grad, **TOL[dtype])
+    atol, rtol = KERNEL_TOL[dtype]
+    torch.testing.assert_close(gm, mr.grad, atol=atol, rtol=rtol)
+    torch.testing.assert_close(gp, pr.grad, atol=atol, rtol=rtol)
     assert ops.decoder_input_bwd_cpu(g, vis, dec, N, False)[1].numel() == 0
 
 

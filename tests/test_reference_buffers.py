@@ -10,7 +10,8 @@ import vmae_fast
 from vmae_fast import reference
 from vmae_fast.reference import ReferenceClassifier, ReferencePretrain
 
-from conftest import TOL, rel_err, small_pretrain
+from conftest import rel_err, small_pretrain
+from tolerances import MODEL_TOL
 
 KW = dict(embed_dim=72, depth=1, num_heads=3, patch_size=8, num_frames=4, img_size=32)
 
@@ -36,7 +37,7 @@ def test_pretrain_reference_tables_move_with_the_module(learnable):
     assert ref.encoder.pos().dtype == ref.dec_pos().dtype == torch.float64
     loss_ref, _ = ref(video, masks.encoder_masked, masks.decoder_masked)
     loss = model.double()(video, masks).loss
-    assert rel_err(loss, loss_ref) < TOL[torch.float64][0]
+    assert rel_err(loss, loss_ref) < MODEL_TOL[torch.float64][0]
     ref.to("meta")
     assert ref.encoder.pos().device.type == ref.dec_pos().device.type == "meta"
 
@@ -49,6 +50,6 @@ def test_classifier_reference_tables_move_with_the_module():
     ref.double()
     assert ref.pos_embed_table.dtype == torch.float64
     video = torch.randn(2, 3, 4, 32, 32, dtype=torch.float64)
-    assert rel_err(clf.double()(video), ref(video)) < TOL[torch.float64][0]
+    assert rel_err(clf.double()(video), ref(video)) < MODEL_TOL[torch.float64][0]
     ref.to("meta")
     assert ref.pos_embed_table.device.type == "meta"

@@ -13,6 +13,27 @@ from vmae_fast.tools import visualize as V
 VIDEO = str(Path(__file__).resolve().parent / "data" / "carphone_distorted.mp4")
 
 
+def _pixels01(clip):
+    """The clip's pixels in [0, 1], by hand: /255, or the ImageNet normalization undone."""
+    if clip.dtype == torch.uint8:
+        return clip.float() / 255
+    return clip * torch.tensor(vmae_fast.IMAGENET_STD).view(1, 3, 1, 1, 1) \
+        + torch.tensor(vmae_fast.IMAGENET_MEAN).view(1, 3, 1, 1, 1)
+
+
+def _official_target(pix, decoder_idx, normalize, t=2, p=8):
+    """The official reconstruction target, written out (tubelet 2, patch 8): cubes in (t, h, w)
+    token order, pixels (t, h, w, c) inside a cube, each channel standardized over the cube
+    with the unbiased variance and eps 1e-6 added to the std; rows at ``decoder_idx``."""
+    B, C, T, H, W = pix.shape
+    cubes = pix.reshape(B, C, T // t, t, H // p, p, W // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
+    cubes = cubes.reshape(B, -1, t * p * p, C)
+    if normalize:
+        cubes = (cubes - cubes.mean(dim=2, keepdim=True)) / (cubes.std(dim=2, keepdim=True) + 1e-6)
+    rows = torch.stack([cubes[b, decoder_idx[b]] for b in range(B)])
+    return rows.reshape(B, decoder_idx.shape[1], -1)
+
+
 @pytest.mark.parametrize("normalize_target", [True, False])
 @pytest.mark.parametrize("clip_dtype", [torch.uint8, torch.float32])
 def test_perfect_prediction_reproduces_the_clip(normalize_target, clip_dtype):
@@ -22,9 +43,13 @@ def test_perfect_prediction_reproduces_the_clip(normalize_target, clip_dtype):
         clip = (clip.float() / 255 - torch.tensor(vmae_fast.IMAGENET_MEAN).view(1, 3, 1, 1, 1)) \
             / torch.tensor(vmae_fast.IMAGENET_STD).view(1, 3, 1, 1, 1)
     masks = vmae_fast.DualMask.sample(1, (2, 4, 6), 0.75, 0.0, generator=g)
-    pred = V.perfect_prediction(clip, masks, tubelet=2, patch=8, normalize_target=normalize_target)
+    pix = _pixels01(clip)
+    pred = _official_target(pix, masks.decoder_idx, normalize_target)
+    torch.testing.assert_close(V.perfect_prediction(clip, masks, tubelet=2, patch=8,
+                                                    normalize_target=normalize_target), pred, rtol=1e-5, atol=1e-5)
     rows = V.reconstruct(clip, pred, masks, tubelet=2, patch=8, normalize_target=normalize_target)
-    assert (rows["reconstructed"] - rows["original"]).abs().max() < 1e-5
+    torch.testing.assert_close(rows["original"], pix, rtol=0, atol=1e-6)
+    assert (rows["reconstructed"] - pix).abs().max() < 1e-5
     # row 2: encoder-masked cubes black, visible cubes the original
     cube_masked = masks.encoder_masked.view(2, 4, 6).repeat_interleave(2, 0).repeat_interleave(8, 1) \
         .repeat_interleave(8, 2)  # (T, H, W)
