@@ -111,3 +111,18 @@ def _first_index(shards, layout) -> int:
     ss = fmt.resolve(str(shards))
     (sample,) = list(fmt.read_piece(ss.urls[layout.order[0]], 0, 1))
     return fmt.meta_of(sample)["index"]
+
+
+def test_finetune_trains_from_shards_and_evaluates_the_list(data, tmp_path):
+    root, _ = data
+    out = tmp_path / "ftshards"
+    assert write_shards.main(["--data-list", str(root / "train.txt"), "--data-root", str(root), "--kind", "finetune",
+                              "--out", str(out), "--samples-per-shard", "4", "--workers", "1", "--no-progress"]) == 0
+    res = finetune.main(["--shards", str(out), "--val-list", str(root / "val.txt"), "--data-root", str(root),
+                         "--num-classes", "4", "--output-dir", str(tmp_path / "ft"), *TINY_CLF, "--no-progress",
+                         "--num-workers", "0", "--batch-size", "2", "--num-sample", "1", "--steps", "2",
+                         "--warmup-steps", "1", "--lr", "1e-3", "--test-num-segment", "1", "--test-num-crop", "1",
+                         "--log-samples"])
+    assert res["step"] == 2 and res["skipped"] == 0 and res["eval"]["acc1"] >= 0
+    (lines,) = sample_lines(tmp_path / "ft", 1)
+    assert [ln["step"] for ln in lines] == [1, 2] and all(len(ln["keys"]) == 2 for ln in lines)

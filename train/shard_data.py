@@ -81,15 +81,16 @@ class ShardStream(torch.utils.data.IterableDataset):
             part = fmt.PartStream(self.shards, self.layout(epoch), self.rank, role, self.workers, self.buffer)
             for pos, sample in part.iter_from(at):
                 out = self._decode(sample, epoch)
-                if out is None:
-                    yield {"skip": True, "role": role, "epoch": epoch, "pos": pos}
+                if out is None:  # named by its key (or shard#index): counted once over epochs
+                    yield {"skip": sample.get("__lost__") or sample.get("__key__"), "role": role, "epoch": epoch,
+                           "pos": pos}
                     continue
                 out.update(role=role, pos=pos)
                 yield out
             epoch, at = epoch + 1, 0
 
-    def _decode(self, sample: dict | None, epoch: int) -> dict | None:
-        if sample is None:  # the shard did not deliver it (already warned, by shard)
+    def _decode(self, sample: dict, epoch: int) -> dict | None:
+        if "__lost__" in sample:  # the shard did not deliver it (already warned, by shard)
             return None
         try:
             return load_sample(self.dataset, sample, epoch)
@@ -110,7 +111,7 @@ class SkipAware(torch.utils.data.IterableDataset):
         batch, skipped = [], []
         for s in self.stream:
             if s.get("skip"):
-                skipped.append(f"{s['role']}:{s['epoch']}:{s['pos']}")
+                skipped.append(s["skip"])
                 continue
             batch.append(s)
             if len(batch) == self.batch_size:

@@ -233,6 +233,7 @@ class PyAVReader(VideoReader):
     """
 
     name = "pyav"
+    open_options: dict = {}  # more keywords of av.open (a reader of bytes in memory sets its buffer)
 
     def __init__(self, path: str, threads: int = 1, skip_nonref: bool = True):
         self.path, self.threads, self.container = path, threads, None
@@ -267,7 +268,7 @@ class PyAVReader(VideoReader):
         # clips as above), as much as decoding a dozen frames. Probing with skip_frame=nonkey stops
         # after the container's own header (0.5 ms); the decoder below is a fresh one and finds the
         # pixel format in the stream itself (frames identical: tests/test_decoders.py).
-        self.container = av.open(self.path, stream_options=[{"skip_frame": "nonkey"}] * 8)
+        self.container = av.open(self.path, stream_options=[{"skip_frame": "nonkey"}] * 8, **self.open_options)
         try:
             self.stream = self.container.streams.video[0]
         except IndexError:

@@ -264,7 +264,8 @@ def read_piece(url: str, start: int, stop: int) -> Iterator[dict | None]:
 
 class PartStream:
     """One (rank, worker) part of one epoch, in its shuffle-buffer order, from position ``at``
-    on: yields ``(position + 1, sample or None)``; ``None``: the shard did not deliver it."""
+    on: yields ``(position + 1, sample)``; a sample the shard did not deliver is
+    ``{"__lost__": "<url>#<index in the shard>"}``."""
 
     def __init__(self, shards: ShardSet, layout: EpochLayout, rank: int, worker: int, workers: int,
                  buffer: int):
@@ -277,9 +278,9 @@ class PartStream:
     def __len__(self) -> int:
         return self.hi - self.lo
 
-    def iter_from(self, at: int = 0) -> Iterator[tuple[int, dict | None]]:
+    def iter_from(self, at: int = 0) -> Iterator[tuple[int, dict]]:
         given = set(self.order[:at].tolist())
-        held: dict[int, dict | None] = {}
+        held: dict[int, dict] = {}
         reader = self._read(given)
         for p in range(at, len(self)):
             want = int(self.order[p])
@@ -289,15 +290,16 @@ class PartStream:
                     held[i] = s
             yield p + 1, held.pop(want)
 
-    def _read(self, given: set[int]) -> Iterator[tuple[int, dict | None]]:
+    def _read(self, given: set[int]) -> Iterator[tuple[int, dict]]:
         i = 0
         for pc in self.pieces:
             n = pc.stop - pc.start
             if all(j in given for j in range(i, i + n)):  # given before a resume: not opened
                 i += n
                 continue
-            for s in read_piece(self.shards.urls[pc.shard], pc.start, pc.stop):
-                yield i, s
+            url = self.shards.urls[pc.shard]
+            for k, s in enumerate(read_piece(url, pc.start, pc.stop)):
+                yield i, s if s is not None else {"__lost__": f"{url}#{pc.start + k}"}
                 i += 1
 
 
@@ -318,6 +320,10 @@ def video_member(sample: dict) -> str | None:
 
 # ----------------------------------------------------------------------------- decoding bytes
 class _PyAVBytes(PyAVReader):
+    # FFmpeg reads a file-like object through Python calls, one per buffer: 1 MiB buffers make
+    # that a few calls a video instead of one per 32 KiB
+    open_options = {"buffer_size": 1 << 20}
+
     def __init__(self, data: bytes, threads: int = 1):
         self._data = data
         super().__init__("<bytes>", threads)
