@@ -29,8 +29,10 @@ TINY_CLF = ["--model", "vit_small_patch16_224", "--model-overrides", "depth=2,em
 @pytest.fixture
 def lists(tmp_path):
     pt, ft = tmp_path / "pretrain.txt", tmp_path / "train.txt"
-    pt.write_text("".join(f"v{i}.mp4 0 -1\n" for i in range(8)))
-    ft.write_text("".join(f"v{i}.mp4 {i % 4}\n" for i in range(8)))
+    for i in range(8):  # present (the lists are checked whole), never opened
+        (tmp_path / f"v{i}.mp4").touch()
+    pt.write_text("".join(f"{tmp_path}/v{i}.mp4 0 -1\n" for i in range(8)))
+    ft.write_text("".join(f"{tmp_path}/v{i}.mp4 {i % 4}\n" for i in range(8)))
     return {"pretrain": str(pt), "train": str(ft)}
 
 

@@ -102,7 +102,7 @@ def test_eval_skips_an_unreadable_video_instead_of_substituting(videos, tmp_path
                                                                  zip((0, 1, 2), names[:3])))
     args = types.SimpleNamespace(val_list=str(lst), data_root=str(videos), num_frames=4, sampling_rate=2,
                                  img_size=32, test_num_segment=2, test_num_crop=1, decoder="auto",
-                                 eval_batch_size=bs, batch_size=bs, num_workers=0)
+                                 eval_batch_size=bs, batch_size=bs, num_workers=0, num_classes=3, max_missing=0)
     evaluate = finetune.make_evaluate(args, Dist(), "fp32")
     model = ConstantModel()
     with warnings.catch_warnings(record=True) as w:

@@ -215,7 +215,7 @@ def test_skipped_videos_are_counted_and_the_warning_names_our_code(data, tmp_pat
     out = tmp_path / "run"
     rc = run_cli(pretrain.main, "vmae-pretrain", ["--data-list", str(lst), "--data-root", str(data), "--output-dir",
                                                   str(out), *TINY, *QUIET, "--batch-size", "4", "--num-sample", "1",
-                                                  "--steps", "1", "--lr", "1e-3"])
+                                                  "--steps", "1", "--lr", "1e-3", "--max-missing", "1"])
     assert rc == 0
     assert read_metrics(out)[-1]["skipped_videos"] == expected
     warned = [ln for ln in capsys.readouterr().err.splitlines() if "warning:" in ln]

@@ -399,3 +399,40 @@ def test_torchrun_restarts_a_group_whose_rank_was_killed_and_resumes_by_itself(d
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ca, cb = (torch.load(p / CHECKPOINT, weights_only=True)["optimizer"]["state"] for p in (full, out))
     assert all(torch.equal(ca[i][k], cb[i][k]) for i in ca for k in ca[i])
+
+
+# ----------------------------------------------------------------------------- lists
+def test_a_label_outside_the_classes_refuses_before_any_output(data, tmp_path, capsys):
+    lines = (data / "train.txt").read_text().splitlines()
+    path, _ = lines[3].rsplit(maxsplit=1)
+    bad = tmp_path / "train.txt"
+    bad.write_text("\n".join(lines[:3] + [f"{path} 4", f"{path} -0"] + lines[4:]) + "\n")
+    out = tmp_path / "run"
+    argv = ["--train-list", str(bad), "--num-classes", "4", "--data-root", str(data), "--output-dir", str(out),
+            "--model", "vit_small_patch16_224", "--model-overrides", "depth=2,embed_dim=64,num_heads=2,patch_size=8",
+            "--num-frames", "4", "--sampling-rate", "2", "--img-size", "32", "--num-workers", "0", "--steps", "1"]
+    assert run_cli(finetune.main, "vmae-finetune", argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"vmae-finetune: error: --train-list {bad}: 1 of {len(lines) + 1} labels are outside [0, 4) "
+                   f"(--num-classes 4): {data / path} 4"]
+    assert not out.exists()
+
+
+def test_missing_files_are_counted_and_named_and_refused_beyond_max_missing(data, tmp_path, capsys):
+    lines = (data / "pretrain.txt").read_text().splitlines()
+    gone = [f"gone{i}.mp4" for i in range(7)]
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(lines + [f"{g} 0 -1" for g in gone]) + "\n")
+    out = tmp_path / "run"
+    argv = args(data, out, "--steps", "1")
+    argv[argv.index("--data-list") + 1] = str(lst)
+    assert run_cli(pretrain.main, "vmae-pretrain", argv + ["--max-missing", "6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    named = ", ".join(str(data / g) for g in gone[:5])
+    assert err == [f"vmae-pretrain: error: --data-list {lst}: 7 of {len(lines) + 7} files are missing: {named} and "
+                   f"2 more (--max-missing 6; --data-root is {str(data)!r})"]
+    assert not out.exists()
+    assert run_cli(pretrain.main, "vmae-pretrain", argv + ["--max-missing", "7"]) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "files are missing" in ln]
+    assert len(warned) == 1 and warned[0].startswith(f"vmae-pretrain: warning: --data-list {lst}: 7 of "
+                                                     f"{len(lines) + 7} files are missing, skipped like unreadable")

@@ -92,6 +92,36 @@ def read_list_or_usage(path: str, data_root: str, kind: str) -> list:
         raise UsageError(str(exc)) from None
 
 
+def read_list_checked(args, flag: str, kind: str, num_classes: int | None = None) -> list:
+    """The list that ``flag`` names, read and checked whole before the run makes anything: every
+    label in ``[0, num_classes)`` (when given), every entry's file or frame folder present. Up to
+    ``--max-missing`` missing files are allowed (named in one warning line; they are skipped and
+    counted like unreadable videos); more refuse the run in one line that counts and names them."""
+    path = getattr(args, flag[2:].replace("-", "_"))
+    entries = read_list_or_usage(path, args.data_root, kind)
+    if num_classes is not None:
+        bad = [e for e in entries if not 0 <= e.label < num_classes]
+        if bad:
+            raise UsageError(f"{flag} {path}: {len(bad)} of {len(entries)} labels are outside [0, {num_classes}) "
+                             f"(--num-classes {num_classes}): " + _some(f"{e.path} {e.label}" for e in bad))
+    # URLs (a decoder may stream them) are not files to look for
+    missing = [e.path for e in entries if "://" not in e.path and not os.path.exists(e.path)]
+    if len(missing) > args.max_missing:
+        raise UsageError(f"{flag} {path}: {len(missing)} of {len(entries)} files are missing: {_some(missing)} "
+                         f"(--max-missing {args.max_missing}; --data-root is {args.data_root or 'not set'!r})")
+    if missing:
+        warnings.warn(f"{flag} {path}: {len(missing)} of {len(entries)} files are missing, skipped like unreadable "
+                      f"videos (--max-missing {args.max_missing}): {_some(missing)}", stacklevel=2)
+    return entries
+
+
+def _some(items, shown: int = 5) -> str:
+    """The first ``shown`` of ``items``, and how many more."""
+    items = list(items)
+    more = len(items) - shown
+    return ", ".join(items[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def parse(ap: argparse.ArgumentParser, argv, kind: str, validate) -> argparse.Namespace:
     """``ap`` (a loop's own options) with the common ones added, parsed; every option left at
     ``None`` filled from the official recipe of ``--model``; the loop's ``RunConfig`` built once
@@ -130,6 +160,8 @@ def add_common_args(ap: argparse.ArgumentParser, kind: str) -> None:
       help="--shards: samples a loader worker holds to shuffle (memory: this x a video's bytes per worker)")
     a("--log-samples", action="store_true",
       help="every rank appends {step, epoch, keys} lines to OUT/samples-rank<r>.jsonl (keys: list line numbers)")
+    a("--max-missing", type=int, default=0,
+      help="how many files a list may name that are not there before the run refuses (those are skipped)")
     a("--model", default=recipe.B, choices=sorted(vmae_fast.ARCHS), help="arch (docs/semantics.md §6)")
     a("--model-overrides", default="", help="VideoMAEConfig fields, e.g. 'depth=2,embed_dim=64'")
     a("--num-frames", type=int, default=None, help=R)
@@ -243,6 +275,7 @@ def check_common(args) -> None:
     """What both loops check before creating anything, besides ``RunConfig``'s own checks (the
     model's own checks are separate)."""
     check_positive(args, ("num_frames", "sampling_rate", "img_size", "shuffle_buffer"))
+    check_positive(args, ("max_missing",), minimum=0)
     cfg = args.run
     if cfg.tensorboard and not tensorboard_available():
         raise UsageError("--tensorboard: the tensorboard package is not installed (it comes with the train "

@@ -30,7 +30,7 @@ from . import loop
 from .recipe import official
 from .augment import ERASE_MODES, INTERPOLATIONS, EraseSpec, erase_, parse_rand_augment
 from .cli import (UsageError, check_common, check_file, check_model_config, make_parser, model_options, parse,
-                  read_list_or_usage, run_command, training_data)
+                  read_list_checked, run_command, training_data)
 from .data import VideoDataset, collate
 from .optim import autocast, resolve_precision
 
@@ -187,7 +187,7 @@ def make_evaluate(args, d: dist_.Dist, precision: str, ema=None):
     to load is not replaced by another (that would count one twice, with its label) but counted in
     ``val_skipped``. Every rank takes part (FSDP needs equal batch counts: the last rank pads with
     repeats that are not counted; a batch with no video read runs a dummy one)."""
-    entries = read_list_or_usage(args.val_list, args.data_root, "finetune")
+    entries = read_list_checked(args, "--val-list", "finetune", args.num_classes)
     ds = VideoDataset(entries, "test", args.num_frames, args.sampling_rate, args.img_size,
                       num_segments=args.test_num_segment, num_crops=args.test_num_crop, decoder=args.decoder,
                       substitute=False)
@@ -279,7 +279,7 @@ def build(args, d: dist_.Dist) -> loop.Task:
     if args.eval:
         return loop.Task(name="finetune", model=model, model_config=config, loss=None, dataset=None,
                          evaluate=evaluate, state=EmaState(ema) if ema is not None else None)
-    entries = read_list_or_usage(args.train_list, args.data_root, "finetune") if args.train_list else []
+    entries = read_list_checked(args, "--train-list", "finetune", args.num_classes) if args.train_list else []
     dataset = VideoDataset(entries, "finetune", args.num_frames, args.sampling_rate, args.img_size,
                            num_sample=args.num_sample, seed=args.seed, min_scale=args.min_scale,
                            decoder=args.decoder, auto_augment=args.aa, train_interpolation=args.train_interpolation,

@@ -22,7 +22,7 @@ from . import distributed as dist_
 from . import loop
 from .recipe import official
 from .cli import (UsageError, check_common, check_file, check_model_config, make_parser, model_options, parse,
-                  read_list_or_usage, run_command, training_data)
+                  read_list_checked, run_command, training_data)
 from .data import VideoDataset
 
 
@@ -71,7 +71,7 @@ def build(args, d: dist_.Dist) -> loop.Task:
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     cfg = model.cfg
-    entries = read_list_or_usage(args.data_list, args.data_root, "pretrain") if args.data_list else []
+    entries = read_list_checked(args, "--data-list", "pretrain") if args.data_list else []
     dataset = VideoDataset(entries, "pretrain", args.num_frames, args.sampling_rate, args.img_size,
                            num_sample=args.num_sample, seed=args.seed, decoder=args.decoder)
     mask_gen = torch.Generator(device=d.device).manual_seed(args.seed)
