@@ -41,7 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Only the first word is ours: the rest, --help included, is the command's.
     command = _parser().parse_args(argv[:1]).command
     module, function = COMMANDS[command][0].split(":")
-    status = getattr(importlib.import_module(module), function)(argv[1:])
+    from .common import cli as common_cli
+
+    common_cli.INVOKED_AS = f"{_parser().prog} {command}"  # the command's usage and errors say vmae-bench ...
+    try:
+        status = getattr(importlib.import_module(module), function)(argv[1:])
+    finally:
+        common_cli.INVOKED_AS = None
     return status if isinstance(status, int) else 0
 
 

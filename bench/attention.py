@@ -121,6 +121,14 @@ def measure_shape(arch: str, shp: dict, pl: dict, warmup: int) -> list[dict]:
     return rows
 
 
+def _mem_cell(r: dict) -> str:
+    if r["peak_mem_delta_bytes"] is not None:
+        return f"{r['peak_mem_delta_bytes'] / 2**20:,.0f} MiB"
+    if r.get("memory_kind") == "rss_vmhwm":  # bench.common.timing.PeakMemory on the CPU
+        return "n/a: the resident set did not grow (memory reused) or its peak cannot be reset here"
+    return "n/a: no peak reading on this device"
+
+
 def render(rows: list[dict], info: dict, dtype: torch.dtype) -> str:
     lines = [f"## Attention backends: {info['name']} (torch {info['torch']}, {str(dtype).replace('torch.', '')})", "",
              "| arch | where | B x N x H x d | backend | fwd ms | fwd+bwd ms (min–max) | fwd+bwd TFLOP/s | mem added |",
@@ -131,7 +139,7 @@ def render(rows: list[dict], info: dict, dtype: torch.dtype) -> str:
             lines.append(head + f"n/a: {r['why'][:60]} | | | |")
             continue
         s = r["fwd_bwd_s"]
-        mem = "n/a" if r["peak_mem_delta_bytes"] is None else f"{r['peak_mem_delta_bytes'] / 2**20:,.0f} MiB"
+        mem = _mem_cell(r)
         lines.append(head + f"{r['fwd_s']['median'] * 1e3:.2f} | {s['median'] * 1e3:.2f} ({s['min'] * 1e3:.2f}–"
                      f"{s['max'] * 1e3:.2f}) | {r['fwd_bwd_tflops']:.2f} | {mem} |")
     return "\n".join(lines)

@@ -322,9 +322,13 @@ def activation_peak(prof: dict, batch: int) -> float:
     return max(_line(prof, segs[0][k], segs[1][k]) for k in segs[0] if k in segs[1])
 
 
+MAX_BATCH_CAP = 1 << 16  # the planner's search stops here: a result equal to it means "at least"
+
+
 def max_batch(prof: dict, gpu_bytes: float, margin: float, dist: str = "single", world: int = 1,
-              extra: float = 0.0, cap: int = 1 << 16) -> int:
-    """Largest batch whose estimated peak fits ``gpu_bytes * (1 - margin)`` (0: none fits)."""
+              extra: float = 0.0, cap: int = MAX_BATCH_CAP) -> int:
+    """Largest batch whose estimated peak fits ``gpu_bytes * (1 - margin)`` (0: none fits;
+    ``cap``: the search stopped there, larger batches may fit too)."""
     budget = gpu_bytes * (1 - margin)
 
     def fits(b):
@@ -458,6 +462,13 @@ def _pct(x, fmt="{:.1%}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
+def _batch_cell(b: int) -> str:
+    """A planner result as a reader should take it: the cap is where the search stopped, not a limit."""
+    if b >= MAX_BATCH_CAP:
+        return f">= {MAX_BATCH_CAP:,} (search cap; limit not reached)"
+    return "none fits" if b == 0 else f"{b:,}"
+
+
 def render(result: dict) -> str:
     c = result["config"]
     info = result["device"]
@@ -504,7 +515,7 @@ def render(result: dict) -> str:
                 "", "| impl | policy | " + " | ".join(f"{x:g} GiB" for x in g) + " |", "|---|---|" + "---|" * len(g)]
         for row in pl["rows"]:
             out.append(f"| {row['impl']} | {row['policy']} | "
-                       + " | ".join(str(row["max_batch"][f"{x:g}"]) for x in g) + " |")
+                       + " | ".join(_batch_cell(row["max_batch"][f"{x:g}"]) for x in g) + " |")
         out.append("")
         out.append("From the exact per-step and per-clip bytes above: parameters, gradients and AdamW state "
                    + {"single": "on one GPU", "ddp": "replicated, plus DDP's gradient buckets",

@@ -32,7 +32,7 @@ def test_help_lists_every_command_and_where_results_go(capsys):
 @pytest.mark.parametrize("command", MODEL_BENCHES)
 def test_a_bad_arch_is_the_same_usage_error_everywhere(command, capsys):
     err = _usage_error([command, "--arch", "vit_zz"], capsys)
-    assert f"usage: python -m bench.{command.replace('-', '_')}" in err
+    assert f"usage: vmae-bench {command} " in err  # the command as the user typed it
     assert "argument --arch: unknown arch 'vit_zz'; expected one of" in err
 
 
@@ -71,3 +71,35 @@ def test_loader_names_missing_videos(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # tests/data is a checkout's folder, not the current directory's
     with pytest.raises(SystemExit, match="--videos: tests/data does not exist"):
         vmae_bench(["loader", "--videos", "tests/data"])
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_names_itself_as_typed(command, capsys):
+    from bench.common import cli as common_cli
+
+    with pytest.raises(SystemExit) as exc:
+        vmae_bench([command, "--help"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith(f"usage: vmae-bench {command} ")
+    assert common_cli.INVOKED_AS is None  # reset: python -m bench.<module> later in the process keeps its name
+
+
+def _row(impl, label="ViT-S 16x224 b2", ratio=0.5, ms=10.0):
+    return {"impl": impl, "status": "ok", "setup": {"label": label}, "decoder_ratio": ratio, "masking": "dual 0.5",
+            "loss": 1.0, "step_s": {"median": ms / 1e3, "min": ms / 1e3}, "speedup_vs_reference": 2.0,
+            "speedup_vs_reference_min": 2.0, "mem_vs_reference": 0.5, "mem_vs_reference_basis": "peak"}
+
+
+@pytest.mark.parametrize("smoke", [False, True])
+def test_a_smoke_run_says_so_and_stresses_no_speedup(smoke):
+    from bench.dual_masking.markdown import SMOKE, _vs_reference
+
+    text = "\n".join(_vs_reference([_row("vmae_fast", ms=5.0), _row("reference")], smoke))
+    assert ("**2.00x**" in text) is (not smoke) and "2.00x" in text
+    assert (SMOKE in text) is smoke
+
+
+def test_the_memory_planner_does_not_print_its_cap_as_a_batch():
+    from bench.memory import MAX_BATCH_CAP, _batch_cell
+
+    assert _batch_cell(37) == "37" and _batch_cell(1536) == "1,536" and _batch_cell(0) == "none fits"
+    assert _batch_cell(MAX_BATCH_CAP) == ">= 65,536 (search cap; limit not reached)"

@@ -18,9 +18,16 @@ DEVICE_CHOICES = "auto | cpu | cuda (the current CUDA device) | cuda:N (made cur
 Plan = TypeVar("Plan")
 
 
+# Set by ``vmae-bench`` (bench/__main__.py) before it runs a command: that command's usage lines
+# and errors then name it as the user typed it (``vmae-bench memory``), not ``python -m bench.memory``.
+INVOKED_AS: str | None = None
+
+
 def make_parser(module: str, doc: str, **kw) -> argparse.ArgumentParser:
-    """The parser of ``python -m bench.<module>``, described by the first paragraph of ``doc``."""
-    return argparse.ArgumentParser(prog=f"python -m bench.{module}", description=doc.split("\n\n")[0], **kw)
+    """The parser of ``python -m bench.<module>`` (or of ``vmae-bench <command>``, the way it was
+    started), described by the first paragraph of ``doc``."""
+    return argparse.ArgumentParser(prog=INVOKED_AS or f"python -m bench.{module}", description=doc.split("\n\n")[0],
+                                   **kw)
 
 
 def add_device_arg(p: argparse.ArgumentParser, default: str = "auto", why: str = "") -> None:

@@ -143,7 +143,8 @@ def plan_from_args(ns: argparse.Namespace) -> dict:
 def plan_slug(plan: dict, ns: argparse.Namespace) -> str:
     """The preset's name, or for a customized grid its setups (so that runs of one day don't
     overwrite each other's files)."""
+    smoke = "-smoke" if plan["smoke"] else ""  # a smoke run's files say so in their names
     if not any(getattr(ns, k) is not None for k in ("arch", *SETUP_OVERRIDES, "masking", "impl")):
-        return plan["preset"] + ("-smoke" if plan["smoke"] else "")
+        return plan["preset"] + smoke
     labels = sorted({s.label() for s, _ in plan["setups"]})
-    return "custom-" + "_".join(re.sub(r"[^A-Za-z0-9]+", "-", x).strip("-").lower() for x in labels)
+    return "custom-" + "_".join(re.sub(r"[^A-Za-z0-9]+", "-", x).strip("-").lower() for x in labels) + smoke
