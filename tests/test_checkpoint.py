@@ -140,7 +140,14 @@ def test_bad_files(tmp_path):
         load_checkpoint_file(tmp_path / "nope.pth")
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="weights_only=True"):
+    with pytest.raises(ValueError, match=r"bad.pth: not a PyTorch checkpoint \(expected a torch.save file: a zip "
+                                         r"archive or a pickle; found text starting 'not a checkpoint'\)"):
+        load_checkpoint_file(bad)
+    bad.write_bytes(bytes([0, 1, 2, 3, 250]))
+    with pytest.raises(ValueError, match="found bytes starting 00 01 02 03 fa"):
+        load_checkpoint_file(bad)
+    bad.write_bytes(b"PK\x03\x04 truncated zip")  # looks like one: torch.load's own reason, named
+    with pytest.raises(ValueError, match="bad.pth .* with torch.load\(weights_only=True\)"):
         load_checkpoint_file(bad)
 
     evil = tmp_path / "evil.pth"
@@ -355,7 +362,7 @@ def test_refused_pickle_names_the_global_and_gives_no_unsafe_advice(tmp_path):
     assert "only loads weights" in msg and "allowlist" in msg and "argparse.Namespace" in msg
     _no_weights_only_false_advice(info.value)
     bad = tmp_path / "bad.pth"
-    bad.write_bytes(b"not a checkpoint")
+    bad.write_bytes(b"\x80\x02not a checkpoint")  # a pickle's first byte: torch.load reads it and fails
     with pytest.raises(ValueError, match=r"bad\.pth with torch\.load\(weights_only=True\): \w") as info:
         load_checkpoint_file(bad)
     _no_weights_only_false_advice(info.value)

@@ -61,7 +61,7 @@ def test_extract_features_windows_values_and_resume(tmp_path, capsys):
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"not a video")
     args = [VIDEO, str(bad), "--checkpoint", ckpt, "--output-dir", str(out), "--num-frames", "4", "--img-size", "32",
-            "--stride", "16", "--batch-size", "3", "--no-progress", "--device", "cpu"]
+            "--stride", "16", "--batch-size", "3", "--no-progress", "--device", "cpu", "--dtype", "fp32"]
     assert E.main(args) == 1  # the broken file is named (one line) and counted; the good one is written
     err = [line for line in capsys.readouterr().err.splitlines() if "broken.mp4" in line]
     assert len(err) == 1 and err[0].startswith(f"vmae-extract-features: skipping {bad}: "), err
@@ -95,3 +95,57 @@ def test_extract_features_windows_values_and_resume(tmp_path, capsys):
     assert os.stat(out / "carphone_distorted.npy").st_mtime_ns == before
     assert E.main(args[:1] + args[2:] + ["--no-pool", "--output-dir", str(tmp_path / "tok")]) == 0
     assert np.load(tmp_path / "tok" / "carphone_distorted.npy").shape == (8, 32, 384)
+
+
+def test_windows_of_several_videos_share_forward_passes(tmp_path, monkeypatch, capsys):
+    """Consecutive videos fill one batch together (8 + 8 windows in batches of 5: 5, 5, 5, 1), and
+    each video's rows are those of the video alone; the progress counts windows."""
+    pytest.importorskip("av", reason="PyAV (the test extra) reads the test videos")
+    pytest.importorskip("tqdm", reason="the progress bar is tqdm's (train/test extras)")
+    import shutil
+
+    from vmae_fast.video import Entry, VideoSource
+
+    model, _ = _ckpt(tmp_path)
+    other = tmp_path / "other.mp4"
+    shutil.copy(VIDEO, other)
+    sizes = []
+    real = E.forward_windows
+    monkeypatch.setattr(E, "forward_windows", lambda m, clips, *a, **k: sizes.append(len(clips)) or real(m, clips, *a, **k))
+    done = E.extract(model, [VIDEO, str(other)], tmp_path / "f", stride=16, batch_size=5, progress=True)
+    assert done["written"] == [VIDEO, str(other)] and sizes == [5, 5, 5, 1]
+    assert "16/16" in capsys.readouterr().err  # windows, not videos
+    sizes.clear()
+    alone = E.video_features(model, VideoSource(Entry(path=os.path.abspath(VIDEO))).get, 120, stride=16, batch_size=8)
+    for name in ("carphone_distorted", "other"):
+        assert rel_err(torch.from_numpy(np.load(tmp_path / "f" / f"{name}.npy")), torch.from_numpy(alone)) < 1e-5
+
+
+def test_a_video_failing_mid_way_leaves_the_others_whole(tmp_path, monkeypatch):
+    pytest.importorskip("av", reason="PyAV (the test extra) reads the test videos")
+    import shutil
+
+    model, _ = _ckpt(tmp_path)
+    bad = tmp_path / "bad.mp4"
+    shutil.copy(VIDEO, bad)
+    real = E._WindowReader.read
+
+    def read(self, count):
+        if self.next >= 4 and self.n == 120 and getattr(self, "_bad", False):
+            raise OSError("decoder lost the stream")
+        return real(self, count)
+
+    real_open = E._open
+
+    def open_(video, *a):
+        item = real_open(video, *a)
+        item.reader._bad = video == str(bad)
+        return item
+
+    monkeypatch.setattr(E._WindowReader, "read", read)
+    monkeypatch.setattr(E, "_open", open_)
+    errors = E.VideoErrors("vmae-extract-features")
+    done = E.extract(model, [str(bad), VIDEO], tmp_path / "f", stride=16, batch_size=3, progress=False, errors=errors)
+    assert done["failed"] == [str(bad)] and done["written"] == [VIDEO] and errors.failed == [str(bad)]
+    assert not (tmp_path / "f" / "bad.npy").exists()
+    assert np.load(tmp_path / "f" / "carphone_distorted.npy").shape == (8, 384)

@@ -204,5 +204,5 @@ def test_load_labels_files(tmp_path):
     assert L.load_labels(tmp_path / "l.txt") == ["cat", "dog"]
     (tmp_path / "c.json").write_text(json.dumps({"id2label": {"1": "dog", "0": "cat"}, "model_type": "videomae"}))
     assert L.load_labels(str(tmp_path / "c.json")) == ["cat", "dog"]
-    with pytest.raises(FileNotFoundError, match="neither a file nor one of"):
+    with pytest.raises(FileNotFoundError, match="neither a labels file nor one of k400, k600"):
         L.load_labels("k999")

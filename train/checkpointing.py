@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 import vmae_fast
-from vmae_fast.checkpoint import write_atomic
+from vmae_fast.checkpoint import check_torch_file, write_atomic
 
 from .distributed import Dist, all_true, barrier, unwrap
 from .errors import CheckpointWriteFailed
@@ -208,6 +208,7 @@ class Checkpointer:
         ``train.state.upgrade_legacy`` turns those of an older layout into today's)."""
         if path.is_dir():
             return torch.load(path / "extra.pt", map_location="cpu", weights_only=True)
+        check_torch_file(path)  # a text file: one line naming it, not torch's remark about mmap
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         ck.pop("model", None)
         ck.pop("optimizer", None)
@@ -216,6 +217,7 @@ class Checkpointer:
     def load(self, path: Path, model: nn.Module, opt=None) -> None:
         """Restores model (and optimizer, when given) in place."""
         if not self.fsdp:
+            check_torch_file(path)
             ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             unwrap(model).load_state_dict(ck["model"])
             if opt is not None:

@@ -113,7 +113,29 @@ def _refusal(path: Path, exc: Exception) -> str:
             f"{allowed})")
 
 
+def check_torch_file(path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` naming ``path`` when it cannot be a ``torch.save`` file: those are a
+    zip archive (``PK``) or, from torch < 1.6, a pickle (protocol byte ``0x80``). Read before
+    ``torch.load``, whose own errors for such a file are an opcode number ("101") or a remark about
+    mmap and ``_use_new_zipfile_serialization``."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return
+    if not head:
+        raise ValueError(f"cannot read checkpoint {path}: file is empty (0 bytes)")
+    try:
+        text = head.decode("utf-8")
+        found = f"text starting {text.splitlines()[0][:40]!r}" if text.strip() else "blank text"
+    except UnicodeDecodeError:
+        found = f"bytes starting {head[:8].hex(' ')}"
+    raise ValueError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (expected a torch.save file: "
+                     f"a zip archive or a pickle; found {found})")
+
+
 def _torch_load(path: Path, size: int) -> Any:
+    check_torch_file(path)
     try:
         with _allowlisted():
             obj = torch.load(path, map_location="cpu", weights_only=True)

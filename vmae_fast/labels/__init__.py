@@ -39,7 +39,7 @@ def load_labels(name_or_path: str | os.PathLike) -> list[str]:
         return _parse_lines(_read_text(f"{name_or_path}.txt"), name_or_path)
     path = os.fspath(name_or_path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"labels: {path!r} is neither a file nor one of {LABEL_SETS}")
+        raise FileNotFoundError(f"{path!r} is neither a labels file nor one of {', '.join(LABEL_SETS)}")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".json"):

@@ -26,10 +26,31 @@ from ..video.decoders import add_decoder_arg
 
 
 # ----------------------------------------------------------------------------- options
+class ToolParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is a ``UsageError``: one line (``prog: error: ...``,
+    through ``run_cli``), not the usage block argparse prints above its error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def make_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """The parser of tool ``prog``, described by the first paragraph of its module ``doc``."""
-    return argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The parser of tool ``prog``, described by the first paragraph of its module ``doc``; every
+    option's default is shown in ``--help``."""
+    return ToolParser(prog=prog, description=doc.split("\n\n")[0], formatter_class=_HelpFormatter)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring's layout kept, and ``(default: X)`` after every option that has one."""
+
+
+def check_at_least(args: argparse.Namespace, minimums: dict[str, int]) -> None:
+    """``UsageError`` for the first option below its minimum (``None``: not given, fine), in the
+    flag's own name: ``--batch-size must be >= 1, got -1``."""
+    for name, low in minimums.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
 def add_model_args(p: argparse.ArgumentParser, checkpoint_help: str, *, decoder_heads: bool = False) -> None:
@@ -47,26 +68,30 @@ def add_model_args(p: argparse.ArgumentParser, checkpoint_help: str, *, decoder_
 
 def add_run_args(p: argparse.ArgumentParser, *, device: str = "auto", dtype: str = "auto") -> None:
     """``--device``, ``--dtype``, ``--decoder`` and ``--debug``."""
-    p.add_argument("--device", default=device,
-                   help=f"auto (cuda if available), cpu, cuda, cuda:N (default: {device})")
+    p.add_argument("--device", default=device, help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=dtype, choices=("auto", *DTYPES),
-                   help=f"autocast dtype; auto: bf16 on CUDA, fp32 on CPU (default: {dtype})")
+                   help="autocast dtype; auto: bf16 on CUDA and on CPUs with native bf16 matrix units "
+                        "(amx_bf16, avx512_bf16), else fp32")
     add_decoder_arg(p)
     p.add_argument("--debug", action="store_true", help="print the traceback of every error")
 
 
-def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None]:
-    """``--device`` and ``--dtype`` (``auto``: bf16 on CUDA, else fp32) -> ``(device, autocast
-    dtype or None)``; a bad ``--device`` is a ``UsageError``."""
-    from ..device import select_device
+def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None, str]:
+    """``--device`` and ``--dtype`` -> ``(device, autocast dtype or None, line)`` by
+    ``vmae_fast.device.inference_device_and_dtype``; ``line`` says which device and dtype and why
+    (a tool prints it first once its model is ready, so a usage error stays the only line). A bad
+    value is a ``UsageError``, before any model is loaded."""
+    from ..device import inference_device_and_dtype
 
     try:
-        dev = select_device(device)  # validated; a cuda:N device becomes the current one
+        return inference_device_and_dtype(device, dtype)  # a cuda:N device becomes the current one
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if dtype == "auto":
-        dtype = "bf16" if dev.type == "cuda" else "fp32"
-    return dev, DTYPES[dtype]
+
+
+def say(line: str) -> None:
+    """One line of a tool's progress on stderr (stdout stays the tool's results)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -87,13 +112,17 @@ def load_model_from_args(args: argparse.Namespace, kind: str, **kw: Any) -> torc
     ``add_model_args``; a missing or unreadable checkpoint is a ``UsageError``."""
     from ..models.load import load_model
 
+    check_at_least(args, {"num_frames": 1, "img_size": 1, "num_heads": 1, "decoder_num_heads": 1})
     if not os.path.exists(args.checkpoint):
         raise UsageError(f"--checkpoint {args.checkpoint}: no such file or folder")
     extra = {k: getattr(args, k) for k in ("num_heads", "decoder_num_heads") if getattr(args, k, None)}
     try:
         return load_model(args.checkpoint, kind, num_frames=args.num_frames, img_size=args.img_size, **extra, **kw)
-    except (ValueError, KeyError) as exc:
-        raise UsageError(f"--checkpoint {args.checkpoint}: {exc}") from None
+    except (ValueError, KeyError, RuntimeError) as exc:
+        # (a RuntimeError here is a strict load's key / shape report: its first line says what)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"--checkpoint: {first}" if str(args.checkpoint) in first
+                         else f"--checkpoint {args.checkpoint}: {first}") from None
 
 
 # ----------------------------------------------------------------------------- per-video errors

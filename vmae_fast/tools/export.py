@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .common import add_model_args, entry, load_model_from_args
+from .common import add_model_args, entry, load_model_from_args, make_parser
 
 INPUTS = ("uint8", "float")
 
@@ -115,8 +115,7 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, *, encoder: bool = Fal
 # --------------------------------------------------------------------------- CLI
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vmae-export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = make_parser("vmae-export", __doc__)
     add_model_args(p, "a fine-tuned classifier (official or Hugging Face), or with --encoder any checkpoint")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--encoder", action="store_true", help="export the features (forward_features), not the logits")
@@ -132,10 +131,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for flag in ("num_frames", "img_size", "num_heads"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if not args.pool and not args.encoder:
         raise UsageError("--no-pool applies to --encoder (per-token features); the logits are pooled")
     if not str(args.out).endswith(".onnx"):

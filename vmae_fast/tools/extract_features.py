@@ -29,7 +29,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from ..errors import UsageError
 from ..ops._common import imagenet_stats
 from ..video.sources import open_source
-from .common import (VideoErrors, add_model_args, add_run_args, device_and_dtype, entry, load_model_from_args,
-                     make_parser, write_npy)
+from .common import (VideoErrors, add_model_args, add_run_args, check_at_least, device_and_dtype, entry,
+                     load_model_from_args, make_parser, say, write_npy)
 
 PROG = "vmae-extract-features"
 
@@ -77,32 +77,59 @@ def preprocess(frames: torch.Tensor, img_size: int, input_norm: str = "imagenet"
     return x
 
 
+class _WindowReader:
+    """The windows of one video as preprocessed clips ``(3, T, S, S)``, in order, a chunk at a
+    time; frames are read and preprocessed at most once (overlapping windows share them) and
+    dropped once no later window needs them."""
+
+    def __init__(self, get_frames: Callable[[list[int]], torch.Tensor], n_frames: int, num_frames: int,
+                 img_size: int, stride: int, sampling_rate: int, input_norm: str):
+        self.get, self.n = get_frames, n_frames
+        self.num_frames, self.img_size, self.rate, self.norm = num_frames, img_size, sampling_rate, input_norm
+        self.starts = window_starts(n_frames, num_frames, stride, sampling_rate)
+        self.next = 0  # the first window not read yet
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def read(self, count: int) -> list[torch.Tensor]:
+        """The next ``count`` windows (fewer at the end)."""
+        chunk = self.starts[self.next:self.next + count]
+        windows = [window_frames(s, self.n, self.num_frames, self.rate) for s in chunk]
+        missing = sorted({i for w in windows for i in w} - self.cache.keys())
+        if missing:
+            for i, x in zip(missing, preprocess(self.get(missing), self.img_size, self.norm)):
+                self.cache[i] = x
+        clips = [torch.stack([self.cache[i] for i in w], dim=1) for w in windows]
+        self.next += len(chunk)
+        keep = self.starts[self.next] if self.next < len(self.starts) else self.n
+        for i in [i for i in self.cache if i < keep]:
+            del self.cache[i]
+        return clips
+
+
 @torch.no_grad()
+def forward_windows(model: torch.nn.Module, clips: Sequence[torch.Tensor], pool: bool = True,
+                    amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``forward_features`` of a batch of window clips, float32 on the CPU."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        feats = model.forward_features(torch.stack(list(clips)).to(device, non_blocking=True), pool=pool)
+    return feats.float().cpu()
+
+
 def video_features(model: torch.nn.Module, get_frames: Callable[[list[int]], torch.Tensor], n_frames: int, *,
                    stride: int = 4, sampling_rate: int = 1, pool: bool = True, batch_size: int = 8,
                    input_norm: str = "imagenet", amp_dtype: torch.dtype | None = None) -> np.ndarray:
     """Features of every window of one video: float32 ``(windows, D)`` (``pool``) or
-    ``(windows, N, D)``. ``get_frames(indices) -> (len, H, W, 3)`` uint8. Frames are read in
-    window batches, each at most once (overlapping windows reuse the preprocessed frames)."""
+    ``(windows, N, D)``. ``get_frames(indices) -> (len, H, W, 3)`` uint8. (``extract`` batches
+    the windows of several videos together; this is one video alone.)"""
     cfg = model.cfg
-    device = next(model.parameters()).device
-    starts = window_starts(n_frames, cfg.num_frames, stride, sampling_rate)
-    cache: dict[int, torch.Tensor] = {}
+    reader = _WindowReader(get_frames, n_frames, cfg.num_frames, cfg.img_size, stride, sampling_rate, input_norm)
     out = []
-    for b in range(0, len(starts), batch_size):
-        windows = [window_frames(s, n_frames, cfg.num_frames, sampling_rate) for s in starts[b:b + batch_size]]
-        need = sorted({i for w in windows for i in w})
-        missing = [i for i in need if i not in cache]
-        if missing:
-            for i, x in zip(missing, preprocess(get_frames(missing), cfg.img_size, input_norm)):
-                cache[i] = x
-        clips = torch.stack([torch.stack([cache[i] for i in w], dim=1) for w in windows])  # (b, 3, T, S, S)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            feats = model.forward_features(clips.to(device), pool=pool)
-        out.append(feats.float().cpu())
-        keep = starts[b + batch_size] if b + batch_size < len(starts) else n_frames
-        for i in [i for i in cache if i < keep]:
-            del cache[i]
+    while reader.next < len(reader):
+        out.append(forward_windows(model, reader.read(batch_size), pool, amp_dtype))
     return torch.cat(out).numpy()
 
 
@@ -129,76 +156,162 @@ def list_videos(videos: Sequence[str], video_dir: str | None) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def _progress(items: list, enabled: bool) -> Iterable:
-    if enabled:
-        try:
-            from tqdm import tqdm
+class _Progress:
+    """Windows done of all windows, with rate and ETA (tqdm on stderr when installed and asked for)."""
 
-            return tqdm(items, unit="video", dynamic_ncols=True, file=sys.stderr)
-        except ImportError:  # pragma: no cover - tqdm is in the train/test extras
-            pass
-    return items
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="window", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+            except ImportError:  # tqdm comes with the train/test extras; without it, no bar
+                pass
+
+    def update(self, windows: int, video: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(Path(video).name, refresh=False)
+            self.bar.update(windows)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def _features_of(model: torch.nn.Module, video: str, decoder: str, **kw) -> np.ndarray:
+class _Pending:
+    """One video being extracted: its window reader while open, its rows as they come."""
+
+    def __init__(self, video: str, dest: Path, source, reader: _WindowReader):
+        self.video, self.dest, self.source, self.reader = video, dest, source, reader
+        self.rows: list[torch.Tensor] = []
+        self.done = 0
+        self.failed = False
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+            self.source = None
+
+
+def _open(video: str, decoder: str, dest: Path, cfg, stride: int, sampling_rate: int, input_norm: str) -> _Pending:
+    src = open_source(video, decoder)
+    try:
+        reader = _WindowReader(src.get, len(src), cfg.num_frames, cfg.img_size, stride, sampling_rate, input_norm)
+    except BaseException:
+        src.close()
+        raise
+    return _Pending(video, dest, src, reader)
+
+
+def _count_windows(video: str, decoder: str, cfg, stride: int, sampling_rate: int) -> int:
     with open_source(video, decoder) as src:
-        return video_features(model, src.get, len(src), **kw)
+        return len(window_starts(len(src), cfg.num_frames, stride, sampling_rate))
 
 
 def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.PathLike, *, stride: int = 4,
-            sampling_rate: int = 1, pool: bool = True, batch_size: int = 8, input_norm: str = "imagenet",
+            sampling_rate: int = 1, pool: bool = True, batch_size: int = 16, input_norm: str = "imagenet",
             decoder: str = "auto", amp_dtype: torch.dtype | None = None, progress: bool = True,
             errors: VideoErrors | None = None) -> dict[str, list[str]]:
     """Write the features of each video (module docstring). Returns ``{"written": [...],
     "skipped": [...] (existing files), "failed": [...]}``; ``errors`` says each failure (default:
-    one line on stderr)."""
+    one line on stderr).
+
+    The windows of consecutive videos share forward passes of ``batch_size`` windows (a video of
+    3 windows does not run a batch of 3 alone); each video's file is written as soon as its last
+    window is through. The videos are opened once first to count their windows (the progress bar's
+    total and ETA); one that cannot be opened is named and counted then, before any model work."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     errors = errors or VideoErrors(PROG)
+    cfg = model.cfg
     done: dict[str, list[str]] = {"written": [], "skipped": [], "failed": []}
-    bar = _progress(list(videos), progress)
-    for video in bar:
+    todo: list[tuple[str, Path]] = []
+    total = 0
+    for video in videos:
         dest = output_path(out_dir, video)
         if dest.exists():
             done["skipped"].append(video)
             continue
-        ok, feats = errors.attempt(video, _features_of, model, video, decoder, stride=stride,
-                                   sampling_rate=sampling_rate, pool=pool, batch_size=batch_size,
-                                   input_norm=input_norm, amp_dtype=amp_dtype)
+        ok, n = errors.attempt(video, _count_windows, video, decoder, cfg, stride, sampling_rate)
         if not ok:
             done["failed"].append(video)
             continue
-        write_npy(dest, feats)
-        done["written"].append(video)
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{Path(video).name}: {feats.shape[0]} windows")
+        todo.append((video, dest))
+        total += n
+    bar = _Progress(total, progress)
+    queue: list[tuple[_Pending, torch.Tensor]] = []  # windows read, not yet through the model
+
+    def run(batch: list[tuple[_Pending, torch.Tensor]]) -> None:
+        feats = forward_windows(model, [clip for _, clip in batch], pool, amp_dtype)
+        for (item, _), row in zip(batch, feats):
+            item.rows.append(row)
+            item.done += 1
+        for item in dict.fromkeys(item for item, _ in batch):
+            if item.done == len(item.reader) and not item.failed:
+                write_npy(item.dest, torch.stack(item.rows).numpy())
+                done["written"].append(item.video)
+                item.rows = []
+        bar.update(len(batch), batch[-1][0].video)
+
+    try:
+        for video, dest in todo:
+            ok, item = errors.attempt(video, _open, video, decoder, dest, cfg, stride, sampling_rate, input_norm)
+            if not ok:
+                done["failed"].append(video)
+                continue
+            try:
+                while item.reader.next < len(item.reader):
+                    ok, clips = errors.attempt(video, item.reader.read, batch_size - len(queue))
+                    if not ok:  # read error mid-video: its windows leave the queue, the others go on
+                        item.failed = True
+                        done["failed"].append(video)
+                        queue = [q for q in queue if q[0] is not item]
+                        break
+                    queue += [(item, c) for c in clips]
+                    if len(queue) >= batch_size:
+                        run(queue)
+                        queue = []
+            finally:
+                item.close()
+        if queue:
+            run(queue)
+    finally:
+        bar.close()
     return done
 
 
 def _parser() -> argparse.ArgumentParser:
     p = make_parser(PROG, __doc__)
-    p.add_argument("videos", nargs="*", metavar="VIDEO")
+    p.add_argument("videos", nargs="*", metavar="VIDEO", help="video files (or frame folders)")
     p.add_argument("--video-dir", default=None, help="also every video file in this folder")
     add_model_args(p, "classifier (official fine-tuned, e.g. ViT-g K710 for TAD) or pretraining file, or HF")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", required=True, help="where OUT/<video name>.npy are written")
     p.add_argument("--stride", type=int, default=4, help="frames between window starts (THUMOS14 4, FineAction 16)")
     p.add_argument("--sampling-rate", type=int, default=1, help="frame step inside a window (official: 1)")
     p.add_argument("--no-pool", dest="pool", action="store_false", help="per-token features (windows, N, D)")
     p.add_argument("--input-norm", default="imagenet", choices=("imagenet", "none"),
                    help="none: [0, 1] frames without normalization, as the official extractor")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="windows per forward pass (of consecutive videos together)")
     add_run_args(p)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (windows done, rate, ETA) on stderr")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    check_at_least(args, {"stride": 1, "sampling_rate": 1, "batch_size": 1})
     videos = list_videos(args.videos, args.video_dir)
     if not videos:
         raise UsageError("no videos given (VIDEO... or --video-dir)")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out}: exists and is not a folder")
+    dev, amp, device_line = device_and_dtype(args.device, args.dtype)
     model = load_model_from_args(args, "classifier")
-    dev, amp = device_and_dtype(args.device, args.dtype)
     model = model.to(dev).eval()
+    say(device_line)
     errors = VideoErrors(PROG, args.debug)
     done = extract(model, videos, args.output_dir, stride=args.stride, sampling_rate=args.sampling_rate,
                    pool=args.pool, batch_size=args.batch_size, input_norm=args.input_norm, decoder=args.decoder,

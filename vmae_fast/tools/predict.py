@@ -30,8 +30,8 @@ import torch
 from ..errors import UsageError
 from ..video.sources import open_source
 from ..video.views import DEFAULT_VIEWS, make_views, parse_views
-from .common import (VideoErrors, add_model_args, add_run_args, device_and_dtype, entry, load_model_from_args,
-                     make_parser, read_hf_config)
+from .common import (VideoErrors, add_model_args, add_run_args, check_at_least, device_and_dtype, entry,
+                     load_model_from_args, make_parser, read_hf_config, say)
 
 
 @dataclass
@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="k400, k600, k700, k710, or a file (one name per line, or JSON); default: by class count")
     p.add_argument("--views", default="5x3", help="temporal clips x spatial crops (official Kinetics test: 5x3)")
     p.add_argument("--sampling-rate", type=int, default=4, help="frame stride of a clip (official Kinetics: 4)")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=int, default=5, help="labels shown per video")
     p.add_argument("--batch-size", type=int, default=8, help="views per forward pass")
     add_run_args(p)
     p.add_argument("--json", action="store_true", help="one JSON document on stdout, for scripts")
@@ -138,16 +138,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_views(args.views)
     except ValueError as exc:
         raise UsageError(f"--views: {exc}") from None
+    check_at_least(args, {"sampling_rate": 1, "topk": 1, "batch_size": 1})
+    device, amp, device_line = device_and_dtype(args.device, args.dtype)
+    try:
+        labels = load_labels(args.labels) if args.labels else None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--labels {args.labels}: {exc}") from None
     hf_config = read_hf_config(args.checkpoint) if os.path.exists(args.checkpoint) else None
     model = load_model_from_args(args, "classifier", hf_config=hf_config)
     if model.num_classes == 0:
         raise UsageError(f"--checkpoint {args.checkpoint} holds no classification head: predict needs a "
                          "fine-tuned classifier")
-    device, amp = device_and_dtype(args.device, args.dtype)
     model = model.to(device).eval()
-    labels = load_labels(args.labels) if args.labels else default_labels(model, hf_config)
+    labels = labels if args.labels else default_labels(model, hf_config)
     if labels is not None and len(labels) != model.num_classes:
         raise UsageError(f"--labels gives {len(labels)} names for a model of {model.num_classes} classes")
+    say(device_line)
     errors = VideoErrors(PROG, args.debug)
     results = []
     for video in args.videos:

@@ -42,8 +42,8 @@ from ..ops.masked_mse import cube_targets_ref
 from ..video.resize import resize_frames
 from ..video.sources import open_source
 from ..video.views import crop_offsets
-from .common import (VideoErrors, add_model_args, add_run_args, device_and_dtype, entry, load_model_from_args,
-                     make_parser, write_png)
+from .common import (VideoErrors, add_model_args, add_run_args, check_at_least, device_and_dtype, entry,
+                     load_model_from_args, make_parser, say, write_png)
 
 PROG = "vmae-visualize"
 
@@ -177,7 +177,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    device, amp = device_and_dtype(args.device, args.dtype)
+    check_at_least(args, {"sampling_rate": 1, "start": 0})
+    for flag in ("encoder_ratio", "decoder_ratio"):
+        value = getattr(args, flag)
+        if not 0 <= value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
+    if args.out is not None and not args.out.lower().endswith(".png"):
+        raise UsageError(f"--out must name a .png file, got {args.out!r}")
+    device, amp, device_line = device_and_dtype(args.device, args.dtype)
     model = load_model_from_args(args, "pretrain").to(device)
     cfg = model.cfg
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -186,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 encoder_mask_type=args.mask_type, device=device, generator=gen)
     except ValueError as exc:
         raise UsageError(f"--encoder-ratio / --decoder-ratio / --mask-type: {exc}") from None
+    say(device_line)
     errors = VideoErrors(PROG, args.debug)
     ok, clip = errors.attempt(args.video, read_clip, args.video, cfg.num_frames, cfg.img_size, args.sampling_rate,
                               args.start, args.decoder)
