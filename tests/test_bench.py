@@ -78,11 +78,11 @@ def test_presets_resolve():
     ns = build_parser().parse_args(["--device", "cpu"])
     ns._argv = []
     plan = plan_from_args(ns)
-    assert plan["preset"] == "cpu" and plan["dtype"] == torch.float32
-    assert plan["impls"] == ["vmae_fast", "vmae_fast-unfused", "reference"]
+    assert plan.preset == "cpu" and plan.dtype == torch.float32
+    assert plan.impls == ["vmae_fast", "vmae_fast-unfused", "reference"]
     ns = build_parser().parse_args(["--device", "cpu", "--preset", "table2", "--ckpt", "both"])
     plan = plan_from_args(ns)
-    labels = [s.label() for s, _ in plan["setups"]]
+    labels = [s.label() for s, _ in plan.setups]
     assert "ViT-B 16x224 b32" in labels and "ViT-g 16x224 b8 ckpt" in labels and len(labels) == 4
 
 
@@ -272,7 +272,7 @@ def test_smoke_runs_the_gpu_plans_on_cpu(tmp_path, capsys, one_thread, preset, t
     assert (tmp_path / f"{preset}.png").stat().st_size > 0 and result["files"]["json"] == str(tmp_path / f"{preset}.json")
     assert data["config"]["smoke"] is True and data["config"]["max_batch_cap"] == SMOKE_MAX_BATCH_CAP
     plan = PRESETS[preset]
-    n_cells = sum(len(m) for _, m in plan["setups"]) * len(plan["impls"])
+    n_cells = sum(len(m) for _, m in plan.setups) * len(plan.impls)
     rows = data["rows"]
     assert len(rows) == n_cells and all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
     assert {r["setup"]["ckpt"] for r in rows} == {False, True}  # ViT-g rows keep the preset's checkpointing

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -14,20 +15,52 @@ from vmae_fast.masking import running_cell_patterns
 from ..runner import DTYPES, IMPLS, Setup
 
 CPU_IMPLS = ["vmae_fast", "vmae_fast-unfused", "reference"]
+@dataclass(frozen=True)
+class Preset:
+    """A named grid: ``setups`` (each with its decoder ratios), the implementations, and the
+    warmup and timed steps per cell."""
+
+    setups: list[tuple[Setup, list[float]]]
+    impls: list[str]
+    warmup: int
+    repeats: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures, resolved from a preset and the command line (``plan_from_args``).
+
+    ``preset``: its name; ``device``/``dtype``: where and in what the steps run; ``setups``: each
+    setup with its decoder ratios; ``impls``: the implementations; ``smoke``: toy sizes (code
+    paths only); ``warmup``/``repeats``: steps per cell; ``max_batch``: search the largest batch
+    that fits; ``max_batch_cap``: the search's bound (``None``: unbounded)."""
+
+    preset: str
+    device: torch.device
+    dtype: torch.dtype
+    setups: list[tuple[Setup, list[float]]]
+    impls: list[str]
+    smoke: bool
+    warmup: int
+    repeats: int
+    max_batch: bool
+    max_batch_cap: int | None
+
+
 PRESETS = {
     # 42-52 s on the 2-core Xeon (wall_s of bench/results/cpu-intel-xeon-2t-2026-11-22*.json): ViT-S on 16x160 clips (8x10x10 = 800 tokens, 80
     # encoder-visible at 0.9, the paper's 16 frames), both maskings, the three implementations.
     # At 8x128 (28 visible tokens) the AdamW step dominates and every row looks alike.
-    "cpu": {"setups": [(Setup("vit_small_patch16_224", 16, 160, 2), [0.0, 0.5])],
-            "impls": CPU_IMPLS, "warmup": 2, "repeats": 7},
-    "gpu": {"setups": [(Setup("vit_base_patch16_224", 16, 224, 32), [0.0, 0.25, 0.5, 0.75]),
-                       (Setup("vit_giant_patch14_224", 16, 224, 8, ckpt=True), [0.0, 0.25, 0.5, 0.75])],
-            "impls": CPU_IMPLS, "warmup": 3, "repeats": 10},
+    "cpu": Preset(setups=[(Setup("vit_small_patch16_224", 16, 160, 2), [0.0, 0.5])],
+                  impls=CPU_IMPLS, warmup=2, repeats=7),
+    "gpu": Preset(setups=[(Setup("vit_base_patch16_224", 16, 224, 32), [0.0, 0.25, 0.5, 0.75]),
+                          (Setup("vit_giant_patch14_224", 16, 224, 8, ckpt=True), [0.0, 0.25, 0.5, 0.75])],
+                  impls=CPU_IMPLS, warmup=3, repeats=10),
     # The paper's Table 2 rows: ViT-B (decoder 384) with the decoder-ratio ablation, ViT-g
     # (decoder 512, activation checkpointing as the official recipe); 16x224, tube 0.9.
-    "table2": {"setups": [(Setup("vit_base_patch16_224", 16, 224, 32), [0.0, 0.25, 0.5, 0.75]),
-                          (Setup("vit_giant_patch14_224", 16, 224, 8, ckpt=True), [0.0, 0.5])],
-               "impls": CPU_IMPLS, "warmup": 3, "repeats": 10},
+    "table2": Preset(setups=[(Setup("vit_base_patch16_224", 16, 224, 32), [0.0, 0.25, 0.5, 0.75]),
+                             (Setup("vit_giant_patch14_224", 16, 224, 8, ckpt=True), [0.0, 0.5])],
+                     impls=CPU_IMPLS, warmup=3, repeats=10),
 }
 SMOKE = {"frames": 4, "batch": 2, "depth": 1, "decoder_depth": 1}
 SMOKE_MAX_BATCH_CAP = 4
@@ -81,11 +114,11 @@ def _check_ranges(ns: argparse.Namespace) -> None:
         raise ValueError(f"--encoder-ratio must be in [0, 1), got {ns.encoder_ratio}")
 
 
-def _setups(ns: argparse.Namespace, preset: dict, device: torch.device,
+def _setups(ns: argparse.Namespace, preset: Preset, device: torch.device,
             maskings: list[float] | None) -> list[tuple[Setup, list[float]]]:
     """The preset's setups (or one per ``--arch``), at toy size with ``--smoke``, with the
     command line's overrides, once per ``--ckpt`` choice."""
-    setups = list(preset["setups"])
+    setups = list(preset.setups)
     if ns.arch:
         default_batch = 2 if device.type == "cpu" else 32
         setups = [(Setup(a, 16, 224, default_batch if "giant" not in a else 8, ckpt="giant" in a
@@ -118,7 +151,7 @@ def _dtype(text: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def plan_from_args(ns: argparse.Namespace) -> dict:
+def plan_from_args(ns: argparse.Namespace) -> Plan:
     """Resolve presets and overrides into a plan; bad values raise ``ValueError``."""
     device = select_device(ns.device)  # a cuda:N device becomes the current one
     preset = ns.preset if ns.preset != "auto" else ("gpu" if device.type == "cuda" else "cpu")
@@ -126,25 +159,25 @@ def plan_from_args(ns: argparse.Namespace) -> dict:
     _check_ranges(ns)
     setups = _setups(ns, base, device, parse_maskings(ns.masking) if ns.masking else None)
     _check_masks(setups, ns.encoder_ratio)
-    impls = parse_impls(ns.impl) if ns.impl else list(base["impls"])
+    impls = parse_impls(ns.impl) if ns.impl else list(base.impls)
     if ns.compile and "reference+compile" not in impls:
         impls.append("reference+compile")
     smoke = ns.smoke
     # The search needs a bound on CPU, where an out-of-memory kills the process instead of raising.
     cap = ns.max_batch_cap if ns.max_batch_cap is not None else (
         SMOKE_MAX_BATCH_CAP if smoke else (4096 if device.type == "cuda" else None))
-    return {"preset": preset, "device": device, "dtype": _dtype(ns.dtype, device), "setups": setups,
-            "impls": impls, "smoke": smoke,
-            "warmup": 1 if smoke and ns.warmup is None else (base["warmup"] if ns.warmup is None else ns.warmup),
-            "repeats": 2 if smoke and ns.repeats is None else (base["repeats"] if ns.repeats is None else ns.repeats),
-            "max_batch": ns.max_batch or smoke, "max_batch_cap": cap}
+    return Plan(preset=preset, device=device, dtype=_dtype(ns.dtype, device), setups=setups, impls=impls,
+                smoke=smoke,
+                warmup=1 if smoke and ns.warmup is None else (base.warmup if ns.warmup is None else ns.warmup),
+                repeats=2 if smoke and ns.repeats is None else (base.repeats if ns.repeats is None else ns.repeats),
+                max_batch=ns.max_batch or smoke, max_batch_cap=cap)
 
 
-def plan_slug(plan: dict, ns: argparse.Namespace) -> str:
+def plan_slug(plan: Plan, ns: argparse.Namespace) -> str:
     """The preset's name, or for a customized grid its setups (so that runs of one day don't
     overwrite each other's files)."""
-    smoke = "-smoke" if plan["smoke"] else ""  # a smoke run's files say so in their names
+    smoke = "-smoke" if plan.smoke else ""  # a smoke run's files say so in their names
     if not any(getattr(ns, k) is not None for k in ("arch", *SETUP_OVERRIDES, "masking", "impl")):
-        return plan["preset"] + smoke
-    labels = sorted({s.label() for s, _ in plan["setups"]})
+        return plan.preset + smoke
+    labels = sorted({s.label() for s, _ in plan.setups})
     return "custom-" + "_".join(re.sub(r"[^A-Za-z0-9]+", "-", x).strip("-").lower() for x in labels) + smoke

@@ -21,6 +21,7 @@ from ..common.timing import free_memory, is_oom, pin_malloc_mmap_threshold
 from ..runner import (CellOptions, Setup, build, make_optimizer, masking_label, master_state, measure_cell,
                       measure_cells_interleaved, param_count, unsupported)
 from .metrics import derive, goals
+from .plan import Plan
 
 Error = tuple[str, str]  # (status "oom" or "error", description)
 
@@ -151,37 +152,37 @@ def _loadavg():
     return os.getloadavg() if hasattr(os, "getloadavg") else None
 
 
-def run(plan: dict, ns: argparse.Namespace) -> dict:
-    device, dtype, smoke = plan["device"], plan["dtype"], plan["smoke"]
+def run(plan: Plan, ns: argparse.Namespace) -> dict:
+    device, dtype, smoke = plan.device, plan.dtype, plan.smoke
     t_start, load_start = time.time(), _loadavg()
     if device.type == "cpu":
         pin_malloc_mmap_threshold()  # before any model exists, so RSS tracks live tensors
     info = devmod.device_info(device)
     ceiling = devmod.matmul_ceiling(device, torch.bfloat16 if device.type == "cuda" else torch.float32,
                                     **({"n": 256, "repeats": 3} if smoke else {}))
-    opt = CellOptions(device=device, dtype=dtype, warmup=plan["warmup"], repeats=plan["repeats"],
+    opt = CellOptions(device=device, dtype=dtype, warmup=plan.warmup, repeats=plan.repeats,
                       encoder_ratio=ns.encoder_ratio, optimizer=not ns.no_optimizer,
-                      max_batch=plan["max_batch"], max_batch_cap=plan["max_batch_cap"],
+                      max_batch=plan.max_batch, max_batch_cap=plan.max_batch_cap,
                       count_flops=not ns.no_flops, seed=ns.seed)
     interleave = ns.interleave if ns.interleave is not None else device.type == "cpu"
     measure = measure_interleaved if interleave else measure_sequential
-    bar = _progress(sum(len(m) for _, m in plan["setups"]) * len(plan["impls"]), ns.no_progress)
+    bar = _progress(sum(len(m) for _, m in plan.setups) * len(plan.impls), ns.no_progress)
     rows = []
-    for setup, maskings in plan["setups"]:
-        rows += measure(SetupCells(setup, opt), maskings, plan["impls"], bar)
+    for setup, maskings in plan.setups:
+        rows += measure(SetupCells(setup, opt), maskings, plan.impls, bar)
     bar.close()
     derive(rows, info, ceiling)
-    return {**result_header("dual_masking", ns._argv, schema=2, preset=plan["preset"], device=info),
+    return {**result_header("dual_masking", ns._argv, schema=2, preset=plan.preset, device=info),
             "matmul_ceiling": ceiling,
-            "config": {"dtype": str(dtype).replace("torch.", ""), "warmup": plan["warmup"],
-                       "repeats": plan["repeats"], "encoder_ratio": ns.encoder_ratio, "smoke": smoke,
+            "config": {"dtype": str(dtype).replace("torch.", ""), "warmup": plan.warmup,
+                       "repeats": plan.repeats, "encoder_ratio": ns.encoder_ratio, "smoke": smoke,
                        "max_batch_cap": opt.max_batch_cap if opt.max_batch else None,
                        "optimizer": "none (forward+backward)" if ns.no_optimizer else
                        "AdamW lr=0 (full update cost, weights unchanged)",
-                       "impls": plan["impls"], "seed": ns.seed,
+                       "impls": plan.impls, "seed": ns.seed,
                        "timing": "interleaved (round-robin over implementations)" if interleave else
                        "sequential (one implementation alive at a time)",
-                       "setups": [{**s.__dict__, "maskings": m} for s, m in plan["setups"]],
+                       "setups": [{**s.__dict__, "maskings": m} for s, m in plan.setups],
                        "clips": "vmae_fast: uint8 (normalized on the device, as train/pretrain.py feeds it); "
                                 "reference: ImageNet-normalized float32 of the same pixels",
                        "flops": "torch.utils.flop_counter; attention from q/k/v shapes by the analytic rule "
