@@ -8,6 +8,7 @@ import timm
 import torch
 
 import vmae_fast
+import vmae_fast.models.timm_registry  # noqa: F401  (registers vmae_fast_* with timm)
 from vmae_fast.reference import ReferenceClassifier
 
 from conftest import rel_err

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import vmae_fast
+import vmae_fast.models.timm_registry  # noqa: F401  (registers vmae_fast_* with timm)
 from vmae_fast import labels as L
 
 from conftest import rel_err

@@ -22,7 +22,3 @@ __all__ = ["ARCHS", "AttentionBackendError", "DualMask", "IMAGENET_MEAN", "IMAGE
            "create_model", "create_pretrain_model", "flops", "hf", "labels", "load_checkpoint_file", "load_model",
            "ops", "save_atomic", "unwrap_state_dict"]
 
-
-from .models.timm_registry import register_with_timm  # noqa: E402
-
-register_with_timm()  # lazily: timm's import cost is paid only by those who import timm

@@ -1,5 +1,14 @@
-"""Registers every arch with timm: ``vmae_fast_<arch>`` (classifier) and
-``vmae_fast_pretrain_<arch>`` (pretraining model), each with a ``pretrained_cfg``.
+"""Our models in timm: ``vmae_fast_<arch>`` (classifier) and ``vmae_fast_pretrain_<arch>``
+(pretraining model), each with a ``pretrained_cfg``, registered as timm registers its own: one
+small entry function per name under ``@register_model``. Importing this module registers them::
+
+    import vmae_fast.models.timm_registry  # noqa: F401  (imports timm, registers vmae_fast_*)
+    model = timm.create_model("vmae_fast_vit_base_patch16_224", num_classes=400)
+
+``import vmae_fast`` does not import this module: timm (with torchvision) costs 2.0-2.6 s of
+imports after torch (``python -c "import torch, time; t = time.perf_counter(); import timm.models;
+print(time.perf_counter() - t)"``, timm 1.0.31, torch 2.14.1, the 2-core Xeon of
+``bench/results/``, 3 runs), which users who never touch timm should not pay.
 
 Weights come from files, never from a hub:
 
@@ -16,9 +25,7 @@ Weights come from files, never from a hub:
 """
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
-import sys
+from timm.models import register_model
 
 from ..config import ARCHS, IMAGENET_MEAN, IMAGENET_STD
 from .factory import create_model, create_pretrain_model
@@ -80,65 +87,63 @@ def _entry(factory, name, arch, **kwargs):
     return model
 
 
-def _make_entry(factory, name, arch):
-    def entry(**kwargs):
-        return _entry(factory, name, arch, **kwargs)
-    return entry
+# -------------------------------------------------------------------------- the registered names (one per arch and model)
+
+@register_model
+def vmae_fast_vit_small_patch16_224(**kwargs):
+    """``create_model("vit_small_patch16_224", **kwargs)``: the fine-tuning classifier."""
+    return _entry(create_model, "vmae_fast_vit_small_patch16_224", "vit_small_patch16_224", **kwargs)
 
 
-def register() -> list[str]:
-    from timm.models import register_model
-
-    names = []
-    for arch in ARCHS:
-        for prefix, factory in (("vmae_fast_", create_model), ("vmae_fast_pretrain_", create_pretrain_model)):
-            name = prefix + arch
-            fn = _make_entry(factory, name, arch)
-            fn.__name__ = fn.__qualname__ = name
-            fn.__module__ = __name__
-            fn.__doc__ = f"{factory.__name__}({arch!r}, **kwargs)"
-            register_model(fn)
-            names.append(name)
-    return names
+@register_model
+def vmae_fast_pretrain_vit_small_patch16_224(**kwargs):
+    """``create_pretrain_model("vit_small_patch16_224", **kwargs)``: the pretraining model."""
+    return _entry(create_pretrain_model, "vmae_fast_pretrain_vit_small_patch16_224", "vit_small_patch16_224", **kwargs)
 
 
-class _RegisterWhenImported(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Runs ``register()`` right after ``timm.models`` finishes importing. timm (with torchvision)
-    costs 2.0-2.6 s of imports after torch (``python -c "import torch, time; t = time.perf_counter();
-    import timm.models; print(time.perf_counter() - t)"``, timm 1.0.31, torch 2.14.1, the 2-core
-    Xeon of ``bench/results/``, 3 runs): ``import vmae_fast`` should not pay that for users who
-    never use timm, and those who do find our names registered whatever the import order."""
-
-    def find_spec(self, name, path, target=None):
-        if name != "timm.models":
-            return None
-        sys.meta_path.remove(self)  # one shot; also lets find_spec below see the real finders
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
-            return spec
-        self._loader, spec.loader = spec.loader, self
-        return spec
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        _register_or_warn()
+@register_model
+def vmae_fast_vit_base_patch16_224(**kwargs):
+    """``create_model("vit_base_patch16_224", **kwargs)``: the fine-tuning classifier."""
+    return _entry(create_model, "vmae_fast_vit_base_patch16_224", "vit_base_patch16_224", **kwargs)
 
 
-def _register_or_warn() -> None:
-    try:
-        register()
-    except Exception as exc:  # pragma: no cover - depends on the timm install
-        import warnings
-
-        warnings.warn(f"vmae_fast: could not register models with timm ({exc})", stacklevel=2)
+@register_model
+def vmae_fast_pretrain_vit_base_patch16_224(**kwargs):
+    """``create_pretrain_model("vit_base_patch16_224", **kwargs)``: the pretraining model."""
+    return _entry(create_pretrain_model, "vmae_fast_pretrain_vit_base_patch16_224", "vit_base_patch16_224", **kwargs)
 
 
-def register_with_timm() -> None:
-    """Register now when timm is imported already, else as soon as it is."""
-    if "timm.models" in sys.modules:
-        _register_or_warn()
-    elif not any(isinstance(f, _RegisterWhenImported) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterWhenImported())
+@register_model
+def vmae_fast_vit_large_patch16_224(**kwargs):
+    """``create_model("vit_large_patch16_224", **kwargs)``: the fine-tuning classifier."""
+    return _entry(create_model, "vmae_fast_vit_large_patch16_224", "vit_large_patch16_224", **kwargs)
+
+
+@register_model
+def vmae_fast_pretrain_vit_large_patch16_224(**kwargs):
+    """``create_pretrain_model("vit_large_patch16_224", **kwargs)``: the pretraining model."""
+    return _entry(create_pretrain_model, "vmae_fast_pretrain_vit_large_patch16_224", "vit_large_patch16_224", **kwargs)
+
+
+@register_model
+def vmae_fast_vit_huge_patch16_224(**kwargs):
+    """``create_model("vit_huge_patch16_224", **kwargs)``: the fine-tuning classifier."""
+    return _entry(create_model, "vmae_fast_vit_huge_patch16_224", "vit_huge_patch16_224", **kwargs)
+
+
+@register_model
+def vmae_fast_pretrain_vit_huge_patch16_224(**kwargs):
+    """``create_pretrain_model("vit_huge_patch16_224", **kwargs)``: the pretraining model."""
+    return _entry(create_pretrain_model, "vmae_fast_pretrain_vit_huge_patch16_224", "vit_huge_patch16_224", **kwargs)
+
+
+@register_model
+def vmae_fast_vit_giant_patch14_224(**kwargs):
+    """``create_model("vit_giant_patch14_224", **kwargs)``: the fine-tuning classifier."""
+    return _entry(create_model, "vmae_fast_vit_giant_patch14_224", "vit_giant_patch14_224", **kwargs)
+
+
+@register_model
+def vmae_fast_pretrain_vit_giant_patch14_224(**kwargs):
+    """``create_pretrain_model("vit_giant_patch14_224", **kwargs)``: the pretraining model."""
+    return _entry(create_pretrain_model, "vmae_fast_pretrain_vit_giant_patch14_224", "vit_giant_patch14_224", **kwargs)
