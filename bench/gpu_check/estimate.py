@@ -98,14 +98,14 @@ def _item(label: str, count: int, flops: float, nbytes: float) -> dict:
 def _dual_masking_items(index: int, maskings) -> list[dict]:
     from ..dual_masking.plan import PRESETS
 
-    setup = PRESETS["gpu"]["setups"][index][0]
+    setup = PRESETS["gpu"].setups[index][0]
     k = plan.DUAL_MASKING
     # per cell: the first step, warm-up, the timed repeats, the peak-memory step, the exact
     # count's step and the FLOP counter's step
     steps = 1 + max(0, k["warmup"] - 1) + k["repeats"] + 3
     items = []
     for r in maskings:
-        for impl in PRESETS["gpu"]["impls"]:
+        for impl in PRESETS["gpu"].impls:
             w = train_step(setup.arch, setup.batch, r, impl, setup.ckpt, setup.frames, setup.img_size)
             items.append(_item(f"{setup.arch} b{setup.batch} decoder {r} {impl}", steps, w["flops"], w["bytes"]))
     return items
@@ -116,7 +116,7 @@ def work_items(part: str) -> list[dict]:
     from ..dual_masking.plan import PRESETS
 
     if part == "dual_masking_vit_b":
-        return _dual_masking_items(0, PRESETS["gpu"]["setups"][0][1])
+        return _dual_masking_items(0, PRESETS["gpu"].setups[0][1])
     if part == "dual_masking_vit_g":
         return _dual_masking_items(1, plan.DUAL_MASKING_VIT_G_MASKINGS)
     if part == "memory_count":  # a prime step and the counted one

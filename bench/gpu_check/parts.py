@@ -123,7 +123,7 @@ def _dual_masking_argv(ctx: Context, index: int, maskings=None) -> list[str]:
     other setup's rows), at toy size with ``--smoke`` on a dry run."""
     from ..dual_masking.plan import PRESETS
 
-    setup, preset_maskings = PRESETS["gpu"]["setups"][index]
+    setup, preset_maskings = PRESETS["gpu"].setups[index]
     masks = (0.0, 0.5) if ctx.dry_run else (maskings or preset_maskings)
     k = plan.DRY["dual_masking"] if ctx.dry_run else plan.DUAL_MASKING
     argv = ["--preset", "gpu", "--device", str(ctx.device), "--arch", setup.arch,
@@ -171,7 +171,7 @@ def memory_count(ctx: Context, share_s: float) -> dict:
     from ..dual_masking.plan import PRESETS, smoke_setup
     from ..memory import measure
 
-    setup = PRESETS["gpu"]["setups"][0][0]
+    setup = PRESETS["gpu"].setups[0][0]
     if ctx.dry_run:
         setup = smoke_setup(setup)
     m = measure(setup, "vmae_fast", False, 0.5, dtype=torch.bfloat16, device=ctx.device, flops=False)["step_memory"]
