@@ -310,7 +310,7 @@ def test_finetune_signal_resume_keeps_ema_and_best(data, tmp_path):
 
 
 # ----------------------------------------------------------------------------- torchrun
-def torchrun(data, out, *extra, restarts=0, steps=12):
+def torchrun(data, out, *extra, restarts=0, steps=16):
     """A world-2 gloo run of pretraining (a tiny model, a row every step), started in its own
     process group."""
     argv = args(data, out, "--steps", str(steps), "--batch-size", "1", "--log-every", "1", *extra)
@@ -367,13 +367,13 @@ def test_torchrun_one_ranks_signal_stops_every_rank_and_the_resume_is_bit_exact(
     rc, log = finish(proc)
     assert rc != 0 and log.count("vmae-pretrain[rank 0]: stopped: SIGTERM at step ") == 1 and "[rank 1]: stopped" not in log, log[-6000:]
     stop = int(log.split("stopped: SIGTERM at step ")[1].split(":")[0])
-    assert 2 <= stop < 12, log[-6000:]
+    assert 2 <= stop < 16, log[-6000:]
     assert [r for r in read_metrics(out) if r.get("event") == "stopped"][0]["step"] == stop
     rc, log = finish(torchrun(data, out, "--dist", engine, "--resume", "auto"))
     assert rc == 0, log[-6000:]
     rc, log = finish(ref)
     assert rc == 0, log[-6000:]
-    assert rows(out) == rows(full) and [r["step"] for r in rows(out)] == list(range(1, 13))
+    assert rows(out) == rows(full) and [r["step"] for r in rows(out)] == list(range(1, 17))
     wa, wb = (torch.load(p / "pretrain_official.pth", weights_only=True)["model"] for p in (full, out))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     if engine == "ddp":  # the optimizer state too (FSDP: sharded folders, the weights above are gathered)
@@ -394,7 +394,7 @@ def test_torchrun_restarts_a_group_whose_rank_was_killed_and_resumes_by_itself(d
     assert len(resumed) == 1 and resumed[0]["step"] % 3 == 0 and resumed[0]["step"] >= 3, log[-6000:]
     rc, log = finish(ref)
     assert rc == 0, log[-6000:]
-    assert rows(out) == rows(full) and [r["step"] for r in rows(out)] == list(range(1, 13))
+    assert rows(out) == rows(full) and [r["step"] for r in rows(out)] == list(range(1, 17))
     wa, wb = (torch.load(p / "pretrain_official.pth", weights_only=True)["model"] for p in (full, out))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ca, cb = (torch.load(p / CHECKPOINT, weights_only=True)["optimizer"]["state"] for p in (full, out))
@@ -436,3 +436,13 @@ def test_missing_files_are_counted_and_named_and_refused_beyond_max_missing(data
     warned = [ln for ln in capsys.readouterr().err.splitlines() if "files are missing" in ln]
     assert len(warned) == 1 and warned[0].startswith(f"vmae-pretrain: warning: --data-list {lst}: 7 of "
                                                      f"{len(lines) + 7} files are missing, skipped like unreadable")
+
+
+def test_ctrl_c_outside_the_steps_is_one_line(data, tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("train.pretrain.count_macs", interrupted)  # while the task is built
+    assert run_cli(pretrain.main, "vmae-pretrain", args(data, tmp_path / "run")) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "vmae-pretrain: stopped: interrupted (SIGINT) outside the training steps; a committed checkpoint, if any, "
+        "is kept"]

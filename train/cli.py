@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import json
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -346,6 +347,10 @@ def run_cli(main, prog: str, argv=None) -> int:
             if rank == 0:
                 raise
             return EXIT_STOPPED_BY_SIGNAL
+        except KeyboardInterrupt:  # Ctrl-C outside the training steps (setup, export): nothing to save
+            print(f"{tag}: stopped: interrupted (SIGINT) outside the training steps; a committed checkpoint, "
+                  "if any, is kept", file=sys.stderr, flush=True)
+            return 128 + signal.SIGINT
 
     with warnings_name_our_code(tag):
         return _errors.run_cli(quiet, tag, argv, exit_codes=EXIT_CODES)

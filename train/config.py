@@ -41,39 +41,63 @@ class RunConfig:
     restart: int = 0
     """torchrun's TORCHELASTIC_RESTART_COUNT: above 0 a restarted group resumes by itself"""
     seed: int = 0
+    """data order, masks and the initial weights; each rank's streams from seed + rank"""
     batch_size: int = 1
     """videos per process per micro-batch"""
     num_sample: int = 1
     """clips per decoded video (repeated augmentation)"""
     accum_steps: int = 1
+    """micro-batches per optimizer step (the official --update_freq)"""
     num_workers: int = 0
+    """DataLoader worker processes per rank"""
     steps: int | None = None
+    """optimizer steps of the run (None: epochs x steps per epoch)"""
     epochs: int | None = None
+    """passes over the data (the recipe's, unless --steps)"""
     warmup_steps: int | None = None
+    """linear warmup steps (None: warmup_epochs x steps per epoch)"""
     warmup_epochs: float = 0.0
+    """linear warmup in epochs"""
     base_lr: float | None = None
+    """peak lr before the batch scaling (the official --lr)"""
     lr: float | None = None
+    """absolute peak lr: nothing scaled"""
     lr_scaling: str = "official"
+    """'official' (lr, min and warmup lr x videos/256) or 'clips' (lr x clips/256)"""
     min_lr: float = 0.0
+    """end of the cosine (scaled as lr_scaling says)"""
     warmup_lr: float = 0.0
+    """start of the warmup (scaled as lr_scaling says)"""
     weight_decay: float = 0.0
+    """AdamW weight decay (not on biases, norms, tables and tokens)"""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas"""
     eps: float = 1e-8
+    """AdamW eps"""
     clip_grad: float | None = None
     """max gradient norm; ``--clip-grad 0`` is stored as None (no clipping)"""
     precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with a loss scaler) or fp32"""
     compile: bool = False
+    """torch.compile the model"""
     dist: str = "ddp"
+    """engine under torchrun: ddp or fsdp"""
     dist_backend: str | None = None
+    """process-group backend (None: nccl on CUDA, gloo on CPU)"""
     device: str | None = None
+    """cpu, cuda or cuda:N (None: cuda when available)"""
     save_every: int = 1000
     """a checkpoint every N optimizer steps (and at the end)"""
     save_every_minutes: float = 0.0
     """also a checkpoint once this many minutes passed since the last one (0: off)"""
     log_every: int = 10
+    """a metrics row every N steps"""
     divergence_factor: float = 10.0
+    """a checkpoint is kept only while its loss is within this factor of the lowest (0: off)"""
     no_progress: bool = False
+    """no tqdm bar"""
     tensorboard: bool = False
+    """also log to OUT/tb"""
 
     def __post_init__(self):
         if self.clip_grad == 0:

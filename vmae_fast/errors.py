@@ -12,7 +12,8 @@ Exit statuses (the same for every command):
     2  usage error: a bad flag, or a file named by a flag that is missing or not what was expected
     3  a training run stopped on a non-finite loss
     4  a training run stopped by SIGTERM, SIGINT or SIGUSR1 after committing a checkpoint (the
-       line names it and the command that resumes the run); a second signal: 128 + its number
+       line names it and the command that resumes the run); a second signal, or Ctrl-C outside
+       the training steps: 128 + its number
     5  a training run stopped because a checkpoint could not be written (no space, an I/O
        error); the previous checkpoint is kept and the line names it
 """
