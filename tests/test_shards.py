@@ -165,6 +165,46 @@ def test_spec_forms_folder_brace_file_url_and_http(real):
             srv.shutdown()
 
 
+def test_an_object_store_through_a_pipe_url(real):
+    # what `pipe:aws s3 cp s3://bucket/shard-{...}.tar -` does, with cat: the manifest is read
+    # through the same command, its shard name replaced
+    root, lst, out, _ = real
+    shards = fmt.resolve(f"pipe:cat {out}/shard-{{000000..000002}}.tar")
+    assert shards.urls[2] == f"pipe:cat {out}/shard-000002.tar" and shards.counts == (1, 1, 1)
+    assert [s["__key__"] for u in shards.urls for s in fmt.read_piece(u, 0, 1)] == ["000000000", "000000002",
+                                                                                    "000000004"]
+
+
+def test_frame_folders_are_stored_as_their_images_and_read_the_same(tmp_path):
+    import av
+    from PIL import Image
+
+    folder = tmp_path / "SomethingV2" / "clip"  # a rawframes folder, frames named from 1
+    folder.mkdir(parents=True)
+    with av.open(str(DATA / "carphone_distorted.mp4")) as c:
+        for i, frame in enumerate(c.decode(video=0)):
+            if i == 12:
+                break
+            frame.to_image().save(folder / f"img_{i + 1:05}.jpg", quality=90)
+    lst = write_list(tmp_path / "raw.txt", ["SomethingV2/clip 12 3"])  # the official 'folder total label'
+    out = tmp_path / "s"
+    assert write_shards.main(["--data-list", str(lst), "--data-root", str(tmp_path), "--kind", "finetune",
+                              "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    with tarfile.open(out / "shard-000000.tar") as t:
+        names = t.getnames()
+        assert t.extractfile("000000000.000011.jpg").read() == (folder / "img_00012.jpg").read_bytes()
+    assert len(names) == 13 and "000000000.json" in names
+    for mode in ("finetune", "test"):
+        ds = VideoDataset(read_list(lst, tmp_path, "finetune"), mode, 4, 2, 32, seed=1, num_segments=2,
+                          decoder="pyav")
+        (sample,) = list(fmt.read_piece(str(out / "shard-000000.tar"), 0, 1))
+        got, ref = load_sample(ds, sample, 0), ds[(0, 0)]
+        assert got["label"] == ref["label"] == 3
+        assert all(torch.equal(a, b) for a, b in zip(got["video"], ref["video"]))
+    with Image.open(folder / "img_00001.jpg") as im:
+        assert json.loads(sample["json"])["width"] == im.width
+
+
 def test_a_missing_shard_is_one_line_at_the_start(real, tmp_path):
     root, lst, out, _ = real
     broken = tmp_path / "b"
