@@ -216,6 +216,8 @@ def test_a_missing_shard_is_one_line_at_the_start(real, tmp_path):
         fmt.resolve(f"{out}/shard-{{000008..000009}}.tar")
     with pytest.raises(fmt.ShardError, match="cannot read the shard manifest"):
         fmt.resolve(f"{tmp_path}/nothing-{{0..1}}.tar")
+    with pytest.raises(fmt.ShardError, match=r"no such folder \(a folder, or a pattern of '.tar' shards\)$"):
+        fmt.resolve(str(tmp_path / "nothing"))
 
 
 # ----------------------------------------------------------------------------- the layout

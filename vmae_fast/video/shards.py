@@ -131,6 +131,8 @@ def resolve(spec: str, check: bool = True) -> ShardSet:
         names = [s["name"] for s in man["shards"] if s["count"] > 0]
         urls = [os.path.join(local, n) for n in names]
     else:
+        if local is not None and not re.search(r"\.tar\b", spec):
+            raise ShardError(f"--shards {spec}: no such folder (a folder, or a pattern of '.tar' shards)")
         urls = list(braceexpand.braceexpand(spec))
         man = read_manifest(_manifest_url(urls[0]))
         names = [re.findall(r"[^/\s'\"]+\.tar\b", u)[-1] if re.search(r"\.tar\b", u) else u for u in urls]
