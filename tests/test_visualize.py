@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,13 +73,33 @@ def test_grid_png_of_a_model_on_a_video(tmp_path):
     out = tmp_path / "recon.png"
     assert V.main([VIDEO, "--checkpoint", str(ckpt), "--num-frames", "4", "--img-size", "32", "--out", str(out),
                    "--encoder-ratio", "0.75"]) == 0
-    with Image.open(out) as im:
-        assert im.size == (4 * 32 + 3 * V.GAP, 3 * 32 + 2 * V.GAP) and im.mode == "RGB"
+    with Image.open(out) as im:  # 32-pixel tiles enlarged 4x to MIN_TILE, labels left, 3 title lines above
+        png = np.asarray(im.convert("RGB"))
+        assert im.mode == "RGB" and png.shape[1] > 4 * (4 * 32 + 3 * V.GAP) and png.shape[0] > 4 * (3 * 32 + 2 * V.GAP)
     # the function: the top row is the clip itself, tile by tile
     clip = V.read_clip(VIDEO, 4, 32)
     masks = vmae_fast.DualMask.sample(1, model.grid, 0.75, 0.0)
     img = V.visualize(model, clip, masks)
     assert img.shape == (3 * 32 + 2 * V.GAP, 4 * 32 + 3 * V.GAP, 3)
+    # the PNG's top row is the clip's frames, every pixel repeated 4x4, below the title lines and
+    # right of the row labels (rows 2-3 follow the CLI's own seeded masks)
+    body = img[:32].repeat(4, axis=0).repeat(4, axis=1)
+    h, w = 3 * 32 * 4 + 2 * V.GAP * 4, body.shape[1]
+    y = png.shape[0] - 8 - h
+    xs = [x for x in range(png.shape[1] - w + 1) if (png[y:y + 128, x:x + w] == body).all()]
+    assert len(xs) == 1 and y > 3 * 14 and xs[0] > 60, (y, xs)  # room for the title and the labels
+    assert (png[y:, :xs[0]] < 128).any()  # the row labels are drawn (dark text on white)
     for f in range(4):
         x = f * (32 + V.GAP)
         assert (torch.from_numpy(img[:32, x:x + 32]) == clip[0, :, f].permute(1, 2, 0)).all()
+
+
+@pytest.mark.parametrize("tile, scale", [(32, 4), (112, 1), (224, 1), (56, 2), (16, 7), (100, 2)])
+def test_annotate_enlarges_small_tiles_to_a_readable_size(tile, scale):
+    grid = np.zeros((3 * tile + 2 * V.GAP, 2 * tile + V.GAP, 3), dtype=np.uint8)
+    grid[:tile, :tile] = (200, 10, 90)  # the first tile in a colour no text has, to find it again
+    out = V.annotate(grid, tile, ["a title"])
+    found = np.argwhere((out == (200, 10, 90)).all(-1))
+    (y0, x0), (y1, x1) = found.min(0), found.max(0)
+    assert (y1 - y0 + 1, x1 - x0 + 1) == (tile * scale, tile * scale) and tile * scale >= V.MIN_TILE
+    assert out.shape[0] >= grid.shape[0] * scale and out.dtype == np.uint8

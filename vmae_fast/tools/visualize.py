@@ -117,26 +117,71 @@ def grid_image(rows: Sequence[torch.Tensor], frames: Sequence[int] | None = None
     return img
 
 
+ROW_LABELS = ("original", "encoder input\n(masked cubes black)", "reconstruction\n(visible + predicted)")
+MIN_TILE = 112  # pixels: a frame tile smaller than this is enlarged (nearest neighbour) in the PNG
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def annotate(grid: np.ndarray, tile: int, title: Sequence[str] = (), rows: Sequence[str] = ROW_LABELS,
+             min_tile: int = MIN_TILE, gap: int = GAP) -> np.ndarray:
+    """The grid as a picture that explains itself: tiles of ``tile`` pixels enlarged by a whole
+    factor to at least ``min_tile`` (nearest neighbour: the cubes stay sharp), each row labelled
+    on the left, the ``title`` lines above. Returns an ``(H, W, 3)`` uint8 image."""
+    from PIL import Image, ImageDraw
+
+    scale = max(1, -(-min_tile // tile))
+    body = grid.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else grid
+    font, title_font = _font(13), _font(14)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    size = lambda text, f: probe.multiline_textbbox((0, 0), text, font=f)[2:]  # noqa: E731
+    pad = 8
+    label_w = max(size(r, font)[0] for r in rows) + 2 * pad
+    line_h = max((size(t, title_font)[1] for t in title), default=0) + 4
+    top = len(title) * line_h + (pad if title else 0)
+    width = max([label_w + body.shape[1] + pad] + [size(t, title_font)[0] + 2 * pad for t in title])
+    canvas = Image.new("RGB", (width, top + body.shape[0] + pad), "white")
+    canvas.paste(Image.fromarray(body), (label_w, top))
+    draw = ImageDraw.Draw(canvas)
+    for k, text in enumerate(title):
+        draw.text((pad, pad // 2 + k * line_h), text, fill="black", font=title_font)
+    row_h = (grid.shape[0] - (len(rows) - 1) * gap) // len(rows)
+    for r, text in enumerate(rows):
+        y = top + (r * (row_h + gap) + row_h // 2) * scale
+        draw.multiline_text((label_w - pad, y), text, fill="black", font=font, anchor="rm", align="right")
+    return np.asarray(canvas)
+
+
 @torch.no_grad()
 def visualize(model: VideoMAEv2Pretrain, video: torch.Tensor, masks: DualMask,
               out: str | os.PathLike | None = None, frames: Sequence[int] | None = None,
-              amp_dtype: torch.dtype | None = None) -> np.ndarray:
+              amp_dtype: torch.dtype | None = None, title: Sequence[str] = ()) -> np.ndarray:
     """Run ``model`` on one clip ``(1, C, T, H, W)`` with ``masks`` (under autocast to
     ``amp_dtype`` when given) and return the grid image (uint8 ``(3*H + 2*gap, T*W + (T-1)*gap,
-    3)``); saved as PNG to ``out`` when given."""
+    3)``). With ``out``, the grid is saved there as a PNG by ``annotate``: row labels, the
+    ``title`` lines and this clip's loss above it, tiles enlarged to a readable size."""
     was = model.training
     model.eval()
     try:
         with torch.autocast(video.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            pred = model(video, masks).pred
+            result = model(video, masks)
     finally:
         model.train(was)
     cfg = model.cfg
-    rows = reconstruct(video, pred, masks, tubelet=cfg.tubelet_size, patch=cfg.patch_size,
+    rows = reconstruct(video, result.pred, masks, tubelet=cfg.tubelet_size, patch=cfg.patch_size,
                        normalize_target=cfg.normalize_target)
     img = grid_image([rows[k][0] for k in ("original", "masked", "reconstructed")], frames)
     if out is not None:
-        write_png(out, img)
+        loss = f"loss {float(result.loss):.4f} " + ("(MSE of the per-cube normalized pixels, the training loss)"
+                                                    if cfg.normalize_target else "(MSE of the pixels)")
+        write_png(out, annotate(img, cfg.img_size, [*title, loss]))
     return img
 
 
@@ -200,9 +245,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ok:
         return errors.exit_status
     out = args.out or f"{Path(args.video).name.split('.')[0]}_recon.png"
-    img = visualize(model, clip.to(device), masks, out, amp_dtype=amp)
-    print(f"{out}: {img.shape[1]}x{img.shape[0]} (original / encoder-visible / reconstructed, "
-          f"{cfg.num_frames} frames)")
+    decoding = ("decoder: every masked cube (encoder-only)" if args.decoder_ratio == 0
+                else f"decoder: {1 - args.decoder_ratio:.0%} of the masked cubes (dual masking "
+                     f"{args.decoder_ratio:g})")
+    start = "middle" if args.start is None else args.start
+    title = [f"{Path(args.checkpoint).name}: {cfg.embed_dim}-wide, {cfg.depth} + {cfg.decoder_depth} blocks | "
+             f"{Path(args.video).name}, {cfg.num_frames} frames every {args.sampling_rate} from {start}",
+             f"encoder mask: {args.mask_type}, {args.encoder_ratio:.0%} of cubes hidden | {decoding}"]
+    img = visualize(model, clip.to(device), masks, out, amp_dtype=amp, title=title)
+    print(f"{out}: {cfg.num_frames} frames x 3 rows (original / encoder input / reconstruction), "
+          f"grid {img.shape[1]}x{img.shape[0]} px before labels")
     return errors.exit_status
 
 
