@@ -446,3 +446,48 @@ def test_ctrl_c_outside_the_steps_is_one_line(data, tmp_path, capsys, monkeypatc
     assert capsys.readouterr().err.strip().splitlines() == [
         "vmae-pretrain: stopped: interrupted (SIGINT) outside the training steps; a committed checkpoint, if any, "
         "is kept"]
+
+
+FAIL_DCP_WRITE = '''
+import errno, os
+from torch.distributed.checkpoint import filesystem
+
+_write = filesystem._FileSystemWriter.write_data
+
+def write_data(self, plan, planner):  # rank 1's shard of the checkpoint of step 6: the disk is full
+    if os.environ.get("RANK") == "1" and "step00000006" in str(self.path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _write(self, plan, planner)
+
+filesystem._FileSystemWriter.write_data = write_data
+'''
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_a_shard_that_cannot_be_written_keeps_the_previous_checkpoint(data, tmp_path):
+    """One rank's shard fails (injected through sitecustomize in the workers): every rank stops
+    with status 5, the sharded checkpoint of step 3 stays the one named and loads: the resume
+    finishes the run."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAIL_DCP_WRITE)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join([str(inject), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    argv = args(data, out, "--steps", "8", "--batch-size", "1", "--log-every", "1", "--dist", "fsdp",
+                "--save-every", "3")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "train.pretrain", *argv]
+    rc, log = finish(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    lines = [ln for ln in log.splitlines() if "vmae-pretrain[rank 0]: stopped:" in ln]
+    assert rc != 0 and len(lines) == 1, log[-6000:]
+    assert ("checkpoint-step00000006.dcp.tmp failed (rank 1: OSError: [Errno 28] No space left on device); the "
+            f"last committed checkpoint, {out / 'checkpoint-step00000003.dcp'} (step 3), is kept; resume with: "
+            "torchrun ... -m train.pretrain ") in lines[0]
+    assert "exitcode  : 5" in log
+    assert (out / "checkpoint-latest.txt").read_text().strip() == "checkpoint-step00000003.dcp"
+    assert sorted(p.name for p in out.glob("checkpoint-step*")) == ["checkpoint-step00000003.dcp"]
+    rc, log = finish(torchrun(data, out, "--dist", "fsdp", "--save-every", "3", "--resume", "auto", steps=8))
+    assert rc == 0, log[-6000:]
+    assert [r["step"] for r in rows(out)] == list(range(1, 9))

@@ -142,6 +142,7 @@ class Checkpointer:
             self.pending = path
             return path
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         name = f"checkpoint-step{extra['step']:08d}.dcp"
@@ -155,7 +156,7 @@ class Checkpointer:
         err = None
         try:  # collective: a rank's failure reaches every rank as a CheckpointException
             dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
             err = exc
         if self.d.main and err is None:
             try:
@@ -174,7 +175,7 @@ class Checkpointer:
             return None
         if self.d.main and remove is not None and remove.exists():
             shutil.rmtree(remove, ignore_errors=True)
-        why = f"{type(err).__name__}: {err}" if err is not None else "it failed on another rank"
+        why = _why(err) if err is not None else "it failed on another rank"
         raise CheckpointWriteFailed(f"writing the checkpoint {path} failed ({why})")
 
     def commit(self) -> Path:
@@ -235,6 +236,21 @@ class Checkpointer:
         state = {"model": msd, "optimizer": osd}
         dcp.load(state, checkpoint_id=str(path))
         sd.set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _why(err: BaseException) -> str:
+    """One line for a failed write: torch.distributed.checkpoint's ``CheckpointException`` holds
+    each failed rank's exception (with its traceback, which its own text spells out)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, f in sorted(failures.items()):
+            exc = f[0] if isinstance(f, tuple) else f
+            parts.append(f"rank {rank}: {type(exc).__name__}: {exc}")
+        text = "; ".join(parts)
+    else:
+        text = f"{type(err).__name__}: {err}"
+    return " ".join(text.split())
 
 
 def resolve_resume(text: str, ck: Checkpointer) -> Path | None:

@@ -125,6 +125,9 @@ class Trainer:
             out = self._run()
             ok = True
             return out
+        except (StoppedBySignal, CheckpointWriteFailed, NonFiniteLoss):
+            ok = True  # every rank stops at the same point: they leave together, with one status
+            raise
         finally:
             dist_.teardown(self.d, wait=ok)  # after an error other ranks may never reach a barrier
 
