@@ -215,3 +215,96 @@ def test_num_decoder_tokens_counts_the_patterns(grid, ratio):
     assert masking.num_decoder_tokens(grid, 0.0, 0.9) == masking.num_encoder_masked(grid, 0.9)
     with pytest.raises(ValueError, match="even token grid"):
         masking.num_decoder_tokens((2, 7, 7), ratio)
+
+
+# ----------------------------------------------------------------------------- mutation survivors
+# Tests written for the mutants `make mutate` left alive (README, "Mutation testing"): inputs
+# the tests above never gave (one clip, grid-shaped masks, a mask of every token, odd grids
+# along one axis) and the parameter names in the error lines.
+
+def test_from_bool_one_clip_and_grid_shaped_masks():
+    m = DualMask.sample(1, (2, 4, 6), 0.5, 0.5, generator=torch.Generator().manual_seed(3))
+    r = DualMask.from_bool(m.encoder_masked.view(1, 2, 4, 6).int(), m.decoder_masked.view(1, 2, 4, 6))
+    for a, b in zip((m.encoder_masked, m.decoder_masked, m.visible_idx, m.decoder_idx),
+                    (r.encoder_masked, r.decoder_masked, r.visible_idx, r.decoder_idx)):
+        assert torch.equal(a, b)
+    one = DualMask.from_bool(torch.zeros(1, 1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.bool))
+    assert one.visible_idx.tolist() == [[0]] and one.decoder_idx.tolist() == [[0]]
+
+
+def test_from_bool_error_lines_name_the_argument():
+    good = torch.zeros(2, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="^encoder_masked must be a torch.Tensor, got list$"):
+        DualMask.from_bool([[0, 1]])
+    with pytest.raises(ValueError, match="^decoder_masked must be a torch.Tensor, got list$"):
+        DualMask.from_bool(good, [[0, 1]])
+    with pytest.raises(ValueError, match=r"^encoder_masked must have shape \(B, N\) with B, N > 0, got \(0, 8\)$"):
+        DualMask.from_bool(torch.zeros(0, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^decoder_masked must have shape \(B, N\) with B, N > 0, got \(2, 0\)$"):
+        DualMask.from_bool(good, torch.zeros(2, 0, dtype=torch.bool))
+    with pytest.raises(ValueError, match="^encoder_masked must be bool or integer 0/1, got dtype torch.float32$"):
+        DualMask.from_bool(good.float())
+    with pytest.raises(ValueError, match="^decoder_masked must be bool or integer 0/1, got dtype torch.complex64$"):
+        DualMask.from_bool(good, good.to(torch.complex64))
+    with pytest.raises(ValueError, match="^masks on different devices: cpu and meta$"):
+        DualMask.from_bool(good, good.to("meta"))
+    uneven = good.clone()
+    uneven[0, 0] = True
+    with pytest.raises(ValueError, match=r"same number of decoder-visible tokens, got counts \[7, 8\]$"):
+        DualMask.from_bool(good, uneven)
+    with pytest.raises(ValueError, match="^encoder_masked masks every token; at least one must stay visible$"):
+        DualMask.from_bool(~good, good)
+    with pytest.raises(ValueError, match="^decoder_masked masks every token; the decoder has nothing to reconstruct$"):
+        DualMask.from_bool(good, ~good)
+
+
+def test_dual_mask_checks_each_field_alone():
+    m = DualMask.sample(2, (2, 2, 2), 0.5, 0.5)
+    em, dm, vi, di = m.encoder_masked, m.decoder_masked, m.visible_idx, m.decoder_idx
+    with pytest.raises(ValueError, match="^DualMask fields must be tensors; build one with DualMask.sample or "
+                                         "from_bool$"):
+        DualMask(em, dm, vi.tolist(), di)
+    shape_line = r"^encoder_masked/decoder_masked must be \(B, N\) bool tensors of one shape, got "
+    for bad_em, bad_dm, got in ((em.int(), dm, r"\(2, 8\) torch.int32 and \(2, 8\) torch.bool$"),
+                                (em, dm.int(), r"\(2, 8\) torch.bool and \(2, 8\) torch.int32$"),
+                                (em[None], dm[None], r"\(1, 2, 8\) torch.bool and \(1, 2, 8\) torch.bool$"),
+                                (em, dm[:, :4], r"\(2, 8\) torch.bool and \(2, 4\) torch.bool$")):
+        with pytest.raises(ValueError, match=shape_line + got):
+            DualMask(bad_em, bad_dm, vi, di)
+    for name, i in (("visible_idx", 2), ("decoder_idx", 3)):
+        for bad, got in ((vi.int(), r"\(2, 4\) torch.int32"), (vi[None], r"\(1, 2, 4\) torch.int64"),
+                         (vi[:1], r"\(1, 4\) torch.int64"), (torch.zeros(2, 9, dtype=torch.int64),
+                                                              r"\(2, 9\) torch.int64")):
+            fields = [em, dm, vi, di]
+            fields[i] = bad
+            with pytest.raises(ValueError, match=rf"^{name} must be a \(B=2, n <= N=8\) int64 tensor, got {got}$"):
+                DualMask(*fields)
+    every = torch.arange(8).expand(2, 8)  # n == N is allowed: encoder ratio 0 shows every token
+    assert DualMask(em, dm, every, di).n_visible == 8
+    with pytest.raises(ValueError, match="^DualMask tensors must live on one device$"):
+        DualMask(em, dm, vi, di.to("meta"))
+
+
+def test_loss_weight_dtype():
+    m = DualMask.sample(2, (2, 4, 4), 0.5, 0.5)
+    w = m.loss_weight()
+    assert w.dtype == torch.float32
+    assert torch.equal(w, m.encoder_masked.gather(1, m.decoder_idx).float())
+    assert m.loss_weight(torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_num_decoder_tokens_defaults_types_and_odd_axes():
+    # encoder-only masking reconstructs the encoder-masked tokens: default ratio 0.9, tube
+    assert masking.num_decoder_tokens((2, 4, 4), 0) == 2 * int(0.9 * 16) == 28
+    # the mask type reaches the count: (3, 2, 2) at 0.6 masks 3 x int(2.4) = 6 (tube), int(7.2) = 7
+    assert masking.num_decoder_tokens((3, 2, 2), 0, 0.6, "tube") == 6
+    assert masking.num_decoder_tokens((3, 2, 2), 0, 0.6, "random") == 7
+    for grid in ((2, 3, 4), (2, 4, 3)):  # one odd axis is enough to refuse
+        with pytest.raises(ValueError, match="even token grid"):
+            masking.num_decoder_tokens(grid, 0.5)
+        with pytest.raises(ValueError, match="even token grid"):
+            running_cell_patterns(grid, 0.5)
+    with pytest.raises(ValueError, match="^decoder_ratio must be a number, got 'half'$"):
+        masking.num_decoder_tokens((2, 4, 4), "half")
+    with pytest.raises(ValueError, match="^decoder_ratio must be a number, got 'half'$"):
+        masking.cell_masked_slots("half")
