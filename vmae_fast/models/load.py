@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import count_blocks, describe_keys, guess_format, heads_of_width, load_checkpoint_file, mlp_ratio_of, unwrap_state_dict
+from ..checkpoint import (count_blocks, describe_keys, guess_format, heads_of_width, load_checkpoint_file, mlp_ratio_of,
+                          unwrap_state_dict)
 from ..hf_keys import (HFConversion, convert_hf_state_dict, hf_config_dict, hf_layer_norm_eps, hf_size,
                        set_layer_norm_eps)
 from ..pos_embed import sincos_table
@@ -27,7 +28,7 @@ from .classifier import VideoMAEv2Classifier
 from .factory import create_model, create_pretrain_model
 from .pretrain import VideoMAEv2Pretrain
 
-_MODEL_OF_KIND = {"pretrain": "VideoMAEv2Pretrain", "classifier": "VideoMAEv2Classifier"}
+_MODEL_OF_KIND = {"pretrain": VideoMAEv2Pretrain.__name__, "classifier": VideoMAEv2Classifier.__name__}
 
 
 @dataclass

@@ -87,7 +87,7 @@ def _entry(factory, name, arch, **kwargs):
     return model
 
 
-# -------------------------------------------------------------------------- the registered names (one per arch and model)
+# ------------------------------------------------------ the registered names (one per arch and model)
 
 @register_model
 def vmae_fast_vit_small_patch16_224(**kwargs):
