@@ -41,14 +41,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Only the first word is ours: the rest, --help included, is the command's.
     command = _parser().parse_args(argv[:1]).command
     module, function = COMMANDS[command][0].split(":")
+    from vmae_fast.errors import EXIT_USAGE, run_cli  # (here: vmae-bench --help imports no torch)
+
     from .common import cli as common_cli
 
-    common_cli.INVOKED_AS = f"{_parser().prog} {command}"  # the command's usage and errors say vmae-bench ...
+    prog = common_cli.INVOKED_AS = f"{_parser().prog} {command}"  # its usage and errors say vmae-bench ...
     try:
-        status = getattr(importlib.import_module(module), function)(argv[1:])
+        status = run_cli(getattr(importlib.import_module(module), function), prog, argv[1:])
     finally:
         common_cli.INVOKED_AS = None
-    return status if isinstance(status, int) else 0
+    if status == EXIT_USAGE:  # said in one line by run_cli; the exit status argparse gives
+        raise SystemExit(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def test_help_lists_every_command_and_where_results_go(capsys):
 @pytest.mark.parametrize("command", MODEL_BENCHES)
 def test_a_bad_arch_is_the_same_usage_error_everywhere(command, capsys):
     err = _usage_error([command, "--arch", "vit_zz"], capsys)
-    assert f"usage: vmae-bench {command} " in err  # the command as the user typed it
+    assert err.startswith(f"vmae-bench {command}: error: ") and err.count("\n") == 1  # one line, as typed
     assert "argument --arch: unknown arch 'vit_zz'; expected one of" in err
 
 

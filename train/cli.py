@@ -23,7 +23,7 @@ from vmae_fast.video.decoders import add_decoder_arg
 from vmae_fast.video.lists import read_list
 from vmae_fast import envs
 from vmae_fast import errors as _errors
-from vmae_fast.errors import EXIT_STOPPED_BY_SIGNAL, UsageError
+from vmae_fast.errors import EXIT_STOPPED_BY_SIGNAL, ArgumentParser, UsageError
 
 from . import distributed as dist_
 from . import loop, recipe
@@ -38,6 +38,14 @@ OUR_CODE = (str(PACKAGE_ROOT / "train") + os.sep, str(PACKAGE_ROOT / "vmae_fast"
 
 
 # ----------------------------------------------------------------------------- options
+
+def _arch(text: str) -> str:
+    """``--model``: a full arch name or its alias (``vit_s``), as the README and vmae-bench take it."""
+    try:
+        return vmae_fast.config.resolve_arch(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
 def parse_overrides(text: str | None) -> dict:
     """``"depth=2,embed_dim=64"`` (or a JSON object) -> ``{"depth": 2, "embed_dim": 64}``."""
     if not text:
@@ -58,7 +66,7 @@ def parse_overrides(text: str | None) -> dict:
 
 
 def make_parser(kind: str, doc: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"vmae-{kind}", description=doc, epilog=recipe.help_table(kind),
+    return ArgumentParser(prog=f"vmae-{kind}", description=doc, epilog=recipe.help_table(kind),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
@@ -163,7 +171,8 @@ def add_common_args(ap: argparse.ArgumentParser, kind: str) -> None:
       help="every rank appends {step, epoch, keys} lines to OUT/samples-rank<r>.jsonl (keys: list line numbers)")
     a("--max-missing", type=int, default=0,
       help="how many files a list may name that are not there before the run refuses (those are skipped)")
-    a("--model", default=recipe.B, choices=sorted(vmae_fast.ARCHS), help="arch (docs/semantics.md §6)")
+    a("--model", default=recipe.B, type=_arch, metavar="ARCH",
+      help="arch, full name or alias (vit_s, vit_b, vit_l, vit_h, vit_g; docs/semantics.md §6)")
     a("--model-overrides", default="", help="VideoMAEConfig fields, e.g. 'depth=2,embed_dim=64'")
     a("--num-frames", type=int, default=None, help=R)
     a("--sampling-rate", type=int, default=None, help=f"frames between sampled frames {R}")

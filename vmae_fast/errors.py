@@ -19,6 +19,7 @@ Exit statuses (the same for every command):
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import traceback
 from typing import Callable, Mapping, Sequence
@@ -29,6 +30,15 @@ EXIT_STOPPED_BY_SIGNAL, EXIT_CHECKPOINT_FAILED = 4, 5
 
 class UsageError(ValueError):
     """A mistake in the command line or in a file it names: printed as one line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is a ``UsageError``: one line through ``run_cli``
+    (``prog: error: ... (see prog --help)``), not the usage block argparse prints above its
+    message. ``--help`` still prints and exits 0."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def debug_requested(argv: Sequence[str] | None) -> bool:
@@ -70,5 +80,5 @@ def _report(prog: str, kind: str, exc: BaseException, code: int, argv) -> int:
     return code
 
 
-__all__ = ["UsageError", "run_cli", "debug_requested", "EXIT_OK", "EXIT_SOME_FAILED",
+__all__ = ["UsageError", "ArgumentParser", "run_cli", "debug_requested", "EXIT_OK", "EXIT_SOME_FAILED",
            "EXIT_USAGE", "EXIT_NONFINITE", "EXIT_STOPPED_BY_SIGNAL", "EXIT_CHECKPOINT_FAILED"]

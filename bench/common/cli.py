@@ -11,6 +11,7 @@ import argparse
 from typing import Callable, Sequence, TypeVar
 
 from vmae_fast.config import ARCH_ALIASES, ARCHS, resolve_arch
+from vmae_fast.errors import ArgumentParser as OneLineParser
 
 from .paths import results_help
 
@@ -26,8 +27,9 @@ INVOKED_AS: str | None = None
 def make_parser(module: str, doc: str, **kw) -> argparse.ArgumentParser:
     """The parser of ``python -m bench.<module>`` (or of ``vmae-bench <command>``, the way it was
     started), described by the first paragraph of ``doc``."""
-    return argparse.ArgumentParser(prog=INVOKED_AS or f"python -m bench.{module}", description=doc.split("\n\n")[0],
-                                   **kw)
+    # under vmae-bench (which reports a UsageError in one line) a bad option is one line too
+    cls = OneLineParser if INVOKED_AS else argparse.ArgumentParser
+    return cls(prog=INVOKED_AS or f"python -m bench.{module}", description=doc.split("\n\n")[0], **kw)
 
 
 def add_device_arg(p: argparse.ArgumentParser, default: str = "auto", why: str = "") -> None:

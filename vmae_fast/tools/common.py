@@ -21,23 +21,15 @@ import torch
 
 from ..checkpoint import write_atomic
 from ..device import DTYPES
-from ..errors import EXIT_OK, EXIT_SOME_FAILED, UsageError, run_cli
+from ..errors import EXIT_OK, EXIT_SOME_FAILED, ArgumentParser, UsageError, run_cli
 from ..video.decoders import add_decoder_arg
 
 
 # ----------------------------------------------------------------------------- options
-class ToolParser(argparse.ArgumentParser):
-    """argparse, but a bad command line is a ``UsageError``: one line (``prog: error: ...``,
-    through ``run_cli``), not the usage block argparse prints above its error."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
 def make_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """The parser of tool ``prog``, described by the first paragraph of its module ``doc``; every
     option's default is shown in ``--help``."""
-    return ToolParser(prog=prog, description=doc.split("\n\n")[0], formatter_class=_HelpFormatter)
+    return ArgumentParser(prog=prog, description=doc.split("\n\n")[0], formatter_class=_HelpFormatter)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

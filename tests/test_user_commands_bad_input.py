@@ -1,0 +1,157 @@
+"""The bad-input battery of every user command (vmae-predict, -extract-features, -visualize,
+-export, -pretrain, -finetune, vmae-bench): each mistake is exactly one line on stderr, in the
+command's own flag words, with no traceback and exit status 2, before any model or video work;
+a bad video among good ones is one line, the good ones keep their output, exit status 1."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import vmae_fast
+from vmae_fast.errors import EXIT_SOME_FAILED, EXIT_USAGE, run_cli
+from vmae_fast.tools import export, extract_features, predict, visualize
+
+VIDEO = str(Path(__file__).resolve().parent / "data" / "carphone_distorted.mp4")
+SMALL = ["--num-frames", "4", "--img-size", "32", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("battery")
+    torch.manual_seed(0)
+    kw = dict(depth=1, num_frames=4, img_size=32, patch_size=8)
+    torch.save({"model": vmae_fast.create_model("vit_small_patch16_224", num_classes=3, **kw).state_dict()},
+               d / "ft.pth")
+    torch.save({"model": vmae_fast.create_pretrain_model("vit_small_patch16_224", decoder_depth=1, **kw).state_dict()},
+               d / "pt.pth")
+    (d / "text.txt").write_text("hello, I am not a checkpoint\n")
+    (d / "three.txt").write_text("a\nb\nc\nd\n")
+    (d / "broken.mp4").write_bytes(b"not a video")
+    (d / "afile").write_text("x")
+    return d
+
+
+def _sub(argv, d: Path):
+    return [str(a).replace("{d}", str(d)) for a in argv]
+
+
+P, E, V, X = "vmae-predict", "vmae-extract-features", "vmae-visualize", "vmae-export"
+MAINS = {P: predict.main, E: extract_features.main, V: visualize.main, X: export.main}
+FT, PT = "--checkpoint={d}/ft.pth", "--checkpoint={d}/pt.pth"
+CASES = [  # (command, argv, words the line must hold)
+    (P, [VIDEO, FT, "--views", "5"], ["--views", "'5'", "5x3"]),
+    (P, [VIDEO, FT, "--views", "0x3"], ["--views", "at least 1"]),
+    (P, [VIDEO, FT, "--batch-size", "-1"], ["--batch-size must be >= 1, got -1"]),
+    (P, [VIDEO, FT, "--topk", "0"], ["--topk must be >= 1, got 0"]),
+    (P, [VIDEO, FT, "--sampling-rate", "0"], ["--sampling-rate must be >= 1, got 0"]),
+    (P, [VIDEO, FT, "--decoder", "foo"], ["--decoder", "invalid choice: 'foo'"]),
+    (P, [VIDEO, FT, "--dtype", "fp8"], ["--dtype", "invalid choice: 'fp8'"]),
+    (P, [VIDEO, FT, "--device", "tpu"], ["--device", "'tpu'"]),
+    (P, [VIDEO, FT, "--device", "cuda"], ["--device 'cuda'", "CUDA is not available"]),
+    (P, [VIDEO, FT, "--dtype", "fp16"], ["--dtype fp16 needs --device cuda"]),
+    (P, [VIDEO, "--checkpoint={d}/text.txt"], ["--checkpoint", "text.txt", "not a PyTorch checkpoint",
+                                               "found text starting 'hello, I am not a checkpoint'"]),
+    (P, [VIDEO, "--checkpoint={d}/missing.pth"], ["--checkpoint", "missing.pth", "no such file"]),
+    (P, [VIDEO, PT], ["--checkpoint", "no classification head"]),
+    (P, [VIDEO, FT, "--labels", "nope"], ["--labels", "'nope'", "k400"]),
+    (P, [VIDEO, FT, "--labels", "{d}/three.txt"], ["--labels gives 4 names for a model of 3 classes"]),
+    (P, [VIDEO, FT, "--num-heads", "0"], ["--num-heads must be >= 1, got 0"]),
+    (P, [VIDEO, "--num-frames", "4"], ["--checkpoint", "required"]),
+    (P, [VIDEO, FT, "--viewz", "5x3"], ["unrecognized arguments: --viewz"]),
+    (E, [VIDEO, FT, "--output-dir={d}/o", "--stride", "0"], ["--stride must be >= 1, got 0"]),
+    (E, [VIDEO, FT, "--output-dir={d}/o", "--batch-size", "0"], ["--batch-size must be >= 1, got 0"]),
+    (E, [VIDEO, FT, "--output-dir={d}/afile"], ["--output-dir", "afile", "not a folder"]),
+    (E, [FT, "--output-dir={d}/o"], ["no videos given"]),
+    (E, [FT, "--output-dir={d}/o", "--video-dir={d}/nodir"], ["--video-dir", "nodir", "no such folder"]),
+    (E, [VIDEO, FT, "--output-dir={d}/o", "--input-norm", "raw"], ["--input-norm", "invalid choice: 'raw'"]),
+    (E, [VIDEO, "--checkpoint={d}/text.txt", "--output-dir={d}/o"], ["--checkpoint", "not a PyTorch checkpoint"]),
+    (V, [VIDEO, PT, "--encoder-ratio", "1.5"], ["--encoder-ratio must be in [0, 1), got 1.5"]),
+    (V, [VIDEO, PT, "--decoder-ratio", "-0.1"], ["--decoder-ratio must be in [0, 1), got -0.1"]),
+    (V, [VIDEO, PT, "--mask-type", "cube"], ["--mask-type", "invalid choice: 'cube'"]),
+    (V, [VIDEO, PT, "--start", "-1"], ["--start must be >= 0, got -1"]),
+    (V, [VIDEO, PT, "--out", "{d}/r.jpg"], ["--out must name a .png file"]),
+    (V, [VIDEO, FT], ["--checkpoint", "pretraining checkpoint"]),
+    (X, [FT, "--out={d}/m.onnx", "--input", "int8"], ["--input", "invalid choice: 'int8'"]),
+    (X, [FT, "--out={d}/m.pt"], ["--out must name a .onnx file"]),
+    (X, [FT, "--out={d}/m.onnx", "--no-pool"], ["--no-pool applies to --encoder"]),
+    (X, ["--checkpoint={d}/text.txt", "--out={d}/m.onnx"], ["--checkpoint", "not a PyTorch checkpoint"]),
+    (X, [PT, "--out={d}/m.onnx"], ["--checkpoint", "no classification head", "--encoder"]),
+]
+
+
+@pytest.mark.parametrize("prog, argv, words", CASES, ids=[f"{c[0]}:{' '.join(c[1][1:])[:40]}" for c in CASES])
+def test_one_line_for_each_mistake(prog, argv, words, files, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device cuda: the same on every machine
+    argv = _sub(argv, files)
+    if prog != X:
+        argv += [a for a in SMALL if a not in argv] if "--device" not in argv else SMALL[:4]
+    code = run_cli(MAINS[prog], prog, argv)
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert code == EXIT_USAGE, captured.err
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), lines
+    assert "Traceback" not in captured.err and captured.out == ""  # before any output or work
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert not (files / "o").exists() or not any((files / "o").iterdir())
+
+
+def test_a_bad_video_is_one_line_and_the_good_one_keeps_its_output(files, capsys):
+    pytest.importorskip("av", reason="PyAV (the test extra) reads the test video")
+    bad, missing = str(files / "broken.mp4"), str(files / "missing.mp4")
+    code = run_cli(predict.main, P, [bad, VIDEO, missing, f"--checkpoint={files}/ft.pth", "--views", "1x1", "--json",
+                                     "--dtype", "fp32"] + SMALL)
+    captured = capsys.readouterr()
+    assert code == EXIT_SOME_FAILED and [r["video"] for r in json.loads(captured.out)] == [VIDEO]
+    skipped = [x for x in captured.err.splitlines() if "skipping" in x]
+    assert [x.split(": ")[1] for x in skipped] == [f"skipping {bad}", f"skipping {missing}"]
+    assert "no such video" in skipped[1] and "Traceback" not in captured.err
+    out = files / "feats"
+    code = run_cli(extract_features.main, E, [bad, VIDEO, f"--checkpoint={files}/ft.pth", f"--output-dir={out}",
+                                              "--stride", "16", "--no-progress"] + SMALL)
+    captured = capsys.readouterr()
+    assert code == EXIT_SOME_FAILED and sorted(p.name for p in out.iterdir()) == ["carphone_distorted.npy"]
+    assert sum("skipping" in x for x in captured.err.splitlines()) == 1 and "Traceback" not in captured.err
+
+
+TRAIN = [  # parse-time mistakes of the training CLIs, and vmae-bench's
+    ("vmae-pretrain", ["--model", "vit_zz", "--output-dir", "{d}/run"], ["--model", "unknown arch 'vit_zz'"]),
+    ("vmae-finetune", ["--batch-size", "two", "--output-dir", "{d}/run"], ["--batch-size", "'two'"]),
+    ("vmae-finetune", ["--model", "vit_s"], ["--output-dir", "required"]),  # the alias parses; the next error shows
+    ("vmae-bench", ["memory", "--arch", "vit_zz"], ["--arch", "unknown arch 'vit_zz'"]),
+    ("vmae-bench", ["attention", "--device", "cuda"], ["--device 'cuda'", "CUDA is not available"]),
+]
+
+
+@pytest.mark.parametrize("prog, argv, words", TRAIN, ids=[f"{c[0]}:{' '.join(c[1])[:30]}" for c in TRAIN])
+def test_training_and_bench_commands_too(prog, argv, words, files, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = _sub(argv, files)
+    if prog == "vmae-bench":
+        from bench.__main__ import main as bench_main
+
+        with pytest.raises(SystemExit) as stop:
+            bench_main(argv)
+        code, line_prog = stop.value.code, f"vmae-bench {argv[0]}"
+    else:
+        from train import finetune, pretrain
+
+        code = run_cli((pretrain if prog == "vmae-pretrain" else finetune).main, prog, argv)
+        line_prog = prog
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert code == EXIT_USAGE and len(lines) == 1 and lines[0].startswith(f"{line_prog}: error: "), lines
+    assert "Traceback" not in err and all(w in lines[0] for w in words), lines[0]
+
+
+def test_the_training_clis_take_the_arch_aliases():
+    from train import cli
+
+    ap = cli.make_parser("pretrain", "")
+    cli.add_common_args(ap, "pretrain")
+    for alias, full in vmae_fast.config.ARCH_ALIASES.items():
+        assert ap.parse_args(["--model", alias, "--output-dir", "x"]).model == full
+    assert ap.parse_args(["--model", "ViT-B", "--output-dir", "x"]).model == "vit_base_patch16_224"
