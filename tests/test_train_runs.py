@@ -376,9 +376,26 @@ def test_torchrun_one_ranks_signal_stops_every_rank_and_the_resume_is_bit_exact(
     assert rows(out) == rows(full) and [r["step"] for r in rows(out)] == list(range(1, 17))
     wa, wb = (torch.load(p / "pretrain_official.pth", weights_only=True)["model"] for p in (full, out))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    if engine == "ddp":  # the optimizer state too (FSDP: sharded folders, the weights above are gathered)
+    if engine == "ddp":  # the optimizer state too
         ca, cb = (torch.load(p / CHECKPOINT, weights_only=True)["optimizer"]["state"] for p in (full, out))
         assert all(torch.equal(ca[i][k], cb[i][k]) for i in ca for k in ca[i])
+    else:  # the sharded folders, read whole offline: every weight and optimizer tensor
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        flat = []
+        for p in (full, out):
+            dcp_to_torch_save(p / (p / "checkpoint-latest.txt").read_text().strip(), tmp_path / f"{p.name}.pt")
+            flat.append(tensors(torch.load(tmp_path / f"{p.name}.pt", weights_only=True)))
+        assert flat[0].keys() == flat[1].keys() and any("optimizer" in k and "exp_avg" in k for k in flat[0])
+        assert all(torch.equal(flat[0][k], flat[1][k]) for k in flat[0])
+
+
+def tensors(obj, prefix="") -> dict:
+    """Every tensor in a nested dict/list, by its path."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {k: v for key, val in items for k, v in tensors(val, f"{prefix}.{key}").items()}
 
 
 @pytest.mark.slow
@@ -452,14 +469,14 @@ FAIL_DCP_WRITE = '''
 import errno, os
 from torch.distributed.checkpoint import filesystem
 
-_write = filesystem._FileSystemWriter.write_data
+_write = filesystem.FileSystemWriter.write_data
 
 def write_data(self, plan, planner):  # rank 1's shard of the checkpoint of step 6: the disk is full
     if os.environ.get("RANK") == "1" and "step00000006" in str(self.path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return _write(self, plan, planner)
 
-filesystem._FileSystemWriter.write_data = write_data
+filesystem.FileSystemWriter.write_data = write_data
 '''
 
 
