@@ -19,7 +19,6 @@ Nothing in the loop is specific to one task; ``Task`` holds what is.
 from __future__ import annotations
 
 import contextlib
-import math
 import shutil
 import signal
 import time
@@ -46,8 +45,7 @@ from .state import BestEval, DataPosition, LossWatch, RngState, SkipCount, State
 
 CHECKPOINT_FORMAT = 2  # 1 (no "format" key): one top-level key per piece, read by state.upgrade_legacy
 
-__all__ = ["Task", "Trainer", "LossWatch", "NonFiniteLoss", "StoppedBySignal", "CheckpointWriteFailed",
-           ]
+__all__ = ["Task", "Trainer", "LossWatch", "NonFiniteLoss", "StoppedBySignal", "CheckpointWriteFailed"]
 
 
 @dataclass
