@@ -265,6 +265,7 @@ def one_thread():
 
 @pytest.mark.parametrize("preset, timing", [("gpu", "--no-interleave"), ("table2", "--interleave")])
 def test_smoke_runs_the_gpu_plans_on_cpu(tmp_path, capsys, one_thread, preset, timing):
+    pytest.importorskip("matplotlib", reason="the smoke run's PNG needs matplotlib (the bench extra)")
     result = dual_masking_main(["--preset", preset, "--smoke", "--device", "cpu", "--no-progress", timing,
                                 "--out", str(tmp_path), "--name", preset])
     printed = capsys.readouterr().out
@@ -301,6 +302,7 @@ def test_smoke_runs_the_gpu_plans_on_cpu(tmp_path, capsys, one_thread, preset, t
         assert mb["clip_dtype"] == r["clip_dtype"] == ("float32" if ref else "uint8")
         assert r["memory_kind"] == "rss_vmhwm" and r["peak_mem_bytes"] > 0 and r["saved_act_per_clip_bytes"] > 0
     assert "| HFU peak / ceiling |" in printed and "paper GFLOPs" in printed and "4+ |" in printed
+    assert "SMOKE RUN" in printed and data["files"]["json"].endswith(".json")
 
 
 @pytest.mark.parametrize("timing", ["--interleave", "--no-interleave"])

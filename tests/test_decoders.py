@@ -127,7 +127,34 @@ def test_torchcodec_loads_or_says_it_needs_ffmpeg():
         assert "torchcodec" in decode.available_decoders()
     else:
         assert "torchcodec" not in decode.available_decoders()
-        assert "FFmpeg" in why or "not installed" in why, why
+        assert "FFmpeg" in why or "not installed" in why or "does not load against torch" in why, why
+        assert "\n" not in why
+
+
+def test_a_torchcodec_built_for_another_torch_is_one_line_and_a_fallback(monkeypatch, capsys):
+    """pip's resolver may pair torch 2.6 with a torchcodec built for a newer torch (their
+    metadata names no torch): its import fails on an undefined symbol. That is a reason in one
+    line and the next decoder, never an error."""
+    import ctypes.util
+    import sys
+
+    class Broken:  # a finder that fails the import as such a build does
+        def find_spec(self, name, path=None, target=None):
+            if name == "torchcodec.decoders":
+                raise OSError("/x/torchcodec/libtorchcodec_core7.so: undefined symbol: _ZN3c1010TensorImpl\nmore")
+
+    pytest.importorskip("av", reason="PyAV is the decoder auto falls back to here")
+    monkeypatch.delitem(sys.modules, "torchcodec.decoders", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: f"lib{name}.so")  # FFmpeg is there
+    monkeypatch.setattr(decode, "_status", {})
+    monkeypatch.setattr(decode, "_announced", set())
+    why = decode.why_unavailable("torchcodec")
+    assert why.startswith("torchcodec ") and f"does not load against torch {torch.__version__}" in why
+    assert "undefined symbol" in why and "\n" not in why
+    assert decode.resolve_decoder("torchcodec") == decode.resolve_decoder("auto", quiet=True) != "torchcodec"
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("decoder torchcodec unavailable: torchcodec "), err
 
 
 def test_missing_and_corrupt_files_raise(tmp_path):
