@@ -27,6 +27,8 @@ def files(tmp_path_factory):
                d / "ft.pth")
     torch.save({"model": vmae_fast.create_pretrain_model("vit_small_patch16_224", decoder_depth=1, **kw).state_dict()},
                d / "pt.pth")
+    torch.save({"model": vmae_fast.create_model("vit_small_patch16_224", num_classes=3, embed_dim=48, num_heads=3,
+                                                **kw).state_dict()}, d / "w48.pth")  # a width of no named arch
     (d / "text.txt").write_text("hello, I am not a checkpoint\n")
     (d / "three.txt").write_text("a\nb\nc\nd\n")
     (d / "broken.mp4").write_bytes(b"not a video")
@@ -59,6 +61,8 @@ CASES = [  # (command, argv, words the line must hold)
     (P, [VIDEO, FT, "--labels", "nope"], ["--labels", "'nope'", "k400"]),
     (P, [VIDEO, FT, "--labels", "{d}/three.txt"], ["--labels gives 4 names for a model of 3 classes"]),
     (P, [VIDEO, FT, "--num-heads", "0"], ["--num-heads must be >= 1, got 0"]),
+    (P, [VIDEO, FT, "--num-heads", "5"], ["--num-heads 5: ", "not divisible"]),
+    (P, [VIDEO, "--checkpoint={d}/w48.pth"], ["--checkpoint", "width 48", "pass --num-heads"]),
     (P, [VIDEO, "--num-frames", "4"], ["--checkpoint", "required"]),
     (P, [VIDEO, FT, "--viewz", "5x3"], ["unrecognized arguments: --viewz"]),
     (E, [VIDEO, FT, "--output-dir={d}/o", "--stride", "0"], ["--stride must be >= 1, got 0"]),
@@ -155,3 +159,29 @@ def test_the_training_clis_take_the_arch_aliases():
     for alias, full in vmae_fast.config.ARCH_ALIASES.items():
         assert ap.parse_args(["--model", alias, "--output-dir", "x"]).model == full
     assert ap.parse_args(["--model", "ViT-B", "--output-dir", "x"]).model == "vit_base_patch16_224"
+
+
+@pytest.mark.parametrize("prog, flag", [("vmae-pretrain", "--resume"), ("vmae-finetune", "--finetune"),
+                                        ("vmae-finetune", "--resume")])
+def test_a_text_file_as_a_training_checkpoint_is_named(prog, flag, files, tmp_path, capsys):
+    from train import finetune, pretrain
+
+    for i in range(8):  # the lists are checked whole, the videos never opened
+        (tmp_path / f"v{i}.mp4").touch()
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{tmp_path}/v{i}.mp4 {i % 4}\n" if prog == "vmae-finetune" else
+                           f"{tmp_path}/v{i}.mp4 0 -1\n" for i in range(8)))
+    common = ["--model", "vit_s", "--num-frames", "4", "--img-size", "32", "--num-workers", "0", "--no-progress",
+              "--batch-size", "2", "--steps", "1", "--output-dir", str(tmp_path / "run")]
+    if prog == "vmae-pretrain":
+        main, argv = pretrain.main, ["--data-list", str(lst), "--decoder-depth", "1", "--model-overrides",
+                                     "depth=1,embed_dim=64,num_heads=2,decoder_embed_dim=32,decoder_num_heads=2,"
+                                     "patch_size=8", *common]
+    else:
+        main, argv = finetune.main, ["--train-list", str(lst), "--num-classes", "4", "--model-overrides",
+                                     "depth=1,embed_dim=64,num_heads=2,patch_size=8", *common]
+    code = run_cli(main, prog, argv + [flag, str(files / "text.txt")])
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert code == EXIT_USAGE and len(lines) == 1 and "Traceback" not in err, lines
+    assert "text.txt" in lines[0] and "not a PyTorch checkpoint" in lines[0] and flag in lines[0], lines[0]

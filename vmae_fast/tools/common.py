@@ -113,6 +113,12 @@ def load_model_from_args(args: argparse.Namespace, kind: str, **kw: Any) -> torc
     except (ValueError, KeyError, RuntimeError) as exc:
         # (a RuntimeError here is a strict load's key / shape report: its first line says what)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        # the library names its keyword arguments; a user of the tool types flags
+        first = first.replace("pass num_heads=", "pass --num-heads").replace(
+            "pass decoder_num_heads=", "pass --decoder-num-heads")
+        for flag in ("num_heads", "decoder_num_heads"):
+            if getattr(args, flag, None) and "heads" in first:
+                raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {first}") from None
         raise UsageError(f"--checkpoint: {first}" if str(args.checkpoint) in first
                          else f"--checkpoint {args.checkpoint}: {first}") from None
 
