@@ -146,7 +146,8 @@ def test_cli_a_bad_video_is_one_line_and_the_others_complete(tmp_path, capsys):
     assert [r["video"] for r in json.loads(captured.out)] == [VIDEO]
     err = captured.err.strip().splitlines()
     assert err[0].startswith("device cpu, dtype ")  # the first line: which device and dtype, and why
-    assert len(err) == 2 and err[1].startswith(f"vmae-predict: skipping {bad}: "), err
+    assert len(err) == 3 and err[1].startswith(f"vmae-predict: skipping {bad}: "), err
+    assert err[2] == "vmae-predict: 1 of 2 videos failed (each named above); 1 classified"
     # the console script: a usage error is one line and exit status 2, before any video is read
     with pytest.raises(SystemExit) as stop:
         P.cli([VIDEO, "--checkpoint", str(tmp_path / "missing.pth")])

@@ -171,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         json.dump([r.to_json() for r in results], sys.stdout, indent=2)
         print()
+    if errors.failed:
+        say(f"{PROG}: {len(errors.failed)} of {len(args.videos)} videos failed (each named above); "
+            f"{len(results)} classified")
     return errors.exit_status
 
 
