@@ -13,7 +13,6 @@ recipe of --model (the table below).
 from __future__ import annotations
 
 import math
-import os
 import sys
 import warnings
 
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import vmae_fast
+from vmae_fast import envs
 from vmae_fast.flops import encoder_macs
 from vmae_fast.ops import normalize_uint8
 from vmae_fast.video.decoders import resolve_decoder as decoder_name
@@ -114,7 +114,7 @@ def validate(args) -> vmae_fast.VideoMAEConfig:
     if mixing and not args.eval and (args.batch_size * args.num_sample) % 2:
         raise UsageError(f"mixup/cutmix pair clips: --batch-size x --num-sample must be even, got "
                          f"{args.batch_size} x {args.num_sample} (or --mixup 0 --cutmix 0)")
-    if args.model_ema and args.dist == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if args.model_ema and args.dist == "fsdp" and envs.WORLD_SIZE > 1:
         raise UsageError("--model-ema is not supported with --dist fsdp (the EMA copy would be unsharded)")
     return check_model_config(args, **_model_options(args))
 
