@@ -308,3 +308,54 @@ def test_num_decoder_tokens_defaults_types_and_odd_axes():
         masking.num_decoder_tokens((2, 4, 4), "half")
     with pytest.raises(ValueError, match="^decoder_ratio must be a number, got 'half'$"):
         masking.cell_masked_slots("half")
+
+
+def test_sample_defaults_and_bad_arguments_word_for_word():
+    m = DualMask.sample(2, (2, 4, 4))  # the official 0.9 tube / 0.5 running cell
+    assert (m.n_visible, m.n_decoder) == (2 * (16 - int(0.9 * 16)), 2 * 4 * 2)
+    for grid in (5, (0, 4, 4), (2, 4, -4)):
+        with pytest.raises(ValueError, match=r"^grid must be three positive ints \(T/t, H/p, W/p\), got "):
+            DualMask.sample(2, grid)
+    for batch in ("two", 2.0, 0):  # (a non-int is reported as "got 0")
+        with pytest.raises(ValueError, match="^batch_size must be a positive int, got "):
+            DualMask.sample(batch, (2, 4, 4))
+    with pytest.raises(ValueError, match="^decoder_ratio must be a number, got 'half'$"):
+        DualMask.sample(2, (2, 4, 4), 0.9, "half")
+    with pytest.raises(ValueError, match="^encoder_ratio must be a number, got None$"):
+        masking.num_encoder_masked((2, 4, 4), None)
+    for ratio in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^encoder_ratio must be in \[0, 1\), got {ratio}$"):
+            masking.num_encoder_masked((2, 4, 4), ratio)
+    assert masking.num_encoder_masked((2, 4, 4), 0.0) == 0 == masking.num_encoder_masked((2, 4, 4), 0.0, "random")
+    with pytest.raises(ValueError, match="^encoder_ratio=0.0 masks no token, so encoder-only masking leaves the "
+                                         "decoder nothing to reconstruct$"):
+        DualMask.sample(2, (2, 4, 4), 0.0, 0.0)
+    with pytest.raises(ValueError, match="^the generator lives on cpu but masks are sampled on meta; pass a "
+                                         "generator of the same device type$"):
+        DualMask.sample(2, (2, 4, 4), generator=torch.Generator(), device="meta")
+
+
+@pytest.mark.parametrize("mask_type, decoder_ratio", [("tube", 0.5), ("random", 0.0), ("random", 0.75)])
+def test_sample_makes_every_tensor_on_the_asked_device(mask_type, decoder_ratio):
+    m = DualMask.sample(3, (2, 4, 4), 0.75, decoder_ratio, encoder_mask_type=mask_type, device="meta")
+    assert {x.device.type for x in (m.encoder_masked, m.decoder_masked, m.visible_idx, m.decoder_idx)} == {"meta"}
+    assert m.visible_idx.shape == (3, 32 - masking.num_encoder_masked((2, 4, 4), 0.75, mask_type))
+    c = DualMask.sample(3, (2, 4, 4), 0.75, decoder_ratio, encoder_mask_type=mask_type).to("meta")
+    assert {x.device.type for x in (c.encoder_masked, c.decoder_masked, c.visible_idx, c.decoder_idx)} == {"meta"}
+
+
+def test_random_masks_follow_the_generator_and_all_four_cells_start():
+    seeded = [DualMask.sample(8, (2, 4, 4), 0.5, 0.5, encoder_mask_type="random",
+                              generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert torch.equal(seeded[0].encoder_masked, seeded[1].encoder_masked)
+    assert not torch.equal(seeded[0].encoder_masked, seeded[2].encoder_masked)
+    # the running cell's start pointer takes all four values
+    m = DualMask.sample(64, (2, 4, 4), 0.5, 0.5, generator=torch.Generator().manual_seed(0))
+    assert len({tuple(r.tolist()) for r in m.decoder_masked}) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_masks_default_to_the_generators_device():
+    m = DualMask.sample(2, (2, 4, 4), generator=torch.Generator("cuda").manual_seed(0))
+    assert {x.device.type for x in (m.encoder_masked, m.decoder_masked, m.visible_idx, m.decoder_idx)} == {"cuda"}
