@@ -63,6 +63,7 @@ def test_perfect_prediction_reproduces_the_clip(normalize_target, clip_dtype):
 
 def test_grid_png_of_a_model_on_a_video(tmp_path):
     pytest.importorskip("av", reason="PyAV (the test extra) reads the test video")
+    pytest.importorskip("PIL", reason="the PNG is written with Pillow (train/test extras)")
     from PIL import Image
 
     torch.manual_seed(0)
@@ -96,6 +97,7 @@ def test_grid_png_of_a_model_on_a_video(tmp_path):
 
 @pytest.mark.parametrize("tile, scale", [(32, 4), (112, 1), (224, 1), (56, 2), (16, 7), (100, 2)])
 def test_annotate_enlarges_small_tiles_to_a_readable_size(tile, scale):
+    pytest.importorskip("PIL", reason="the labels are drawn with Pillow (train/test extras)")
     grid = np.zeros((3 * tile + 2 * V.GAP, 2 * tile + V.GAP, 3), dtype=np.uint8)
     grid[:tile, :tile] = (200, 10, 90)  # the first tile in a colour no text has, to find it again
     out = V.annotate(grid, tile, ["a title"])
