@@ -222,6 +222,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        import PIL  # noqa: F401  (write_png and annotate draw with it)
+    except ImportError:
+        raise UsageError("the PNG is written with Pillow, which is not installed: pip install pillow "
+                         "(or the train extra)") from None
     check_at_least(args, {"sampling_rate": 1, "start": 0})
     for flag in ("encoder_ratio", "decoder_ratio"):
         value = getattr(args, flag)
