@@ -41,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Only the first word is ours: the rest, --help included, is the command's.
     command = _parser().parse_args(argv[:1]).command
     module, function = COMMANDS[command][0].split(":")
-    from vmae_fast.errors import EXIT_USAGE, run_cli  # (here: vmae-bench --help imports no torch)
+    from vmae_fast.errors import EXIT_USAGE
+    from vmae_fast.cli import run_cli  # (here: vmae-bench --help imports no torch)
 
     from .common import cli as common_cli
 

@@ -56,7 +56,8 @@ def test_torchrun_numbering(monkeypatch):
 
 
 def test_a_bad_debug_switch_is_reported_without_a_traceback(monkeypatch, capsys):
-    from vmae_fast.errors import EXIT_USAGE, run_cli
+    from vmae_fast.errors import EXIT_USAGE
+    from vmae_fast.cli import run_cli
 
     monkeypatch.setenv("VMAE_FAST_DEBUG", "maybe")
     assert run_cli(lambda argv: envs.VMAE_FAST_DEBUG, "prog", []) == EXIT_USAGE

@@ -127,16 +127,6 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return circles
 
 
-# Import circles that are known and being removed while this test lands: the edges listed are
-# left out of the graph, each group named for the helper that removes it. Delete an entry when
-# its circle is gone from main; any other circle fails the test.
-KNOWN_CIRCLES = {
-    # issue 17, helper train-runs: the errors the CLI and the loop share move below both
-    "train.cli <-> train.loop (train-runs)": {("train.loop", "train.cli")},
-    # not in issue 17: came with 220aade (envs reads switches into UsageError; errors asks envs
-    # for VMAE_FAST_DEBUG); left to the owner of envs.py / errors.py
-    "envs <-> errors (220aade)": {("vmae_fast.errors", "vmae_fast.envs")},
-}
 
 
 def test_library_imports_neither_train_nor_bench():
@@ -153,9 +143,6 @@ def test_library_imports_neither_train_nor_bench():
 
 def test_no_import_circle():
     graph = _graph()
-    for edges in KNOWN_CIRCLES.values():
-        for a, b in edges:
-            graph.get(a, set()).discard(b)
     circles = _cycles(graph)
     assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
 

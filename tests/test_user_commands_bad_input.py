@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import vmae_fast
-from vmae_fast.errors import EXIT_SOME_FAILED, EXIT_USAGE, run_cli
+from vmae_fast.errors import EXIT_SOME_FAILED, EXIT_USAGE
+from vmae_fast.cli import run_cli
 from vmae_fast.tools import export, extract_features, predict, visualize
 
 VIDEO = str(Path(__file__).resolve().parent / "data" / "carphone_distorted.mp4")

@@ -22,8 +22,9 @@ from vmae_fast.device import default_num_workers
 from vmae_fast.video.decoders import add_decoder_arg
 from vmae_fast.video.lists import read_list
 from vmae_fast import envs
-from vmae_fast import errors as _errors
-from vmae_fast.errors import EXIT_STOPPED_BY_SIGNAL, ArgumentParser, UsageError
+from vmae_fast import cli as _cli
+from vmae_fast.errors import EXIT_STOPPED_BY_SIGNAL, UsageError
+from vmae_fast.cli import ArgumentParser
 
 from . import distributed as dist_
 from . import loop, recipe
@@ -342,7 +343,7 @@ def warnings_name_our_code(prog: str):
 
 
 def run_cli(main, prog: str, argv=None) -> int:
-    """Run ``main(argv)`` under ``vmae_fast.errors.run_cli``: a ``UsageError`` (any check before
+    """Run ``main(argv)`` under ``vmae_fast.cli.run_cli``: a ``UsageError`` (any check before
     the run starts) is one line on stderr and status 2; a stopped run (non-finite loss, a stop
     signal, a checkpoint that could not be written) its line and its status. Under torchrun each
     line names its rank; a stop signal's line (the same on every rank) comes from rank 0 only."""
@@ -362,4 +363,4 @@ def run_cli(main, prog: str, argv=None) -> int:
             return 128 + signal.SIGINT
 
     with warnings_name_our_code(tag):
-        return _errors.run_cli(quiet, tag, argv, exit_codes=EXIT_CODES)
+        return _cli.run_cli(quiet, tag, argv, exit_codes=EXIT_CODES)

@@ -28,7 +28,8 @@ from fractions import Fraction
 from pathlib import Path
 
 from vmae_fast.checkpoint import write_atomic
-from vmae_fast.errors import EXIT_OK, EXIT_SOME_FAILED, UsageError, run_cli
+from vmae_fast.errors import EXIT_OK, EXIT_SOME_FAILED, UsageError
+from vmae_fast.cli import run_cli
 from vmae_fast.video import FRAME_PATTERN, Entry, FrameFolder, read_list
 from vmae_fast.video import shards as fmt
 

@@ -11,7 +11,7 @@ import argparse
 from typing import Callable, Sequence, TypeVar
 
 from vmae_fast.config import ARCH_ALIASES, ARCHS, resolve_arch
-from vmae_fast.errors import ArgumentParser as OneLineParser
+from vmae_fast.cli import ArgumentParser as OneLineParser
 
 from .paths import results_help
 

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from vmae_fast.errors import UsageError, run_cli
+from vmae_fast.errors import UsageError
+from vmae_fast.cli import run_cli
 
 from ..common.cli import make_parser
 from ..common.output import result_header, write_json

@@ -21,7 +21,8 @@ import torch
 
 from ..checkpoint import write_atomic
 from ..device import DTYPES
-from ..errors import EXIT_OK, EXIT_SOME_FAILED, ArgumentParser, UsageError, run_cli
+from ..errors import EXIT_OK, EXIT_SOME_FAILED, UsageError
+from ..cli import ArgumentParser, run_cli
 from ..video.decoders import add_decoder_arg
 
 
