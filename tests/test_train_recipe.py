@@ -8,13 +8,15 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 import vmae_fast
 from train import finetune, pretrain
 from train.cli import UsageError
-from train.optim import cosine_lr, make_plan, param_groups
+from train.optim import (autocast, cosine_lr, make_optimizer, make_plan, make_scaler, optimizer_step, param_groups,
+                         resolve_precision, set_lr)
 
 S, B, L, H, G = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch16_224",
                  "vit_giant_patch14_224")
@@ -213,3 +215,144 @@ def test_readme_tables_are_the_recipe():
             peak = _plan(batch, want["num_sample"], want["gpus"], 1, want["base_lr"], 0.0).lr
             assert [int(r[1]), r[2], float(r[3]), float(r[4])] == [want["gpus"], f"{batch} x {want['num_sample']}",
                                                                   want["base_lr"], pytest.approx(peak)], r
+
+
+# ----------------------------------------------------------------------------- mutation survivors
+# Written for the mutants `make mutate` left alive in train/optim.py (README, "Mutation testing").
+
+def _official_cosine_scheduler(base, final, total, warmup, start=0.0):
+    """The official utils.cosine_scheduler restated in numpy, per step."""
+    warm = np.linspace(start, base, warmup) if warmup > 0 else np.array([])
+    iters = np.arange(total - warmup)
+    rest = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warm, rest))
+
+
+@pytest.mark.parametrize("warmup, start", [(0, 0.0), (1, 0.0), (2, 0.0), (2, 0.25), (5, 0.1), (9, 0.0)])
+def test_cosine_lr_is_the_official_schedule_at_every_step(warmup, start):
+    want = _official_cosine_scheduler(1.0, 0.01, 10, warmup, start)
+    got = [cosine_lr(s, 1.0, 0.01, 10, warmup, start) for s in range(10)]
+    assert got == pytest.approx(want.tolist(), abs=1e-12)
+    if start == 0.0:  # the default start of the warmup is 0
+        assert [cosine_lr(s, 1.0, 0.01, 10, warmup) for s in range(10)] == got
+
+
+def test_plan_fields_for_each_lr_rule():
+    def args(**kw):
+        base = dict(batch_size=4, num_sample=2, accum_steps=3, base_lr=1e-3, lr=None, min_lr=1e-5, warmup_lr=1e-6,
+                    lr_scaling="official", steps=None, epochs=5, warmup_steps=None, warmup_epochs=1.5)
+        return SimpleNamespace(**(base | kw))
+
+    def same(plan, want):
+        got = plan.to_dict()
+        assert got.pop("scaling") == want.pop("scaling")
+        assert got == pytest.approx(want, rel=1e-12)
+
+    geometry = dict(videos_per_step=4 * 2 * 3, clips_per_step=4 * 2 * 3 * 2, steps_per_epoch=10, total_steps=50,
+                    warmup_steps=15)
+    f = 24 / 256
+    same(make_plan(args(), 2, 10),
+         dict(geometry, lr=1e-3 * f, min_lr=1e-5 * f, warmup_lr=1e-6 * f, scaling="official", factor=f))
+    fc = 48 / 256
+    same(make_plan(args(lr_scaling="clips"), 2, 10),
+         dict(geometry, lr=1e-3 * fc, min_lr=1e-5, warmup_lr=1e-6, scaling="clips", factor=fc))
+    same(make_plan(args(lr=2e-4, steps=7, warmup_steps=3), 2, 10),
+         dict(geometry, total_steps=7, warmup_steps=3, lr=2e-4, min_lr=1e-5, warmup_lr=1e-6, scaling="absolute",
+              factor=1.0))
+    assert make_plan(args(steps=1), 2, 10).total_steps == 1  # one step is a run
+    with pytest.raises(ValueError, match=r"^the run has no steps: --epochs 0 x 10 steps per epoch$"):
+        make_plan(args(epochs=0), 2, 10)
+    p = make_plan(args(warmup_lr=0.5e-3 / f), 2, 10)  # the plan's lr_at is cosine_lr with its warmup start
+    assert [p.lr_at(s) for s in range(50)] == pytest.approx(
+        _official_cosine_scheduler(p.lr, p.min_lr, 50, 15, p.warmup_lr).tolist(), abs=1e-15)
+
+
+def test_param_groups_rules_by_name_and_frozen_parameters():
+    model = vmae_fast.create_model(S, 4, depth=2, embed_dim=64, num_heads=2, patch_size=8, num_frames=4, img_size=32,
+                                   learnable_pos_embed=True)
+    model.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 64))
+    model.head.bias = torch.nn.Parameter(torch.zeros(1, 4))  # a 2-d bias: out of decay by its name
+    model.patch_embed.proj.weight.requires_grad_(False)  # frozen: skipped, the others still grouped
+    plain = param_groups(model, 0.05)
+    assert all(g["lr_scale"] == 1.0 for g in plain)
+    names = {n: g for g in plain for n in g["names"]}
+    assert "patch_embed.proj.weight" not in names and "patch_embed.proj.bias" in names and "head.weight" in names
+    assert names["head.bias"]["weight_decay"] == 0.0 and names["head.weight"]["weight_decay"] == 0.05
+    scale = {n: g["lr_scale"] for g in param_groups(model, 0.05, layer_decay=0.75, depth=2) for n in g["names"]}
+    for layer0 in ("pos_embed", "cls_token", "patch_embed.proj.bias"):
+        assert scale[layer0] == 0.75 ** 3, layer0
+
+
+def test_make_optimizer_and_set_lr():
+    model = vmae_fast.create_model(S, 4, depth=2, embed_dim=64, num_heads=2, patch_size=8, num_frames=4, img_size=32)
+    args = SimpleNamespace(weight_decay=0.05, betas=[0.9, 0.95], eps=1e-6)
+    # fused AdamW on CUDA only; the flag alone can be checked here (fused AdamW also runs on CPU)
+    assert all(g["fused"] for g in make_optimizer(model, args, torch.device("cuda")).param_groups)
+    opt = make_optimizer(model, args, torch.device("cpu"), layer_decay=0.75, depth=2)
+    groups = param_groups(model, 0.05, 0.75, 2)
+    assert len(opt.param_groups) == len(groups)
+    for got, want in zip(opt.param_groups, groups):
+        assert "names" not in got and got["params"] == want["params"]
+        assert (got["weight_decay"], got["lr_scale"], got["lr"]) == (want["weight_decay"], want["lr_scale"], 0.0)
+        assert got["betas"] == (0.9, 0.95) and got["eps"] == 1e-6 and not got["fused"]
+    set_lr(opt, 1e-3)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3 * g["lr_scale"] for g in groups]
+    bare = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)  # a group without lr_scale
+    set_lr(bare, 2e-3)
+    assert bare.param_groups[0]["lr"] == 2e-3
+
+
+def test_precision_autocast_and_scaler():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    assert (resolve_precision("auto", cpu), resolve_precision("auto", cuda)) == ("fp32", "bf16")
+    assert resolve_precision("fp16", cpu) == "fp16" and resolve_precision("fp32", cuda) == "fp32"
+    with autocast("fp32", cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        with autocast(precision, cpu):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
+    assert [make_scaler(p, cpu).is_enabled() for p in ("fp32", "bf16", "fp16")] == [False, False, True]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_optimizer_step_clips_steps_and_clears(clip, precision):
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    model = torch.nn.Module()
+    model.w = w
+    opt = torch.optim.SGD([w], lr=1.0)
+    scaler = make_scaler(precision, torch.device("cpu"))  # fp16: a loss scale of 2**16 to undo
+    scaler.scale((w * torch.tensor([1.0, 2.0])).sum().mul(2)).backward()  # grad (2, 4), norm sqrt(20)
+    norm = optimizer_step(model, opt, scaler, clip)
+    g = torch.tensor([2.0, 4.0])
+    if clip is None:
+        assert norm is None
+    else:
+        assert norm.item() == pytest.approx(20 ** 0.5)
+        g = g * clip / (20 ** 0.5 + 1e-6)  # clip_grad_norm_'s own epsilon
+    assert torch.allclose(w.detach(), torch.tensor([3.0, 4.0]) - g, rtol=1e-6, atol=0)
+    assert w.grad is None
+
+
+def test_plan_describe_names_the_rule():
+    p = _plan(32, 4, 32, 1, 1e-3, 1e-5, 1e-6)
+    assert p.describe() == ("lr 0.004 (x4: 1024 videos/256, official scaling), min 4e-05, warmup from 4e-06 over "
+                            "100 steps")
+    assert _plan(32, 4, 1, 1, 1e-3, 1e-5, scaling="clips").describe().startswith(
+        "lr 0.0005 (x0.5: 128 clips/256, --lr-scaling clips), min 1e-05, warmup from 0 over 100 steps")
+    assert _plan(32, 4, 1, 1, 1e-3, 1e-5, lr=3e-4).describe().startswith("lr 0.0003 (x1: --lr, not scaled)")
+
+
+def test_optimizer_step_reads_a_sharded_norm_whole(monkeypatch):
+    """Under FSDP2 clip_grad_norm_ returns a DTensor: the step returns its full value."""
+    class Sharded:
+        def full_tensor(self):
+            return torch.tensor(7.0)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: Sharded())
+    w = torch.nn.Parameter(torch.ones(2))
+    model = torch.nn.Module()
+    model.w = w
+    w.sum().backward()
+    norm = optimizer_step(model, torch.optim.SGD([w], lr=1.0), make_scaler("fp32", torch.device("cpu")), 1.0)
+    assert isinstance(norm, torch.Tensor) and norm.item() == 7.0
