@@ -241,10 +241,10 @@ def test_the_recipe_turns_both_on_and_the_flags_turn_them_off(train_list, tmp_pa
     args = finetune.parse_args(base)
     assert (args.aa, args.train_interpolation, args.reprob, args.remode, args.recount) == \
         (OFFICIAL, "bicubic", 0.25, "pixel", 1)
-    assert parse_rand_augment(args.aa) is not None and finetune.erase_spec(args) == EraseSpec(0.25, "pixel", 1)
+    assert parse_rand_augment(args.aa) is not None and args.erase_spec() == EraseSpec(0.25, "pixel", 1)
     for aa in ("none", ""):
         args = finetune.parse_args(base + ["--aa", aa, "--reprob", "0"])
-        assert parse_rand_augment(args.aa) is None and finetune.erase_spec(args) is None
+        assert parse_rand_augment(args.aa) is None and args.erase_spec() is None
 
 
 def test_the_loss_erases_then_mixes(train_list, tmp_path, monkeypatch):

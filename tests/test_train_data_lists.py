@@ -2,7 +2,6 @@
 that never substitutes an unreadable video, and skipped videos counted per file."""
 from __future__ import annotations
 
-import types
 import warnings
 
 import pytest
@@ -100,10 +99,13 @@ def test_eval_skips_an_unreadable_video_instead_of_substituting(videos, tmp_path
     names = sorted(p.name for p in (videos / "videos").iterdir())
     lst = write(tmp_path / "val.txt", "corrupt.mp4 1\n" + "".join(f"videos/{n} {k}\n" for k, n in
                                                                  zip((0, 1, 2), names[:3])))
-    args = types.SimpleNamespace(val_list=str(lst), data_root=str(videos), num_frames=4, sampling_rate=2,
-                                 img_size=32, test_num_segment=2, test_num_crop=1, decoder="auto",
-                                 eval_batch_size=bs, batch_size=bs, num_workers=0, num_classes=3, max_missing=0)
-    evaluate = finetune.make_evaluate(args, Dist(), "fp32")
+    weights = write(tmp_path / "weights.pth", "")  # --eval needs weights; only the list is read here
+    cfg = finetune.parse_args(["--eval", "--finetune", str(weights), "--val-list", str(lst), "--num-classes", "3",
+                               "--data-root", str(videos), "--num-frames", "4", "--sampling-rate", "2",
+                               "--img-size", "32", "--test-num-segment", "2", "--test-num-crop", "1",
+                               "--eval-batch-size", str(bs), "--batch-size", str(bs), "--num-workers", "0",
+                               "--output-dir", str(tmp_path / "out")])
+    evaluate = finetune.make_evaluate(cfg, Dist(), "fp32")
     model = ConstantModel()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")

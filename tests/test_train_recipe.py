@@ -58,6 +58,11 @@ def files(tmp_path):
     return {"list": str(lst), "out": str(tmp_path / "out")}
 
 
+def option(cfg, name):
+    """An option of the parsed config: the task's own, or the loop's (``cfg.run``)."""
+    return getattr(cfg, name) if hasattr(cfg, name) else getattr(cfg.run, name)
+
+
 def pretrain_args(files, *extra):
     return pretrain.parse_args(["--data-list", files["list"], "--output-dir", files["out"], *extra])
 
@@ -72,8 +77,8 @@ def test_pretrain_defaults_are_the_official_script(files, model):
     args = pretrain_args(files, "--model", model)
     want = {**PRETRAIN_ALL, **PRETRAIN_SCRIPTS[model]}
     want.pop("gpus")
-    assert {k: getattr(args, k) for k in want} == want
-    assert args.lr is None and args.lr_scaling == "official" and args.accum_steps == 1
+    assert {k: option(args, k) for k in want} == want
+    assert args.run.lr is None and args.run.lr_scaling == "official" and args.run.accum_steps == 1
 
 
 @pytest.mark.parametrize("model", [S, B, L, H, G])
@@ -81,12 +86,12 @@ def test_finetune_defaults_are_the_official_script(files, model):
     args = finetune_args(files, "--model", model)
     want = {**FINETUNE_ALL, **FINETUNE_SCRIPTS[model]}
     want.pop("gpus")
-    assert {k: getattr(args, k) for k in want} == want
+    assert {k: option(args, k) for k in want} == want
 
 
 def test_an_explicit_option_beats_the_recipe(files):
     args = pretrain_args(files, "--model", G, "--clip-grad", "1.0", "--no-grad-checkpointing", "--num-sample", "1")
-    assert (args.clip_grad, args.grad_checkpointing, args.num_sample, args.base_lr) == (1.0, False, 1, 6e-4)
+    assert (args.run.clip_grad, args.grad_checkpointing, args.run.num_sample, args.run.base_lr) == (1.0, False, 1, 6e-4)
 
 
 def _plan(batch, num_sample, world, accum, base_lr, min_lr, warmup_lr=0.0, scaling="official", lr=None,

@@ -5,10 +5,7 @@ into one line on stderr (exit 2) instead of a traceback, and a stopped run into 
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
-import inspect
-import json
 import os
 import signal
 import sys
@@ -29,7 +26,7 @@ from vmae_fast.cli import ArgumentParser
 from . import distributed as dist_
 from . import loop, recipe
 from .checkpointing import CHECKPOINT, DCP_LATEST
-from .config import RunConfig
+from .config import RunConfig, TaskConfig
 from .errors import EXIT_CODES, StoppedBySignal
 from .metrics import METRICS, tensorboard_available
 from .optim import LR_SCALINGS
@@ -46,25 +43,6 @@ def _arch(text: str) -> str:
         return vmae_fast.config.resolve_arch(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-def parse_overrides(text: str | None) -> dict:
-    """``"depth=2,embed_dim=64"`` (or a JSON object) -> ``{"depth": 2, "embed_dim": 64}``."""
-    if not text:
-        return {}
-    text = text.strip()
-    if text.startswith("{"):
-        return json.loads(text)
-    out = {}
-    for item in text.split(","):
-        if "=" not in item:
-            raise UsageError(f"--model-overrides takes key=value pairs separated by commas, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = ast.literal_eval(v.strip())
-        except (ValueError, SyntaxError):
-            out[k.strip()] = v.strip()
-    return out
-
 
 def make_parser(kind: str, doc: str) -> argparse.ArgumentParser:
     return ArgumentParser(prog=f"vmae-{kind}", description=doc, epilog=recipe.help_table(kind),
@@ -83,15 +61,15 @@ def shards_or_usage(spec: str):
         raise UsageError(str(exc)) from None
 
 
-def training_data(args, dataset):
+def training_data(cfg: TaskConfig, dataset):
     """What the loop reads: the list's ``dataset``, or, with ``--shards``, the shards loaded with
     ``dataset``'s options (``train/data_source.py``)."""
     from .data_source import ListSource, ShardSource
 
-    log_dir = args.output_dir if args.log_samples else None
-    if args.shards:
-        return ShardSource(shards_or_usage(args.shards), dataset, args.seed, args.shuffle_buffer, log_dir)
-    return ListSource(dataset, args.seed, log_dir)
+    log_dir = cfg.run.output_dir if cfg.log_samples else None
+    if cfg.shards:
+        return ShardSource(shards_or_usage(cfg.shards), dataset, cfg.run.seed, cfg.shuffle_buffer, log_dir)
+    return ListSource(dataset, cfg.run.seed, log_dir)
 
 
 def read_list_or_usage(path: str, data_root: str, kind: str) -> list:
@@ -102,13 +80,13 @@ def read_list_or_usage(path: str, data_root: str, kind: str) -> list:
         raise UsageError(str(exc)) from None
 
 
-def read_list_checked(args, flag: str, kind: str, num_classes: int | None = None) -> list:
+def read_list_checked(cfg: TaskConfig, flag: str, kind: str, num_classes: int | None = None) -> list:
     """The list that ``flag`` names, read and checked whole before the run makes anything: every
     label in ``[0, num_classes)`` (when given), every entry's file or frame folder present. Up to
     ``--max-missing`` missing files are allowed (named in one warning line; they are skipped and
     counted like unreadable videos); more refuse the run in one line that counts and names them."""
-    path = getattr(args, flag[2:].replace("-", "_"))
-    entries = read_list_or_usage(path, args.data_root, kind)
+    path = getattr(cfg, flag[2:].replace("-", "_"))
+    entries = read_list_or_usage(path, cfg.data_root, kind)
     if num_classes is not None:
         bad = [e for e in entries if not 0 <= e.label < num_classes]
         if bad:
@@ -116,12 +94,12 @@ def read_list_checked(args, flag: str, kind: str, num_classes: int | None = None
                              f"(--num-classes {num_classes}): " + _some(f"{e.path} {e.label}" for e in bad))
     # URLs (a decoder may stream them) are not files to look for
     missing = [e.path for e in entries if "://" not in e.path and not os.path.exists(e.path)]
-    if len(missing) > args.max_missing:
+    if len(missing) > cfg.max_missing:
         raise UsageError(f"{flag} {path}: {len(missing)} of {len(entries)} files are missing: {_some(missing)} "
-                         f"(--max-missing {args.max_missing}; --data-root is {args.data_root or 'not set'!r})")
+                         f"(--max-missing {cfg.max_missing}; --data-root is {cfg.data_root or 'not set'!r})")
     if missing:
         warnings.warn(f"{flag} {path}: {len(missing)} of {len(entries)} files are missing, skipped like unreadable "
-                      f"videos (--max-missing {args.max_missing}): {_some(missing)}", stacklevel=2)
+                      f"videos (--max-missing {cfg.max_missing}): {_some(missing)}", stacklevel=2)
     return entries
 
 
@@ -132,28 +110,29 @@ def _some(items, shown: int = 5) -> str:
     return ", ".join(items[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
-def parse(ap: argparse.ArgumentParser, argv, kind: str, validate) -> argparse.Namespace:
+def parse(ap: argparse.ArgumentParser, argv, kind: str, config: type[TaskConfig], validate) -> TaskConfig:
     """``ap`` (a loop's own options) with the common ones added, parsed; every option left at
-    ``None`` filled from the official recipe of ``--model``; the loop's ``RunConfig`` built once
-    (``args.run``, its checks first); then ``validate(args)``."""
+    ``None`` filled from the official recipe of ``--model``; the task's ``config`` (its
+    ``RunConfig`` inside) built once, its value checks first; then ``validate(cfg)``, the checks
+    of files and environment. The namespace goes no further."""
     add_common_args(ap, kind)
     args = ap.parse_args(argv)
     recipe.fill_defaults(args, kind)
-    args.run = RunConfig.from_args(args, kind, tuple(sys.argv[1:] if argv is None else argv))
-    validate(args)
-    return args
+    cfg = config.from_args(args, RunConfig.from_args(args, kind, tuple(sys.argv[1:] if argv is None else argv)))
+    validate(cfg)
+    return cfg
 
 
 def run_command(parse_args, build, argv=None, on_step=None) -> dict:
     """The ``main`` of both commands: parse, set up the processes, build the task, run it;
     returns the run's summary. ``on_step(step, loss)`` runs after each optimizer step (tests
     use it to simulate a crash)."""
-    args = parse_args(argv)
+    cfg = parse_args(argv)
     try:
-        d = dist_.setup(args.run)
+        d = dist_.setup(cfg.run)
     except ValueError as exc:  # --device
         raise UsageError(str(exc)) from None
-    return loop.Trainer(args.run, d, build(args, d), on_step=on_step).run()
+    return loop.Trainer(cfg.run, d, build(cfg, d), on_step=on_step).run()
 
 
 def add_common_args(ap: argparse.ArgumentParser, kind: str) -> None:
@@ -232,13 +211,6 @@ def add_common_args(ap: argparse.ArgumentParser, kind: str) -> None:
 
 
 # ----------------------------------------------------------------------------- checks
-def check_positive(args, names: tuple[str, ...], minimum: int = 1) -> None:
-    for n in names:
-        v = getattr(args, n)
-        if v is not None and v < minimum:
-            raise UsageError(f"--{n.replace('_', '-')} must be >= {minimum}, got {v}")
-
-
 def check_file(flag: str, path: str | None) -> None:
     if path and not Path(path).is_file():
         raise UsageError(f"{flag} {path}: no such file")
@@ -262,32 +234,9 @@ def check_output_dir(path: str) -> None:
         raise UsageError(f"--output-dir {out}: cannot write in {p} ({exc.strerror or exc})") from None
 
 
-def model_options(args, **options) -> dict:
-    """``create_model`` keywords: CLI options, then ``--model-overrides`` on top."""
-    return {**options, **parse_overrides(args.model_overrides)}
-
-
-# The factories' options that are not VideoMAEConfig fields (the classifier's head and attention
-# options, checkpointing), read off their signatures: config_for checks the rest.
-_FACTORY_ONLY = ({name for f in (vmae_fast.create_model, vmae_fast.create_pretrain_model)
-                  for name in inspect.signature(f).parameters} - set(vmae_fast.VideoMAEConfig.__dataclass_fields__))
-
-
-def check_model_config(args, **options) -> vmae_fast.VideoMAEConfig:
-    """The config the run will build, made now so that a bad size fails before anything else."""
-    opts = {k: v for k, v in model_options(args, **options).items() if k not in _FACTORY_ONLY}
-    try:
-        return vmae_fast.config_for(args.model, **opts)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"model options: {exc}") from None
-
-
-def check_common(args) -> None:
-    """What both loops check before creating anything, besides ``RunConfig``'s own checks (the
-    model's own checks are separate)."""
-    check_positive(args, ("num_frames", "sampling_rate", "img_size", "shuffle_buffer"))
-    check_positive(args, ("max_missing",), minimum=0)
-    cfg = args.run
+def check_common(cfg: RunConfig) -> None:
+    """What both loops check of files and packages before creating anything (the values were
+    checked when the config was built)."""
     if cfg.tensorboard and not tensorboard_available():
         raise UsageError("--tensorboard: the tensorboard package is not installed (it comes with the train "
                          "extra: pip install 'vmae-fast[train]', or pip install tensorboard)")

@@ -1,18 +1,25 @@
-"""What the training loop reads, typed and frozen: one ``RunConfig``, built once from the command
-line (``RunConfig.from_args``) after the official recipe filled its defaults. A value that makes no
-sense fails in ``__post_init__`` with one line in the flag's own words.
-
-The task-specific options (masking ratios, augmentation, the head) stay with the task that reads
-them (``train/pretrain.py``, ``train/finetune.py``); the loop sees only this object.
+"""Every option of a training command, typed and frozen, built once from the command line after the
+official recipe (``train/recipe.py``) filled its defaults: ``PretrainConfig`` / ``FinetuneConfig``
+(what the task builds: model, data, masking, augmentation, head), each holding the ``RunConfig``
+the loop reads (``cfg.run``). A value that makes no sense fails in ``__post_init__`` with one line
+in the flag's own words; checks that look at files or the environment come after
+(``train/cli.py``, the task's ``validate``).
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
+import json
 import shlex
 from dataclasses import dataclass, fields
 
+import vmae_fast
 from vmae_fast import envs
 from vmae_fast.errors import UsageError
+from vmae_fast.masking import num_decoder_tokens
+
+from .augment import EraseSpec, parse_rand_augment
 
 
 def _flag(name: str) -> str:
@@ -164,3 +171,218 @@ class RunConfig:
             elif not a.startswith("--resume=") and a != "--overwrite":
                 kept.append(a)
         return prog + " " + shlex.join([*kept, "--resume", "auto"])
+
+
+# ----------------------------------------------------------------------------- the tasks' options
+def parse_overrides(text: str | None) -> dict:
+    """``"depth=2,embed_dim=64"`` (or a JSON object) -> ``{"depth": 2, "embed_dim": 64}``."""
+    if not text:
+        return {}
+    text = text.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    out = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise UsageError(f"--model-overrides takes key=value pairs separated by commas, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError):
+            out[k.strip()] = v.strip()
+    return out
+
+
+# The factories' options that are not VideoMAEConfig fields (the classifier's head and attention
+# options, checkpointing), read off their signatures: config_for checks the rest.
+_FACTORY_ONLY = ({name for f in (vmae_fast.create_model, vmae_fast.create_pretrain_model)
+                  for name in inspect.signature(f).parameters} - set(vmae_fast.VideoMAEConfig.__dataclass_fields__))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """The options both tasks build their model and data from. Every field is the command-line
+    option of the same name; a field without a default is filled by the official recipe of
+    ``--model`` (``train/recipe.py``) unless given."""
+
+    run: RunConfig
+    """the loop's options (``RunConfig``)"""
+    model: str
+    """the arch's full name (``--model`` takes an alias too)"""
+    model_overrides: str = ""
+    """VideoMAEConfig fields on top of the arch, 'depth=2,embed_dim=64' or a JSON object"""
+    num_frames: int
+    """frames of a clip"""
+    sampling_rate: int
+    """frames between sampled frames"""
+    img_size: int = 224
+    """side of a clip's square frames"""
+    drop_path: float
+    """stochastic depth rate of the encoder"""
+    grad_checkpointing: bool
+    """activation checkpointing of every block"""
+    data_root: str = ""
+    """folder the lists' paths are relative to"""
+    shards: str | None = None
+    """WebDataset shards to train from instead of a list (a folder, a brace pattern, URLs)"""
+    shuffle_buffer: int = 64
+    """--shards: samples a loader worker holds to shuffle"""
+    log_samples: bool = False
+    """every rank logs the keys of the samples it trained on to OUT/samples-rank<r>.jsonl"""
+    max_missing: int = 0
+    """files a list may name that are not there before the run refuses"""
+    decoder: str = "auto"
+    """video decoder"""
+
+    def __post_init__(self):
+        for name in ("num_frames", "sampling_rate", "img_size", "shuffle_buffer"):
+            self._at_least(name, 1)
+        self._at_least("max_missing", 0)
+
+    def _at_least(self, name: str, minimum: int) -> None:
+        v = getattr(self, name)
+        if v is not None and v < minimum:
+            raise UsageError(f"{_flag(name)} must be >= {minimum}, got {v}")
+
+    def factory_options(self) -> dict:
+        """The task's model factory keywords from its own options (``--model-overrides`` not yet)."""
+        return dict(num_frames=self.num_frames, img_size=self.img_size, drop_path_rate=self.drop_path)
+
+    def model_options(self) -> dict:
+        """The keywords of the model factory: the options, then ``--model-overrides`` on top."""
+        return {**self.factory_options(), **parse_overrides(self.model_overrides)}
+
+    def model_config(self) -> vmae_fast.VideoMAEConfig:
+        """The config the run will build (``UsageError`` on a bad size or option)."""
+        opts = {k: v for k, v in self.model_options().items() if k not in _FACTORY_ONLY}
+        try:
+            return vmae_fast.config_for(self.model, **opts)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"model options: {exc}") from None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, run: RunConfig):
+        """The fields read off ``args`` (the recipe's defaults already filled in)."""
+        return cls(run=run, **{f.name: getattr(args, f.name) for f in fields(cls)
+                               if f.name != "run" and hasattr(args, f.name)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig(TaskConfig):
+    """``vmae-pretrain``: dual masking (tube encoder mask, running-cell decoder mask)."""
+
+    data_list: str | None = None
+    """lines 'path start_idx total_frames [label]' (or shards)"""
+    encoder_ratio: float
+    """encoder mask ratio"""
+    decoder_ratio: float
+    """running-cell decoder mask ratio (0: encoder-only masking)"""
+    encoder_mask_type: str = "tube"
+    """'tube' or 'random'"""
+    decoder_depth: int
+    """decoder blocks"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if bool(self.data_list) == bool(self.shards):
+            raise UsageError("give the training data as --data-list LIST or --shards SPEC (one of them)")
+        cfg = self.model_config()  # a bad size or an unknown model option fails here
+        try:
+            num_decoder_tokens(cfg.grid, self.decoder_ratio, self.encoder_ratio, self.encoder_mask_type)
+        except ValueError as exc:
+            t, h, w = cfg.grid
+            why = (f" (--img-size {cfg.img_size} / patch {cfg.patch_size} gives {h}x{w} tokens a frame)"
+                   if "grid" in str(exc) else "")
+            raise UsageError(f"masking: {exc}{why}") from None
+
+    def factory_options(self) -> dict:
+        return dict(super().factory_options(), decoder_depth=self.decoder_depth)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(TaskConfig):
+    """``vmae-finetune``: a classifier, its augmentation and its evaluation. The weights it starts
+    from (``--finetune``) and ``--eval`` are the run's (``run.start_weights``, ``run.eval_only``)."""
+
+    train_list: str | None = None
+    """lines 'path label' or 'folder total_frames label' (or shards; not needed with --eval)"""
+    val_list: str | None = None
+    """the same formats, evaluated every eval_every steps and at the end"""
+    num_classes: int
+    """outputs of the head; every label in [0, num_classes)"""
+    layer_decay: float
+    """layer-wise lr decay"""
+    mixup: float
+    """mixup alpha (0: off)"""
+    cutmix: float
+    """cutmix alpha (0: off)"""
+    mixup_prob: float = 1.0
+    """probability of mixing a batch"""
+    mixup_switch_prob: float = 0.5
+    """probability of cutmix instead of mixup when both are on"""
+    smoothing: float
+    """label smoothing"""
+    min_scale: float = 0.08
+    """random resized crop: smallest area fraction"""
+    aa: str | None
+    """RandAugment spec rand-m<magnitude>-n<ops>[-mstd<std>][-inc<0|1>][-w0] ('none' or '': off)"""
+    train_interpolation: str
+    """resampling of RandAugment's rotate/shear/translate"""
+    reprob: float
+    """random erasing probability per clip (0: off)"""
+    remode: str
+    """random erasing fill: pixel, rand or const"""
+    recount: int
+    """random erasing: up to this many boxes per clip"""
+    head_drop: float
+    """dropout before the head"""
+    model_ema: bool = False
+    """keep an EMA of the weights (evaluated beside them)"""
+    model_ema_decay: float = 0.9999
+    """the EMA's decay"""
+    test_num_segment: int
+    """clips per video at evaluation"""
+    test_num_crop: int
+    """crops per clip at evaluation"""
+    eval_every: int = 0
+    """evaluate every N steps (0: only at the end)"""
+    eval_batch_size: int | None = None
+    """videos per process at evaluation (None: run.batch_size)"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        run = self.run
+        if self.num_classes < 1:
+            raise UsageError(f"--num-classes must be >= 1, got {self.num_classes}")
+        if run.eval_only:
+            if not self.val_list:
+                raise UsageError("--eval needs --val-list")
+            if not (run.resume or run.start_weights):
+                raise UsageError("--eval needs the weights to evaluate: --resume CHECKPOINT or --finetune FILE")
+        elif bool(self.train_list) == bool(self.shards):
+            raise UsageError("give the training data as --train-list LIST or --shards SPEC, one of them "
+                             "(or --eval to evaluate only)")
+        for name in ("test_num_segment", "test_num_crop", "eval_batch_size"):
+            self._at_least(name, 1)
+        try:
+            parse_rand_augment(self.aa)
+            self.erase_spec()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if self.mixing and not run.eval_only and (run.batch_size * run.num_sample) % 2:
+            raise UsageError(f"mixup/cutmix pair clips: --batch-size x --num-sample must be even, got "
+                             f"{run.batch_size} x {run.num_sample} (or --mixup 0 --cutmix 0)")
+        self.model_config()
+
+    def factory_options(self) -> dict:
+        return dict(super().factory_options(), head_drop_rate=self.head_drop)
+
+    @property
+    def mixing(self) -> bool:
+        """Mixup or cutmix on."""
+        return self.mixup > 0 or self.cutmix > 0
+
+    def erase_spec(self) -> EraseSpec | None:
+        """Random erasing (None when ``--reprob 0``); ``ValueError`` on a bad value."""
+        spec = EraseSpec(probability=self.reprob, mode=self.remode, max_count=self.recount)
+        return spec if spec.probability > 0 else None

@@ -28,9 +28,9 @@ from vmae_fast.video.decoders import resolve_decoder as decoder_name
 from . import distributed as dist_
 from . import loop
 from .recipe import official
-from .augment import ERASE_MODES, INTERPOLATIONS, EraseSpec, erase_, parse_rand_augment
-from .cli import (UsageError, check_common, check_file, check_model_config, make_parser, model_options, parse,
-                  read_list_checked, run_command, training_data)
+from .augment import ERASE_MODES, INTERPOLATIONS, erase_
+from .cli import UsageError, check_common, check_file, make_parser, parse, read_list_checked, run_command, training_data
+from .config import FinetuneConfig
 from .data import VideoDataset, collate
 from .optim import autocast, resolve_precision
 
@@ -77,63 +77,28 @@ def parse_args(argv=None):
       help=f"crops per clip at evaluation {official('finetune', 'test_num_crop')}")
     a("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     a("--eval-batch-size", type=int, default=None, help="videos per GPU at evaluation (default: --batch-size)")
-    return parse(ap, argv, "finetune", validate)
+    return parse(ap, argv, "finetune", FinetuneConfig, validate)
 
 
-def _model_options(args) -> dict:
-    return model_options(args, num_frames=args.num_frames, img_size=args.img_size, drop_path_rate=args.drop_path,
-                         head_drop_rate=args.head_drop)
-
-
-def validate(args) -> vmae_fast.VideoMAEConfig:
-    """Every check that needs no device and no data."""
-    check_common(args)
-    if args.num_classes < 1:
-        raise UsageError(f"--num-classes must be >= 1, got {args.num_classes}")
-    if args.eval:
-        if not args.val_list:
-            raise UsageError("--eval needs --val-list")
-        if not (args.resume or args.finetune):
-            raise UsageError("--eval needs the weights to evaluate: --resume CHECKPOINT or --finetune FILE")
-    elif bool(args.train_list) == bool(args.shards):
-        raise UsageError("give the training data as --train-list LIST or --shards SPEC, one of them "
-                         "(or --eval to evaluate only)")
-    for flag, path in (("--train-list", args.train_list), ("--val-list", args.val_list),
-                       ("--finetune", args.finetune)):
+def validate(cfg: FinetuneConfig) -> None:
+    """The checks of files and of the launch (the values were checked when ``cfg`` was built)."""
+    check_common(cfg.run)
+    for flag, path in (("--train-list", cfg.train_list), ("--val-list", cfg.val_list),
+                       ("--finetune", cfg.run.start_weights)):
         check_file(flag, path)
-    for flag, v in (("--test-num-segment", args.test_num_segment), ("--test-num-crop", args.test_num_crop),
-                    ("--eval-batch-size", args.eval_batch_size)):
-        if v is not None and v < 1:
-            raise UsageError(f"{flag} must be >= 1, got {v}")
-    try:
-        parse_rand_augment(args.aa)
-        erase_spec(args)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    mixing = args.mixup > 0 or args.cutmix > 0
-    if mixing and not args.eval and (args.batch_size * args.num_sample) % 2:
-        raise UsageError(f"mixup/cutmix pair clips: --batch-size x --num-sample must be even, got "
-                         f"{args.batch_size} x {args.num_sample} (or --mixup 0 --cutmix 0)")
-    if args.model_ema and args.dist == "fsdp" and envs.WORLD_SIZE > 1:
+    if cfg.model_ema and cfg.run.dist == "fsdp" and envs.WORLD_SIZE > 1:
         raise UsageError("--model-ema is not supported with --dist fsdp (the EMA copy would be unsharded)")
-    return check_model_config(args, **_model_options(args))
 
 
 # ----------------------------------------------------------------------------- pieces
-def erase_spec(args) -> EraseSpec | None:
-    """Random erasing of the options (None when ``--reprob 0``); ``ValueError`` on a bad value."""
-    spec = EraseSpec(probability=args.reprob, mode=args.remode, max_count=args.recount)
-    return spec if spec.probability > 0 else None
-
-
-def make_mixup(args):
-    if args.mixup <= 0 and args.cutmix <= 0:
+def make_mixup(cfg: FinetuneConfig):
+    if not cfg.mixing:
         return None
     from timm.data import Mixup
 
-    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                 switch_prob=args.mixup_switch_prob, mode="batch", label_smoothing=args.smoothing,
-                 num_classes=args.num_classes)
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                 switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
+                 num_classes=cfg.num_classes)
 
 
 def apply_mixup(mixup, video: torch.Tensor, label: torch.Tensor):
@@ -160,47 +125,48 @@ def summarize_load(report) -> str:
     return "; ".join(parts)
 
 
-def load_start_weights(model, args, d: dist_.Dist) -> None:
+def load_start_weights(model, cfg: FinetuneConfig, d: dist_.Dist) -> None:
     """``--finetune FILE`` into the classifier: its head is kept when it has ``--num-classes``
     outputs, else left fresh (with ``--eval`` that is an error: there would be nothing to test)."""
+    weights = cfg.run.start_weights
     try:
-        sd = vmae_fast.unwrap_state_dict(vmae_fast.load_checkpoint_file(args.finetune))
+        sd = vmae_fast.unwrap_state_dict(vmae_fast.load_checkpoint_file(weights))
     except (ValueError, FileNotFoundError) as exc:
-        raise UsageError(f"--finetune {args.finetune}: {exc}") from None
+        raise UsageError(f"--finetune {weights}: {exc}") from None
     head = sd.get("head.weight")
-    keep_head = head is not None and head.shape[0] == args.num_classes
-    if args.eval and not keep_head:
+    keep_head = head is not None and head.shape[0] == cfg.num_classes
+    if cfg.run.eval_only and not keep_head:
         has = "no classifier head" if head is None else f"a {head.shape[0]}-class head"
-        raise UsageError(f"--eval --finetune {args.finetune}: the file has {has}, --num-classes is {args.num_classes}")
+        raise UsageError(f"--eval --finetune {weights}: the file has {has}, --num-classes is {cfg.num_classes}")
     try:
         report = model.load_official_state_dict(sd, exclude=() if keep_head else ("head.",))
     except ValueError as exc:
-        raise UsageError(f"--finetune {args.finetune}: {exc}") from None
+        raise UsageError(f"--finetune {weights}: {exc}") from None
     if d.main:
-        print(f"loaded {args.finetune}: {summarize_load(report)}"
+        print(f"loaded {weights}: {summarize_load(report)}"
               + ("" if keep_head else "; head left fresh"), flush=True)
 
 
-def make_evaluate(args, d: dist_.Dist, precision: str, ema=None):
+def make_evaluate(cfg: FinetuneConfig, d: dist_.Dist, precision: str, ema=None):
     """``evaluate(model) -> {acc1, acc5, videos, val_skipped}``: top-1/top-5 (%) of the softmax
     averaged over every view of each video, over the ``videos`` that were read; a video that fails
     to load is not replaced by another (that would count one twice, with its label) but counted in
     ``val_skipped``. Every rank takes part (FSDP needs equal batch counts: the last rank pads with
     repeats that are not counted; a batch with no video read runs a dummy one)."""
-    entries = read_list_checked(args, "--val-list", "finetune", args.num_classes)
-    ds = VideoDataset(entries, "test", args.num_frames, args.sampling_rate, args.img_size,
-                      num_segments=args.test_num_segment, num_crops=args.test_num_crop, decoder=args.decoder,
+    entries = read_list_checked(cfg, "--val-list", "finetune", cfg.num_classes)
+    ds = VideoDataset(entries, "test", cfg.num_frames, cfg.sampling_rate, cfg.img_size,
+                      num_segments=cfg.test_num_segment, num_crops=cfg.test_num_crop, decoder=cfg.decoder,
                       substitute=False)
     per_rank = math.ceil(len(ds) / d.world)
     keys = [(0, min(d.rank + k * d.world, len(ds) - 1)) for k in range(per_rank)]
     valid = torch.tensor([d.rank + k * d.world < len(ds) for k in range(per_rank)])
-    bs = args.eval_batch_size or args.batch_size
-    views = args.test_num_segment * args.test_num_crop
+    bs = cfg.eval_batch_size or cfg.run.batch_size
+    views = cfg.test_num_segment * cfg.test_num_crop
 
     @torch.no_grad()
     def run_once(model) -> dict:
         # Own generator: a loader's iterator draws worker seeds, never from the global stream.
-        loader = torch.utils.data.DataLoader(ds, batch_size=bs, sampler=keys, num_workers=args.num_workers,
+        loader = torch.utils.data.DataLoader(ds, batch_size=bs, sampler=keys, num_workers=cfg.run.num_workers,
                                              collate_fn=collate, pin_memory=d.device.type == "cuda",
                                              generator=torch.Generator().manual_seed(0))
         was_training = model.training
@@ -213,7 +179,7 @@ def make_evaluate(args, d: dist_.Dist, precision: str, ema=None):
             counts[3] += (ok_all & ~loaded).sum()
             if batch["video"] is None:  # nothing read: a dummy forward (FSDP: every rank gathers alike)
                 with autocast(precision, d.device):
-                    model(torch.zeros(views, 3, args.num_frames, args.img_size, args.img_size, dtype=torch.uint8,
+                    model(torch.zeros(views, 3, cfg.num_frames, cfg.img_size, cfg.img_size, dtype=torch.uint8,
                                       device=d.device))
                 continue
             with autocast(precision, d.device):  # the classifier normalizes the uint8 clip itself
@@ -231,7 +197,7 @@ def make_evaluate(args, d: dist_.Dist, precision: str, ema=None):
         model.train(was_training)
         n = counts[2].item()
         if not n:
-            warnings.warn(f"evaluation: none of the {int(counts[3].item())} videos of {args.val_list} could be read",
+            warnings.warn(f"evaluation: none of the {int(counts[3].item())} videos of {cfg.val_list} could be read",
                           stacklevel=2)
         return {"acc1": 100 * counts[0].item() / n if n else math.nan,
                 "acc5": 100 * counts[1].item() / n if n else math.nan,
@@ -259,53 +225,54 @@ class EmaState:
         self.ema.module.load_state_dict(state["ema"])
 
 
-def build(args, d: dist_.Dist) -> loop.Task:
-    dist_.seed_all(args.seed)  # the same initial weights on every rank (FSDP shards one model)
-    model = vmae_fast.create_model(args.model, args.num_classes, **_model_options(args))
-    if args.finetune:
-        load_start_weights(model, args, d)
+def build(cfg: FinetuneConfig, d: dist_.Dist) -> loop.Task:
+    run = cfg.run
+    dist_.seed_all(run.seed)  # the same initial weights on every rank (FSDP shards one model)
+    model = vmae_fast.create_model(cfg.model, cfg.num_classes, **cfg.model_options())
+    if run.start_weights:
+        load_start_weights(model, cfg, d)
     model.to(d.device)
-    if args.grad_checkpointing:
+    if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    cfg = model.cfg
-    precision = resolve_precision(args.precision, d.device)
+    model_cfg = model.cfg
+    precision = resolve_precision(run.precision, d.device)
     ema = None
-    if args.model_ema:
+    if cfg.model_ema:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=args.model_ema_decay)
-    evaluate = make_evaluate(args, d, precision, ema) if args.val_list else None
-    config = dict(cfg.to_dict(), num_classes=args.num_classes, head_drop_rate=args.head_drop)
-    if args.eval:
+        ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
+    evaluate = make_evaluate(cfg, d, precision, ema) if cfg.val_list else None
+    config = dict(model_cfg.to_dict(), num_classes=cfg.num_classes, head_drop_rate=cfg.head_drop)
+    if run.eval_only:
         return loop.Task(name="finetune", model=model, model_config=config, loss=None, dataset=None,
                          evaluate=evaluate, state=EmaState(ema) if ema is not None else None)
-    entries = read_list_checked(args, "--train-list", "finetune", args.num_classes) if args.train_list else []
-    dataset = VideoDataset(entries, "finetune", args.num_frames, args.sampling_rate, args.img_size,
-                           num_sample=args.num_sample, seed=args.seed, min_scale=args.min_scale,
-                           decoder=args.decoder, auto_augment=args.aa, train_interpolation=args.train_interpolation,
-                           erase=erase_spec(args))
-    mixup = make_mixup(args)
+    entries = read_list_checked(cfg, "--train-list", "finetune", cfg.num_classes) if cfg.train_list else []
+    dataset = VideoDataset(entries, "finetune", cfg.num_frames, cfg.sampling_rate, cfg.img_size,
+                           num_sample=run.num_sample, seed=run.seed, min_scale=cfg.min_scale,
+                           decoder=cfg.decoder, auto_augment=cfg.aa, train_interpolation=cfg.train_interpolation,
+                           erase=cfg.erase_spec())
+    mixup = make_mixup(cfg)
 
     def loss(model, batch) -> torch.Tensor:
         video = normalize_uint8(batch["video"].to(d.device, non_blocking=True))
         if "erase" in batch:  # boxes drawn in the workers, filled here: the transfer stays uint8
-            erase_(video, batch["erase"], args.remode)
+            erase_(video, batch["erase"], cfg.remode)
         label = batch["label"].to(d.device, non_blocking=True)
         if mixup is not None:
             video, label = apply_mixup(mixup, video, label)  # soft targets, smoothing included
-        return F.cross_entropy(model(video).float(), label, label_smoothing=0.0 if mixup is not None else args.smoothing)
+        return F.cross_entropy(model(video).float(), label, label_smoothing=0.0 if mixup is not None else cfg.smoothing)
 
     return loop.Task(
-        name="finetune", model=model, model_config=config, loss=loss, dataset=training_data(args, dataset),
-        flops_per_clip=3 * 2 * (encoder_macs(cfg) + cfg.embed_dim * args.num_classes),
-        layer_decay=args.layer_decay, evaluate=evaluate, eval_every=args.eval_every,
+        name="finetune", model=model, model_config=config, loss=loss, dataset=training_data(cfg, dataset),
+        flops_per_clip=3 * 2 * (encoder_macs(model_cfg) + model_cfg.embed_dim * cfg.num_classes),
+        layer_decay=cfg.layer_decay, evaluate=evaluate, eval_every=cfg.eval_every,
         after_step=(lambda m, step: ema.update(dist_.unwrap(m), step=step)) if ema is not None else None,
         state=EmaState(ema) if ema is not None else None,
-        summary=f", {args.num_classes} classes, layer decay {args.layer_decay}, drop path {args.drop_path}"
-                + (f", mixup {args.mixup} / cutmix {args.cutmix}" if mixup is not None else "")
-                + f", RandAugment {args.aa if dataset.rand_augment else 'off'}"
-                + f", erasing {f'{args.reprob} {args.remode} x{args.recount}' if dataset.erase else 'off'}"
-                + f", decoder {decoder_name(args.decoder)}")
+        summary=f", {cfg.num_classes} classes, layer decay {cfg.layer_decay}, drop path {cfg.drop_path}"
+                + (f", mixup {cfg.mixup} / cutmix {cfg.cutmix}" if mixup is not None else "")
+                + f", RandAugment {cfg.aa if dataset.rand_augment else 'off'}"
+                + f", erasing {f'{cfg.reprob} {cfg.remode} x{cfg.recount}' if dataset.erase else 'off'}"
+                + f", decoder {decoder_name(cfg.decoder)}")
 
 
 def main(argv=None, on_step=None) -> dict:
