@@ -61,6 +61,7 @@ def one_error_line(capsys, main, prog, argv) -> str:
     (["--img-size", "36"], "img_size=36 is not divisible by patch_size=8"),
     (["--img-size", "24"], "needs an even token grid, got H/p=3, W/p=3 (--img-size 24 / patch 8 gives 3x3"),
     (["--decoder-ratio", "0.3"], "decoder_ratio must be 0.25, 0.5 or 0.75 (or 0 for encoder-only masking), got 0.3"),
+    (["--encoder-ratio", "1.5"], "--encoder-ratio must be in [0, 1), got 1.5"),
     (["--model-overrides", "depth=2,wings=3"], "unknown model option(s) ['wings']"),
     (["--resume", "/nonexistent/checkpoint-last.pt"], "--resume /nonexistent/checkpoint-last.pt: no such checkpoint"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),

@@ -68,5 +68,7 @@ def test_pretrain_values_and_their_checks(argv):
     assert cfg.model_options()["decoder_depth"] == 2
     with pytest.raises(UsageError, match="masking: running-cell decoder_ratio must be 0.25, 0.5 or 0.75"):
         dataclasses.replace(cfg, decoder_ratio=0.3)
+    with pytest.raises(UsageError, match=r"--encoder-ratio must be in \[0, 1\), got 1.5"):
+        dataclasses.replace(cfg, encoder_ratio=1.5)
     with pytest.raises(UsageError, match="--data-list LIST or --shards SPEC"):
         dataclasses.replace(cfg, data_list=None)

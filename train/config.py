@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 import vmae_fast
 from vmae_fast import envs
 from vmae_fast.errors import UsageError
-from vmae_fast.masking import num_decoder_tokens
+from vmae_fast.masking import num_decoder_tokens, num_encoder_masked
 
 from .augment import EraseSpec, parse_rand_augment
 
@@ -286,8 +286,11 @@ class PretrainConfig(TaskConfig):
         super().__post_init__()
         if bool(self.data_list) == bool(self.shards):
             raise UsageError("give the training data as --data-list LIST or --shards SPEC (one of them)")
+        if not 0 <= self.encoder_ratio < 1:
+            raise UsageError(f"--encoder-ratio must be in [0, 1), got {self.encoder_ratio}")
         cfg = self.model_config()  # a bad size or an unknown model option fails here
         try:
+            num_encoder_masked(cfg.grid, self.encoder_ratio, self.encoder_mask_type)
             num_decoder_tokens(cfg.grid, self.decoder_ratio, self.encoder_ratio, self.encoder_mask_type)
         except ValueError as exc:
             t, h, w = cfg.grid
