@@ -35,9 +35,13 @@ def test_pretrain_reference_tables_move_with_the_module(learnable):
     masks = model.sample_masks(2, 0.5, 0.5)
     ref.double()
     assert ref.encoder.pos().dtype == ref.dec_pos().dtype == torch.float64
-    loss_ref, _ = ref(video, masks.encoder_masked, masks.decoder_masked)
-    loss = model.double()(video, masks).loss
-    assert rel_err(loss, loss_ref) < MODEL_TOL[torch.float64][0]
+    loss_ref, pred_ref = ref(video, masks.encoder_masked, masks.decoder_masked)
+    out = model.double()(video, masks)
+    assert rel_err(out.pred, pred_ref) < MODEL_TOL[torch.float64][0]
+    # The loss is a float32 scalar by contract (ops.masked_mse_loss) whatever the model's dtype,
+    # so its budget is float32's: torch 2.6's native build sums the rows in another order.
+    assert out.loss.dtype == loss_ref.dtype == torch.float32
+    assert rel_err(out.loss, loss_ref) < MODEL_TOL[torch.float32][0]
     ref.to("meta")
     assert ref.encoder.pos().device.type == ref.dec_pos().device.type == "meta"
 
