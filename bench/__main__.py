@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``vmae-bench`` console script: the command's exit status (0 where it returns a result)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0] not in COMMANDS and not argv[0].startswith("-")):
+        got = f"got {argv[0]!r}" if argv else "got none"
+        print(f"vmae-bench: error: COMMAND must be one of {', '.join(COMMANDS)}; {got} "
+              f"(see vmae-bench --help)", file=sys.stderr)
+        raise SystemExit(2)  # as a usage error of a command below
     # Only the first word is ours: the rest, --help included, is the command's.
     command = _parser().parse_args(argv[:1]).command
     module, function = COMMANDS[command][0].split(":")

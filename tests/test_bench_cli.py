@@ -26,7 +26,16 @@ def test_help_lists_every_command_and_where_results_go(capsys):
     out = capsys.readouterr().out
     assert exc.value.code == 0 and "usage: vmae-bench" in out
     assert all(f"  {name}  " in out for name in COMMANDS) and "results:" in out
-    assert "invalid choice: 'fastest'" in _usage_error(["fastest"], capsys)
+    for argv, got in ((["fastest"], "got 'fastest'"), ([], "got none")):
+        err = _usage_error(argv, capsys)
+        assert err.startswith("vmae-bench: error: COMMAND must be one of dual-masking, ") and err.count("\n") == 1
+        assert got in err
+
+
+def test_gpu_check_without_cuda_names_the_command_as_typed(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _usage_error(["gpu-check"], capsys)
+    assert err.startswith("vmae-bench gpu-check: error: no CUDA device") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("command", MODEL_BENCHES)

@@ -27,6 +27,7 @@ from typing import Sequence
 from vmae_fast.errors import UsageError
 from vmae_fast.cli import run_cli
 
+from ..common import cli as common_cli
 from ..common.cli import make_parser
 from ..common.output import result_header, write_json
 from ..common.paths import results_dir, results_help
@@ -139,7 +140,8 @@ def status_of(result: dict) -> int:
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """``python -m bench.gpu_check`` / ``vmae-bench gpu-check`` / ``make gpu-check``."""
-    return run_cli(lambda a: status_of(main(a)), PROG, argv)
+    # INVOKED_AS read at call time: under vmae-bench the line names `vmae-bench gpu-check`
+    return run_cli(lambda a: status_of(main(a)), common_cli.INVOKED_AS or PROG, argv)
 
 
 if __name__ == "__main__":
