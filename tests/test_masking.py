@@ -316,8 +316,8 @@ def test_sample_defaults_and_bad_arguments_word_for_word():
     for grid in (5, (0, 4, 4), (2, 4, -4)):
         with pytest.raises(ValueError, match=r"^grid must be three positive ints \(T/t, H/p, W/p\), got "):
             DualMask.sample(2, grid)
-    for batch in ("two", 2.0, 0):  # (a non-int is reported as "got 0")
-        with pytest.raises(ValueError, match="^batch_size must be a positive int, got "):
+    for batch, shown in (("two", "'two'"), (2.0, "2.0"), (0, "0")):  # the value passed, as passed
+        with pytest.raises(ValueError, match=f"^batch_size must be a positive int, got {shown}$"):
             DualMask.sample(batch, (2, 4, 4))
     with pytest.raises(ValueError, match="^decoder_ratio must be a number, got 'half'$"):
         DualMask.sample(2, (2, 4, 4), 0.9, "half")

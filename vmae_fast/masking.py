@@ -187,11 +187,12 @@ class DualMask:
         """
         grid = _check_grid(grid)
         try:
-            batch_size = operator.index(batch_size)
+            size = operator.index(batch_size)
         except TypeError:
-            batch_size = 0
-        if batch_size < 1:
+            size = 0
+        if size < 1:  # the message shows what was passed, not the 0 a non-int became
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = size
         decoder_ratio = _check_ratio("decoder_ratio", decoder_ratio)
         if device is None:
             device = generator.device if generator is not None else torch.device("cpu")
