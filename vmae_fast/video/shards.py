@@ -41,6 +41,7 @@ import torch
 
 from .decoders import DecordReader, PyAVReader, TorchCodecReader, VideoReader, quiet_pyav, resolve_decoder
 from .frames import FrameFolder
+from .sources import FrameWindow
 
 FORMAT = "vmae-shards/1"
 MANIFEST = "manifest.json"
@@ -377,34 +378,20 @@ class _FramesInMemory(FrameFolder):
         return torch.from_numpy(np.stack(frames))
 
 
-class SampleSource:
+class SampleSource(FrameWindow):
     """``vmae_fast.video.VideoSource`` of a shard sample: frames ``start_idx .. + total_frames - 1`` of
     a video when the list gave ``total_frames > 0``, as from the file."""
 
     def __init__(self, sample: dict, meta: dict, decoder: str, threads: int = 1):
         if meta.get("folder"):
-            self.kind, self.reader = "frames", _FramesInMemory(sample, int(meta["frames"]))
-            self.offset, self.n = 0, len(self.reader)
+            self._open(_FramesInMemory(sample, int(meta["frames"])), "frames")
             return
         ext = video_member(sample)
         if ext is None:
             raise ValueError("no video member")
         quiet_pyav()
-        self.reader = open_video_bytes(sample[ext], decoder, threads)
-        self.kind = self.reader.name
-        self.offset, self.n = 0, len(self.reader)
-        start, total = int(meta.get("start_idx", 0)), int(meta.get("total_frames", -1))
-        if total > 0:
-            self.offset, self.n = start, max(0, min(self.n, start + total) - start)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def get(self, indices: Sequence[int]) -> torch.Tensor:
-        return self.reader.get([int(i) + self.offset for i in indices])
-
-    def close(self) -> None:
-        self.reader.close()
+        reader = open_video_bytes(sample[ext], decoder, threads)
+        self._open(reader, reader.name, int(meta.get("start_idx", 0)), int(meta.get("total_frames", -1)))
 
 
 __all__ = ["FORMAT", "MANIFEST", "SHARD_NAME", "ShardError", "ShardSet", "resolve", "read_manifest",

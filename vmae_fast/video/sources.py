@@ -11,27 +11,17 @@ from .frames import FRAME_PATTERN, FrameFolder
 from .lists import Entry
 
 
-class VideoSource:
-    """Random access to the frames of one entry: ``len(src)`` and ``src.get(indices)`` ->
-    ``(len(indices), H, W, 3)`` uint8 tensor. A video file with ``total_frames > 0`` is cut to
-    frames ``start_idx .. start_idx + total_frames - 1`` (an extension: the official list gives
-    -1 there). A folder is read as frames named ``fname_tmpl`` (``vmae_fast.video.frames``)."""
+class FrameWindow:
+    """Random access to a reader's frames ``start_idx .. start_idx + total_frames - 1`` (all of
+    them when ``total_frames <= 0``): ``len(src)`` and ``src.get(indices)`` ->
+    ``(len(indices), H, W, 3)`` uint8 tensor. The one windowing rule of a file and of a shard
+    sample (``vmae_fast.video.shards.SampleSource``)."""
 
-    def __init__(self, entry: Entry, decoder: str = "auto", fname_tmpl: str = FRAME_PATTERN, threads: int = 1):
-        self.entry = entry
-        p = entry.path
-        if os.path.isdir(p):
-            self.kind = "frames"
-            self.reader = FrameFolder(p, fname_tmpl, entry.start_idx, entry.total_frames)
-            self.offset, self.n = 0, len(self.reader)
-        else:
-            quiet_pyav()
-            self.reader = open_video(p, decoder, threads=threads)
-            self.kind = self.reader.name
-            self.offset, self.n = 0, len(self.reader)
-            if entry.total_frames > 0:
-                self.offset = entry.start_idx
-                self.n = max(0, min(self.n, entry.start_idx + entry.total_frames) - entry.start_idx)
+    def _open(self, reader, kind: str, start_idx: int = 0, total_frames: int = -1) -> None:
+        self.reader, self.kind = reader, kind
+        self.offset, self.n = 0, len(reader)
+        if total_frames > 0:
+            self.offset, self.n = start_idx, max(0, min(self.n, start_idx + total_frames) - start_idx)
 
     def __len__(self) -> int:
         return self.n
@@ -47,6 +37,23 @@ class VideoSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class VideoSource(FrameWindow):
+    """The frames of one list entry. A video file with ``total_frames > 0`` is cut to frames
+    ``start_idx .. start_idx + total_frames - 1`` (an extension: the official list gives -1
+    there). A folder is read as frames named ``fname_tmpl`` (``vmae_fast.video.frames``), which
+    applies the entry's window itself."""
+
+    def __init__(self, entry: Entry, decoder: str = "auto", fname_tmpl: str = FRAME_PATTERN, threads: int = 1):
+        self.entry = entry
+        p = entry.path
+        if os.path.isdir(p):
+            self._open(FrameFolder(p, fname_tmpl, entry.start_idx, entry.total_frames), "frames")
+        else:
+            quiet_pyav()
+            reader = open_video(p, decoder, threads=threads)
+            self._open(reader, reader.name, entry.start_idx, entry.total_frames)
 
 
 def open_source(path: str | os.PathLike, decoder: str = "auto") -> VideoSource:
