@@ -387,3 +387,239 @@ def test_load_model_reads_the_architecture_off_the_weights(tmp_path):
     with pytest.raises(ValueError, match="width 40 .* pass num_heads="):
         vmae_fast.load_model(odd.official_state_dict(), num_frames=4, img_size=32)
     assert vmae_fast.load_model(odd.official_state_dict(), num_frames=4, img_size=32, num_heads=2).cfg.embed_dim == 40
+
+
+# ------------------------------------------------------------------ exact values (issue 23, mutmut)
+# Each test below pins a value the first `make mutate` pass on checkpoint.py let change unseen:
+# the refusal lines word for word, the format table row by row, the key summaries.
+
+_ALLOWED = ("tensors and plain data, plus the allowlist vmae_fast.checkpoint.ALLOWED_GLOBALS: "
+            "argparse.Namespace")
+
+
+@pytest.mark.parametrize("msg, reason", [
+    ("Weights only load failed. ... WeightsUnpickler error: Unsupported operand 149\n\nCheck the docs",
+     "Unsupported operand 149"),
+    ("WeightsUnpickler error:  bad thing.  Please use weights_only=False", "bad thing"),
+    ("WeightsUnpickler error: line one\nline two\n\nmore", "line one\nline two"),  # re.S: spans lines
+    ("WeightsUnpickler error: at the end.", "at the end"),
+    ("WeightsUnpickler error:  Please use weights_only=False", "refused by the weights_only unpickler"),
+    ("Weights only load failed", "refused by the weights_only unpickler"),
+    ("first line\nsecond line", "first line"),
+    ("", "UnpicklingError"),
+])
+def test_refusal_lines_word_for_word(msg, reason):
+    import pickle
+    from pathlib import Path
+
+    from vmae_fast.checkpoint import _refusal
+
+    got = _refusal(Path("d/x.pth"), pickle.UnpicklingError(msg))
+    assert got == (f"cannot read checkpoint d/x.pth with torch.load(weights_only=True): {reason} "
+                   f"(not a PyTorch checkpoint, or one that pickles more than weights; vmae_fast only "
+                   f"loads weights: {_ALLOWED})")
+
+
+def test_refusal_of_a_global_word_for_word():
+    import pickle
+    from pathlib import Path
+
+    from vmae_fast.checkpoint import _refusal
+
+    exc = pickle.UnpicklingError("Weights only load failed. Unsupported global: GLOBAL my.mod.Thing was "
+                                 "not an allowed global")
+    assert _refusal(Path("x.pth"), exc) == (
+        "cannot read checkpoint x.pth: it pickles my.mod.Thing, a global that torch.load(weights_only=True) "
+        f"refused. vmae_fast only loads weights ({_ALLOWED}) and never unpickles arbitrary objects: save "
+        "the state dict alone where the file was made (e.g. torch.save({'model': model.state_dict()}, path))")
+
+
+def test_torch_load_errors_word_for_word(tmp_path, monkeypatch):
+    import pickle
+
+    import vmae_fast.checkpoint as ck
+
+    p = tmp_path / "a.pth"
+    torch.save({"w": torch.zeros(1)}, p)
+    size = p.stat().st_size
+    calls = []
+
+    def fake_load(path, **kw):
+        calls.append((path, kw))
+        raise fake_load.exc
+
+    monkeypatch.setattr(ck.torch, "load", fake_load)
+    head = f"cannot read checkpoint {p} ({size} bytes) with torch.load(weights_only=True): "
+    for exc, reason in [(EOFError(), "ends early, truncated? (EOFError)"),
+                        (EOFError("Ran out of input"), "ends early, truncated? (Ran out of input)"),
+                        (RuntimeError("boom"), "boom"), (RuntimeError(), "RuntimeError")]:
+        fake_load.exc = exc
+        with pytest.raises(ValueError) as info:
+            load_checkpoint_file(p)
+        assert str(info.value) == head + reason and info.value.__cause__ is exc
+    assert calls[-1] == (p, {"map_location": "cpu", "weights_only": True})
+    fake_load.exc = pickle.UnpicklingError("Unsupported global: GLOBAL a.B")
+    with pytest.raises(ValueError) as info:
+        load_checkpoint_file(p)
+    assert str(info.value) == ck._refusal(p, fake_load.exc)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # torch's advice not chained
+
+
+def test_allowed_global_use_is_logged_word_for_word(tmp_path, caplog):
+    p = tmp_path / "ck.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1.0)}, p)
+    with caplog.at_level(logging.INFO, logger="vmae_fast.checkpoint"):
+        obj = load_checkpoint_file(p)
+    assert obj["args"].lr == 1.0
+    assert [r.getMessage() for r in caplog.records] == [
+        f"checkpoint {p}: loaded with weights_only=True, allowing argparse.Namespace (vmae_fast.checkpoint."
+        "ALLOWED_GLOBALS: e.g. the official trainer's 'args', which loading weights ignores)"]
+    caplog.clear()
+    torch.save({"w": torch.zeros(1)}, p)
+    with caplog.at_level(logging.INFO, logger="vmae_fast.checkpoint"):
+        load_checkpoint_file(p)
+    assert caplog.records == []
+
+
+def test_missing_file_and_bad_safetensors_word_for_word(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        load_checkpoint_file(tmp_path / "none.pth")
+    assert str(info.value) == f"checkpoint file not found: {tmp_path / 'none.pth'}"
+    st = tmp_path / "bad.safetensors"
+    st.write_bytes(b"\x01" * 10)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint_file(st)
+    msg = str(info.value)
+    assert msg.startswith(f"cannot read checkpoint {st} (10 bytes) as safetensors: ")
+    assert msg.endswith(" (truncated or not a safetensors file?)")
+    assert str(info.value.__cause__) in msg
+
+
+@pytest.mark.parametrize("head, found", [
+    (b"hello world\nsecond", "text starting 'hello world'"),
+    (b"x" * 50, f"text starting {'x' * 40!r}"),
+    (b"   \n\t ", "blank text"),
+    (b"\xff\xfe\x00\x01\x02\x03\x04\x05\x06\x07", "bytes starting ff fe 00 01 02 03 04 05"),
+    (b"a" * 64 + b"\xff", f"text starting {'a' * 40!r}"),  # only the first 64 bytes are read
+    (b"PK\x03", "text starting 'PK\\x03'"),
+])
+def test_check_torch_file_names_what_it_found(tmp_path, head, found):
+    from vmae_fast.checkpoint import check_torch_file
+
+    p = tmp_path / "f.pth"
+    p.write_bytes(head)
+    with pytest.raises(ValueError) as info:
+        check_torch_file(p)
+    assert str(info.value) == (f"cannot read checkpoint {p}: not a PyTorch checkpoint (expected a torch.save "
+                               f"file: a zip archive or a pickle; found {found})")
+
+
+def test_check_torch_file_accepts_zip_and_pickle_heads_and_names_an_empty_file(tmp_path):
+    from vmae_fast.checkpoint import check_torch_file
+
+    p = tmp_path / "f.pt"
+    for head in (b"PK\x03\x04rest", b"\x80\x02rest", b"\x80"):
+        p.write_bytes(head)
+        assert check_torch_file(str(p)) is None
+    p.write_bytes(b"")
+    with pytest.raises(ValueError) as info:
+        check_torch_file(p)
+    assert str(info.value) == f"cannot read checkpoint {p}: file is empty (0 bytes)"
+
+
+def test_walk_goes_three_levels_down_and_skips_tensors():
+    from vmae_fast.checkpoint import _walk
+
+    t = torch.zeros(1)
+    inner = (2, 3)
+    lst = [1, inner, t]
+    obj = {"a": lst, "t": t}
+    assert [id(o) for o in _walk(obj)] == [id(o) for o in (obj, lst, 1, inner, 2, 3)]
+    deep = [[[[5]]]]
+    assert list(_walk(deep)) == [deep, deep[0], deep[0][0], deep[0][0][0]]
+    assert list(_walk(deep, depth=1)) == [deep, deep[0]]
+    assert [id(o) for o in _walk(t)] == [id(t)]
+    assert list(_walk("abc")) == ["abc"]
+
+
+@pytest.mark.parametrize("keys, fmt", [
+    (["videomae.embeddings.x"], "hf-videomae"),
+    (["embeddings.patch_embeddings.projection.weight"], "hf-videomae"),
+    (["encoder.layer.0.output.dense.weight"], "hf-videomae"),
+    (["decoder.decoder_layers.0.x"], "hf-videomae"),
+    (["foo.attention.attention.query.weight"], "hf-videomae"),
+    (["foo.attention.query.weight"], "unknown"),
+    (["encoder.blocks.0.x", "decoder.blocks.0.x"], "pretrain"),
+    (["encoder.patch_embed.proj.weight", "encoder_to_decoder.weight"], "pretrain"),
+    (["encoder.blocks.0.x", "mask_token"], "pretrain"),
+    (["encoder.blocks.0.x"], "encoder-only"),
+    (["encoder.patch_embed.proj.weight", "head.weight"], "encoder-only"),
+    (["blocks.0.x", "head.weight"], "classifier"),
+    (["patch_embed.proj.weight", "fc_norm.weight"], "classifier"),
+    (["blocks.0.x", "decoder.x"], "encoder-only"),
+    (["patch_embed.proj.weight"], "encoder-only"),
+    (["x.encoder.blocks.0", "x.blocks.0", "norm.weight"], "unknown"),
+    ([], "unknown"),
+])
+def test_guess_format_row_by_row(keys, fmt):
+    from vmae_fast.checkpoint import FORMATS, guess_format
+
+    assert guess_format(keys) == fmt
+    assert guess_format(iter(keys)) == fmt  # a one-pass iterable is read once
+    assert fmt in FORMATS
+
+
+def test_describe_keys_word_for_word():
+    from vmae_fast.checkpoint import describe_keys
+
+    assert describe_keys([]) == "0 keys: "
+    assert describe_keys(["a"]) == "1 key: 'a'"
+    assert describe_keys(iter(["b", "a"])) == "2 keys: 'a', 'b'"
+    assert describe_keys("dcba") == "4 keys: 'a', 'b', 'c', 'd'"
+    assert describe_keys("edcba") == "5 keys: 'a', 'b', 'c', 'd', ..."
+    assert describe_keys("cba", n=2) == "3 keys: 'a', 'b', ..."
+    assert describe_keys("ba", n=2) == "2 keys: 'a', 'b'"
+
+
+def test_unwrap_state_dict_edges_word_for_word():
+    t, u = torch.zeros(1), torch.ones(1)
+    with pytest.raises(ValueError) as info:
+        unwrap_state_dict([t])
+    assert str(info.value) == "a checkpoint must be a dict, got list"
+    with pytest.raises(ValueError) as info:
+        unwrap_state_dict({"epoch": 3, "model": {"step": 1}})
+    assert str(info.value) == ("the checkpoint holds no tensors (expected a state dict, or a dict with one of "
+                               "('model', 'module', 'state_dict'))")
+    assert unwrap_state_dict({1: u, "a": t}) == {"a": t}  # non-str keys dropped
+    assert unwrap_state_dict({"model": t, "b": u}) == {"model": t, "b": u}  # a tensor is no wrapper
+    # only the first wrapper found is opened: an inner 'state_dict' is a key of the model, not unwrapped
+    got = unwrap_state_dict({"model": {"state_dict": {"x": t}, "y": u}})
+    assert list(got) == ["y"] and got["y"] is u
+    got = unwrap_state_dict({"module": {"w": u}, "state_dict": {"v": t}})
+    assert list(got) == ["w"]
+
+
+@pytest.mark.parametrize("dim, hidden, ratio", [(768, 3072, 4.0), (1408, 6144, 6144 / 1408),
+                                                (7, 61, 61.5 / 7)])  # 61/7*7 rounds to 60.99...
+def test_mlp_ratio_of(dim, hidden, ratio):
+    from vmae_fast.checkpoint import mlp_ratio_of
+
+    assert mlp_ratio_of(dim, hidden) == ratio and int(dim * ratio) == hidden
+
+
+def test_heads_of_width_by_arch_and_word_for_word():
+    from vmae_fast.checkpoint import heads_of_width
+
+    # head counts of the official archs (ViT-S/B/L/g encoders; the decoders 192/384/512 wide)
+    assert [heads_of_width(d, "encoder") for d in (384, 768, 1024, 1408)] == [6, 12, 16, 16]
+    assert [heads_of_width(d, "decoder") for d in (192, 384, 512)] == [3, 6, 8]
+    assert heads_of_width(768, "encoder", given=5) == 5 and heads_of_width(768, "decoder", "4") == 4
+    assert heads_of_width(768, "encoder", given=0) == 12  # 0 means "not given"
+    for which, opt in (("encoder", "num_heads"), ("decoder", "decoder_num_heads")):
+        with pytest.raises(ValueError) as info:
+            heads_of_width(100, which)
+        assert str(info.value) == (f"cannot tell the {which}'s number of attention heads from the weights "
+                                   f"(width 100 is none of the named archs'): pass {opt}= (or, for a "
+                                   "transformers checkpoint, its config)")
+    with pytest.raises(ValueError):
+        heads_of_width(1408, "decoder")  # an encoder width is not a decoder width
