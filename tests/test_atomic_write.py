@@ -97,3 +97,126 @@ def test_mode_follows_the_umask_and_text_bytes_callables(tmp_path):
     write_atomic(p, lambda f: f.write(b"xyz"))
     assert p.read_bytes() == b"xyz"
     assert sorted(os.listdir(p.parent)) == ["a.txt"]
+
+
+# ------------------------------------------------------------------ exact values (issue 23, mutmut)
+
+def _record_os(monkeypatch, events):
+    """Wrap os.open / os.fsync / os.replace to log what write_atomic asks of the kernel."""
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+
+    def rec_open(path, flags, mode=0o777, **kw):
+        fd = real_open(path, flags, mode, **kw)
+        events.append(("open", str(path), flags, mode, fd))
+        return fd
+
+    def rec_fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_size, os.path.isdir(f"/proc/self/fd/{fd}")
+                       if os.path.exists("/proc/self/fd") else None))
+        return real_fsync(fd)
+
+    def rec_replace(src, dst):
+        events.append(("replace", str(src), str(dst), open(src, "rb").read()))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "open", rec_open)
+    monkeypatch.setattr(os, "fsync", rec_fsync)
+    monkeypatch.setattr(os, "replace", rec_replace)
+
+
+def test_temp_file_flags_mode_name_fsyncs_and_rename(tmp_path, monkeypatch):
+    import re
+
+    events = []
+    _record_os(monkeypatch, events)
+    path = tmp_path / "new" / "deeper" / "out.bin"  # folders made
+    assert write_atomic(str(path), b"12345") == path  # a Path back, for a str in
+    monkeypatch.undo()
+    (kind, tmp, flags, mode, fd), *rest = events
+    want_flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    assert kind == "open" and flags == want_flags and mode == 0o666
+    assert re.fullmatch(re.escape(str(path.parent)) + r"/out\.bin\.[0-9a-f]{12}\.tmp", tmp), tmp
+    # the data is flushed before the file's fsync; the rename follows; the folder is fsynced last
+    assert rest[0][:2] == ("fsync", 5)
+    assert rest[1] == ("replace", tmp, str(path), b"12345")
+    assert rest[2][0] == "open" and rest[2][1] == str(path.parent) and rest[2][2] == os.O_RDONLY
+    assert rest[3][0] == "fsync" and len(rest) == 4
+    if rest[3][2] is not None:
+        assert rest[3][2] and not rest[0][2]  # a folder, then (before) a file
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the temporary file's descriptor is closed
+    assert os.listdir(path.parent) == ["out.bin"] and path.read_bytes() == b"12345"
+    write_atomic(path, "again")  # the folder exists already
+    assert path.read_text() == "again"
+
+
+def test_a_taken_temp_name_is_skipped_and_100_are_given_up_on(tmp_path, monkeypatch):
+    real_open, tries = os.open, []
+
+    def taken_once(path, flags, mode=0o777):
+        tries.append(str(path))
+        if len(tries) == 1:
+            raise FileExistsError(path)
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", taken_once)
+    write_atomic(tmp_path / "a.txt", "x")
+    monkeypatch.undo()
+    assert (tmp_path / "a.txt").read_text() == "x" and len(tries) == 3 and tries[0] != tries[1]
+
+    def always_taken(path, flags, mode=0o777):
+        tries.append(str(path))
+        raise FileExistsError(path)
+
+    tries.clear()
+    monkeypatch.setattr(os, "open", always_taken)
+    with pytest.raises(FileExistsError) as info:
+        write_atomic(tmp_path / "b.txt", "x")
+    monkeypatch.undo()
+    assert str(info.value) == f"could not create a unique temporary file beside {tmp_path / 'b.txt'}"
+    assert len(tries) == 100 and len(set(tries)) == 100
+
+
+def test_fdopen_failure_closes_and_removes_the_temp_file(tmp_path, monkeypatch):
+    opened = []
+    real_open = os.open
+
+    def rec_open(path, flags, mode=0o777):
+        opened.append(real_open(path, flags, mode))
+        return opened[-1]
+
+    def no_fdopen(fd, mode):
+        raise MemoryError("no file object")
+
+    monkeypatch.setattr(os, "open", rec_open)
+    monkeypatch.setattr(os, "fdopen", no_fdopen)
+    with pytest.raises(MemoryError, match="no file object"):
+        write_atomic(tmp_path / "a.txt", "x")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(OSError):
+        os.fstat(opened[0])
+
+
+def test_a_failure_after_the_temp_file_is_gone_still_raises_it(tmp_path, monkeypatch):
+    def unlink_then_fail(src, dst):
+        os.unlink(src)
+        raise OSError("replace failed")
+
+    write_atomic(tmp_path / "a.txt", "old")
+    monkeypatch.setattr(os, "replace", unlink_then_fail)
+    with pytest.raises(OSError) as info:
+        write_atomic(tmp_path / "a.txt", "new")
+    monkeypatch.undo()
+    assert type(info.value) is OSError and str(info.value) == "replace failed"
+    assert os.listdir(tmp_path) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old"
+
+
+def test_interrupt_removes_the_temp_file(tmp_path):
+    def interrupted(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(tmp_path / "a.bin", interrupted)
+    assert os.listdir(tmp_path) == []
