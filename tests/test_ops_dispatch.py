@@ -180,3 +180,12 @@ def test_check_index_messages_word_for_word():
         _common.check_index(torch.tensor([[0], [1]]), 1, 8, "idx")   # 2-d, wrong batch
     with pytest.raises(ValueError, match=r"^idx holds token indices in \[0, 8\], expected \[0, 8\)$"):
         _common.check_index(torch.tensor([[0, 8]]), 1, 8, "idx")
+
+
+def test_normalize_uint8_defaults_to_the_channels_of_a_clip():
+    # (B, C=3, T=3, 1, 1): T as long as C, so statistics along the wrong dim still broadcast
+    x = torch.tensor([[[0, 51, 255], [255, 0, 51], [51, 255, 0]]], dtype=torch.uint8)[..., None, None]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    want = torch.tensor([[[(v / 255 - mean[c]) / std[c] for v in (x[0, c, :, 0, 0].tolist())]
+                          for c in range(3)]])[..., None, None]
+    torch.testing.assert_close(_common.normalize_uint8(x), want, rtol=0, atol=2e-6)
