@@ -403,6 +403,7 @@ _ALLOWED = ("tensors and plain data, plus the allowlist vmae_fast.checkpoint.ALL
     ("WeightsUnpickler error:  bad thing.  Please use weights_only=False", "bad thing"),
     ("WeightsUnpickler error: line one\nline two\n\nmore", "line one\nline two"),  # re.S: spans lines
     ("WeightsUnpickler error: at the end.", "at the end"),
+    ("WeightsUnpickler error: bad opcode X.", "bad opcode X"),  # only dots stripped
     ("WeightsUnpickler error:  Please use weights_only=False", "refused by the weights_only unpickler"),
     ("Weights only load failed", "refused by the weights_only unpickler"),
     ("first line\nsecond line", "first line"),
