@@ -147,7 +147,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(ValueError, match="found bytes starting 00 01 02 03 fa"):
         load_checkpoint_file(bad)
     bad.write_bytes(b"PK\x03\x04 truncated zip")  # looks like one: torch.load's own reason, named
-    with pytest.raises(ValueError, match="bad.pth .* with torch.load\(weights_only=True\)"):
+    with pytest.raises(ValueError, match=r"bad.pth .* with torch.load\(weights_only=True\)"):
         load_checkpoint_file(bad)
 
     evil = tmp_path / "evil.pth"
