@@ -13,6 +13,31 @@ ODD = dict(embed_dim=72, depth=2, num_heads=3, decoder_embed_dim=48, decoder_num
            patch_size=8, num_frames=6, img_size=48)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` inside, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# Toy-size ops on one thread: on a loaded 2-core machine two OpenMP threads mostly wait for each
+# other (and spin against other processes), which made tiny training steps far slower.
+@pytest.fixture
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    with torch_threads(1):
+        yield
+
+
 def small_pretrain(arch="vit_small_patch16_224", **kw):
     kw.setdefault("num_frames", 4)
     kw.setdefault("img_size", 64)

@@ -253,16 +253,6 @@ def _train_step_flops(p, batch):  # fwd + bwd (2x), no input gradient for the pa
     return 2 * batch * (3 * _norm_free(p) - p["patch_embed"])
 
 
-@pytest.fixture
-def one_thread():
-    """Toy-size ops on one thread: on a loaded 2-core machine two OpenMP threads mostly wait for
-    each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("preset, timing", [("gpu", "--no-interleave"), ("table2", "--interleave")])
 def test_smoke_runs_the_gpu_plans_on_cpu(tmp_path, capsys, one_thread, preset, timing):
     pytest.importorskip("matplotlib", reason="the smoke run's PNG needs matplotlib (the bench extra)")

@@ -16,12 +16,7 @@ from conftest import ODD
 B, ENC = 2, 0.6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # toy-size ops: one thread is faster, and steady on a loaded 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy-size ops (conftest)
 
 
 def _norm_free(p):  # LayerNorm is not counted by torch

@@ -36,14 +36,7 @@ TINY_CLF = ["--model", "vit_small_patch16_224", "--model-overrides", "depth=2,em
 QUIET = ["--num-workers", "0", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: one thread is as fast, and immune to other processes on a shared 2-core box
-    # (OpenMP threads spinning against them made the steps far slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one thread (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -41,12 +41,7 @@ COMMON = ["--batch-size", "2", "--num-sample", "2", "--steps", "7", "--warmup-st
 SAME = ("step", "loss", "lr", "epoch", "grad_norm", "skipped_videos")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one thread (conftest)
 
 
 @pytest.fixture(scope="module")
