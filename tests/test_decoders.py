@@ -82,8 +82,8 @@ def test_pyav_seeks_to_the_keyframe_and_skips_unneeded_frames(synthetic):
     counted = []
 
     class Counting(decode.PyAVReader):
-        def _frames(self, packets, want):
-            for f in super()._frames(packets, want):
+        def _frames(self, packets, *args):
+            for f in super()._frames(packets, *args):
                 counted.append(f.pts)
                 yield f
 
@@ -103,6 +103,29 @@ def test_pyav_seeks_to_the_keyframe_and_skips_unneeded_frames(synthetic):
         r.skip_nonref = True
         r.get([2, 50])  # two runs: a seek between them, not a decode through 12..47
         assert not any(14 <= r.index_of[p] < 48 for p in counted), sorted(r.index_of[p] for p in counted)
+
+
+def test_pyav_reads_no_packet_after_the_last_needed_one(synthetic):
+    """The decoder is drained once the last needed packet is in: no packet after it is decoded
+    (a plain decode sends 1-3 more before the reorder delay lets the frame out), same pixels."""
+    path = synthetic[0]  # one keyframe, B-frames: frames come out 1-3 packets late
+    sent = []
+
+    class Recording(decode.PyAVReader):
+        def _frames(self, packets, *args):
+            def recorded():
+                for p in packets:
+                    sent.append(p.pts)
+                    yield p
+            return super()._frames(recorded(), *args)
+
+    ref = full_decode(path)
+    with Recording(str(path)) as r:
+        for idx in ([20, 24, 28], [0], [len(r) - 1], [5, 5, 3]):
+            sent.clear()
+            assert np.array_equal(r.get(idx).numpy(), ref[idx]), idx
+            last = max(sent.index(r.pts[i]) for i in idx)  # the last needed packet, in decode order
+            assert len(sent) == last + 1, (idx, [r.index_of.get(p) for p in sent[last:]])
 
 
 def test_auto_picks_the_first_that_loads_and_says_why_once(monkeypatch, capsys):

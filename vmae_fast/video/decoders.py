@@ -12,7 +12,9 @@ on real and synthetic H.264. They differ only in cost:
   keyframe at or before each needed frame and decodes forward, never the whole file; packets of
   frames that are not needed are decoded with ``skip_frame=NONREF``, so non-reference frames
   (most B-frames) between the needed ones are not decoded at all. The needed frames and every
-  reference frame are decoded in full, so the output is unchanged.
+  reference frame are decoded in full, so the output is unchanged. Once the last needed packet
+  is sent the decoder is drained instead of fed the packets after it, and the frames go to RGB
+  through one swscale context per reader (``to_ndarray`` would make one per frame).
 * ``torchcodec`` (``seek_mode="exact"``): needs FFmpeg's shared libraries (4 to 8) installed on
   the system (``.ci/install-system-deps`` installs Debian's); without them it does not load.
 * ``decord``: the official VideoMAE V2 decoder.
@@ -237,6 +239,7 @@ class PyAVReader(VideoReader):
 
     def __init__(self, path: str, threads: int = 1, skip_nonref: bool = True):
         self.path, self.threads, self.container = path, threads, None
+        self._reformatter = None
         self._open()
         pts, keys = [], []
         for pkt in self.container.demux(self.stream):
@@ -307,7 +310,7 @@ class PyAVReader(VideoReader):
             wanted = set(need)
             for k, frame in enumerate(self._frames(self._packets_from_start(), None)):
                 if k in wanted:
-                    got[k] = frame.to_ndarray(format="rgb24")
+                    got[k] = self._rgb(frame)
                 if k >= need[-1]:
                     break
             return self._complete(got, need)
@@ -318,12 +321,13 @@ class PyAVReader(VideoReader):
             key = self.keys[bisect.bisect_right(self.keys, need[pos]) - 1]
             self.container.seek(self.pts[key], stream=self.stream, backward=True, any_frame=False)
             reseek = False
-            for frame in self._frames(self.container.demux(self.stream), want):
+            unsent = {self.pts[i] for i in need[pos:] if i not in got}
+            for frame in self._frames(self.container.demux(self.stream), want, unsent):
                 i = self.index_of.get(frame.pts)
                 if i is None:
                     continue
                 if frame.pts in want and i not in got:
-                    got[i] = frame.to_ndarray(format="rgb24")
+                    got[i] = self._rgb(frame)
                 while pos < len(need) and need[pos] in got:
                     pos += 1
                 if pos == len(need) or i > need[pos]:  # done, or a needed frame never came out
@@ -339,15 +343,39 @@ class PyAVReader(VideoReader):
             self.stream.codec_context.skip_frame = "DEFAULT"
         return self._complete(got, need)
 
-    def _frames(self, packets, want: set | None):
+    def _rgb(self, frame) -> np.ndarray:
+        """``frame.to_ndarray(format="rgb24")``, the same pixels, through one swscale context
+        per reader on one thread: ``to_ndarray`` makes a new context for every frame, and a
+        context's default (threads=0: one per core) starts its threads each time. 0.5 ms a
+        frame against 0.06-0.1 (PyAV 18.1, 568x320; equal bit for bit:
+        tests/test_decoders.py)."""
+        if self._reformatter is None:
+            from av.video.reformatter import VideoReformatter
+
+            self._reformatter = VideoReformatter()
+        try:
+            return self._reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+        except TypeError:  # a PyAV before the threads keyword (< 13)
+            return self._reformatter.reformat(frame, format="rgb24").to_ndarray()
+
+    def _frames(self, packets, want: set | None, unsent: set | None = None):
         """Decoded frames of ``packets``; the packets of frames not in ``want`` are decoded with
-        ``skip_frame=NONREF`` (a non-reference frame nothing needs is not decoded at all)."""
+        ``skip_frame=NONREF`` (a non-reference frame nothing needs is not decoded at all).
+        ``unsent``: pts of the needed frames whose packets are still to come (emptied here); once
+        the last of them is sent the decoder is drained and no further packet is read: the frames
+        it still holds back for reordering come out without decoding the 1-3 packets after them
+        (a decoded frame does not depend on later packets, so its pixels are the same)."""
         ctx = self.stream.codec_context
         skip = self.skip_nonref and want is not None
         for pkt in packets:
             if skip:
                 ctx.skip_frame = "DEFAULT" if (pkt.pts in want or pkt.pts is None) else "NONREF"
             yield from ctx.decode(pkt)
+            if unsent and pkt.pts in unsent:
+                unsent.discard(pkt.pts)
+                if not unsent:
+                    yield from ctx.decode(None)  # drain (the next seek resets the decoder)
+                    return
 
     def _complete(self, got, need):
         missing = [i for i in need if i not in got]
