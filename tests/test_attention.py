@@ -57,3 +57,70 @@ def test_dropout_on_the_probabilities_in_every_backend():
     sdpa = attention(qkv, "sdpa", dropout_p=0.4)
     assert sdpa.shape == plain.shape and not torch.allclose(sdpa, attention(qkv, "sdpa"))
     assert torch.allclose(attention(qkv, "sdpa", dropout_p=0.0), plain, atol=1e-6)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 3, 3, 16), (1, 200, 3, 2, 64)])
+def test_cpu_bf16_equals_float64_math(shape):
+    from tolerances import KERNEL_TOL
+
+    g = torch.Generator().manual_seed(1)
+    qkv = (torch.randn(shape, generator=g) * 2).bfloat16()
+    want = attention(qkv.double(), "math")
+    got = attention(qkv, "cpu_bf16")
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert _rel(got, want) < KERNEL_TOL[torch.bfloat16][0]
+    # no worse than the bf16 SDPA kernel by more than the bf16 rounding of the shifted logits
+    assert _rel(got, want) < 3 * _rel(attention(qkv, "sdpa"), want) + 2 ** -9
+
+
+def test_cpu_bf16_logits_are_rounded_after_the_shift():
+    """Two keys at logits 200 and 199.5, the rest far below: bf16 holds numbers near 200 to 1.0,
+    so an unshifted bf16 logit 199.5 becomes 199 or 200 (the pair 0.73 / 0.27 or 0.5 / 0.5);
+    shifted by the largest logit (-0.5 and 0, exact) the pair is fp64's, e^0.5 : 1."""
+    d = 4
+    q = torch.tensor([[1.0, 1.0, 0, 0]])                                 # scale 1: logit = k[0] + k[1]
+    k = torch.zeros(16, d)
+    k[:, 0] = -100.0
+    k[0, :2] = torch.tensor([200.0, 0.0])                                # logit 200
+    k[1, :2] = torch.tensor([199.0, 0.5])                                # logit 199.5 (each part exact in bf16)
+    v = torch.zeros(16, d)
+    v[0, 0] = v[1, 1] = 1.0                                              # output = (p0, p1, 0, 0)
+    qkv = torch.stack((q.expand(16, d), k, v), 1).view(1, 16, 3, 1, d).bfloat16()
+    got = attention(qkv, "cpu_bf16", scale=1.0).double()[0, 0]
+    want = attention(qkv.double(), "math", scale=1.0)[0, 0]
+    assert abs(want[0] / want[1] - torch.e ** 0.5) < 1e-9  # e^0.5 : 1
+    torch.testing.assert_close(got, want, atol=2 * 2 ** -9, rtol=0)
+
+
+def test_cpu_bf16_refuses_what_it_cannot_run():
+    qkv = torch.randn(1, 4, 3, 2, 8)
+    with pytest.raises(AttentionBackendError, match="cpu_bf16: needs bf16 inputs, got torch.float32"):
+        attention(qkv, "cpu_bf16")
+    with pytest.raises(AttentionBackendError, match="cpu_bf16: inference only"):
+        attention(qkv.bfloat16().requires_grad_(), "cpu_bf16")
+    with pytest.raises(AttentionBackendError, match="no dropout"):
+        attention(qkv.bfloat16(), "cpu_bf16", dropout_p=0.1)
+    assert resolve("auto", qkv.bfloat16()) == "sdpa"  # never picked by auto: the tools choose it
+
+
+def test_inference_tools_pick_cpu_bf16_only_for_bf16_on_cpu(monkeypatch):
+    from vmae_fast.models.factory import create_model
+    from vmae_fast.tools.common import inference_attention
+
+    def backends(model):
+        return {m.backend for m in model.modules() if hasattr(m, "backend")}
+
+    monkeypatch.delenv("VMAE_FAST_ATTN", raising=False)
+    kw = dict(num_classes=3, num_frames=4, img_size=32, depth=2)
+    model = create_model("vit_small_patch16_224", **kw)
+    inference_attention(model, torch.device("cpu"), None)
+    assert backends(model) == {"sdpa"}
+    inference_attention(model, torch.device("cpu"), torch.bfloat16)
+    assert backends(model) == {"cpu_bf16"}
+    monkeypatch.setenv("VMAE_FAST_ATTN", "math")
+    inference_attention(model, torch.device("cpu"), torch.bfloat16)
+    assert backends(model) == {"math"}

@@ -132,6 +132,14 @@ class Attention(nn.Module):
         return out
 
 
+def set_attention_backend(model: nn.Module, backend: str) -> None:
+    """Every ``Attention`` of ``model`` on ``backend`` (``$VMAE_FAST_ATTN`` still overrides it)."""
+    backend = effective_backend(backend)
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = backend
+
+
 # torch.log(torch.tensor(1 / 0.01)) rounded as the official code writes it
 COS_ATTN_MAX_LOG_SCALE = 4.6052
 

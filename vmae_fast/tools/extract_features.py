@@ -39,7 +39,7 @@ from ..errors import UsageError
 from ..ops._common import imagenet_stats
 from ..video.sources import open_source
 from .common import (VideoErrors, add_model_args, add_run_args, check_at_least, device_and_dtype, entry,
-                     load_model_from_args, make_parser, say, write_npy)
+                     inference_attention, load_model_from_args, make_parser, say, write_npy)
 
 PROG = "vmae-extract-features"
 
@@ -311,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev, amp, device_line = device_and_dtype(args.device, args.dtype)
     model = load_model_from_args(args, "classifier")
     model = model.to(dev).eval()
+    inference_attention(model, dev, amp)
     say(device_line)
     errors = VideoErrors(PROG, args.debug)
     done = extract(model, videos, args.output_dir, stride=args.stride, sampling_rate=args.sampling_rate,

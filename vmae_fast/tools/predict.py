@@ -31,7 +31,7 @@ from ..errors import UsageError
 from ..video.sources import open_source
 from ..video.views import DEFAULT_VIEWS, make_views, parse_views
 from .common import (VideoErrors, add_model_args, add_run_args, check_at_least, device_and_dtype, entry,
-                     load_model_from_args, make_parser, read_hf_config, say)
+                     inference_attention, load_model_from_args, make_parser, read_hf_config, say)
 
 
 @dataclass
@@ -150,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--checkpoint {args.checkpoint} holds no classification head: predict needs a "
                          "fine-tuned classifier")
     model = model.to(device).eval()
+    inference_attention(model, device, amp)
     labels = labels if args.labels else default_labels(model, hf_config)
     if labels is not None and len(labels) != model.num_classes:
         raise UsageError(f"--labels gives {len(labels)} names for a model of {model.num_classes} classes")
