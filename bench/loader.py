@@ -354,6 +354,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sources", default="files",
                     help="comma list of files, shards (local WebDataset shards of the same files), http (those "
                          "shards from a local http.server); shards and http rows: ours, auto decoder")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also where a video's CPU time goes, stage by stage (bench/loader_breakdown.py), "
+                         "from files and, with shards in --sources, from shards")
     ap.add_argument("--num-sample", default="1,4")
     ap.add_argument("--workers", default=None, help="comma list (default 1..cores)")
     ap.add_argument("--clips", type=int, default=48, help="clips measured per row (default 48)")
@@ -395,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
             server = _HTTP(folder)
             n = len(list(folder.glob("shard-*.tar")))
             specs["http"] = f"{server.url}/shard-{{000000..{n - 1:06d}}}.tar"
-    rows = []
+    rows, parts = [], []
     try:
         for w in workers:
             for s in samples:
@@ -407,6 +410,11 @@ def main(argv: list[str] | None = None) -> dict:
                     r = measure_shards(src, specs[src], auto, s, w, ns.clips, ns.batch, ns.frames, ns.rate, ns.size)
                     rows.append(r)
                     _say(r)
+        if ns.breakdown:
+            from .loader_breakdown import breakdown
+
+            for s in samples:
+                parts += breakdown(paths, specs.get("shards"), s, ns.frames, ns.rate, ns.size)
     finally:
         if server is not None:
             server.close()
@@ -430,12 +438,18 @@ def main(argv: list[str] | None = None) -> dict:
         lines.append(f"- num_sample {x['num_sample']}, 1 worker: ours ({x['decoder']}) {x['ours']:.2f} vs official "
                      f"(decord) {x['official']:.2f} clips/CPU-s = {x['ratio']:.2f}x, goal {x['target']}x: "
                      f"{'met' if x['met'] else 'MISSED'}")
+    if parts:
+        from .loader_breakdown import table as parts_table
+
+        official = {r["num_sample"]: r["clips_per_cpu_s"] for r in rows
+                    if r["pipeline"] == "official" and r["decoder"] == "decord" and r["workers"] == 1}
+        lines += ["", "### Where a video's CPU time goes (pyav)", "", parts_table(parts, official)]
     print("\n".join(lines))
     result = {**result_header("loader", argv, device=info), "versions": versions, "auto_decoder": auto,
               "unavailable": {d: decode.why_unavailable(d) for d in decode.DECODERS if d not in avail},
               "config": {"frames": ns.frames, "rate": ns.rate, "size": ns.size, "batch": ns.batch,
                          "clips": ns.clips, "workers": workers, "num_sample": samples, "sources": sources},
-              "files": files, "rows": rows, "goals": g}
+              "files": files, "rows": rows, "goals": g, **({"breakdown": parts} if parts else {})}
     save_result(result, ns, "loader")
     return result
 

@@ -89,3 +89,25 @@ def test_bench_loader_finetune_rows_price_the_augmentation(tmp_path, capsys):
         assert rows[name]["decoder"] == auto and rows[name]["clips"] >= 2 and rows[name]["clips_per_cpu_s"] > 0
     out = capsys.readouterr().out
     assert "| ours-finetune+aug |" in out and "baseline: official (decord)" in out
+
+
+def test_bench_loader_breakdown_splits_a_video_s_cpu_time_by_stage(tmp_path):
+    pytest.importorskip("webdataset", reason="the shards extra")
+    from bench import loader_breakdown as bd
+    from vmae_fast.video.decoders import PyAVReader
+
+    video = DATA / "carphone_distorted.mp4"
+    spec = str(loader.write_bench_shards([video, video], tmp_path))
+    before = {k: getattr(PyAVReader, k) for k in ("__init__", "_frames", "_rgb", "get")}
+    rows = bd.breakdown([video, video], spec, num_sample=2, frames=4, rate=4, size=32, reps=1)
+    assert [r["source"] for r in rows] == ["files", "shards"]
+    for r in rows:
+        assert r["videos"] == 2
+        parts = [r[k] for k in bd.STAGES]
+        assert min(parts) >= -0.05 and r["decode"] > 0 and r["open+index"] > 0
+        assert sum(parts) == pytest.approx(r["total_ms"])
+        assert r["clips_per_cpu_s"] == pytest.approx(2e3 / r["total_ms"])
+        assert r["decode_ceiling"] == pytest.approx(2e3 / r["decode"]) and r["decode_ceiling"] > r["clips_per_cpu_s"]
+    assert rows[0]["read"] == 0 and rows[1]["read"] > 0
+    assert {k: getattr(PyAVReader, k) for k in before} == before  # the timers are taken off again
+    assert "| shards | 2 |" in bd.table(rows, {2: 10.0})

@@ -64,10 +64,11 @@ def test_writer_stores_bytes_and_probe_and_lists_what_failed(real):
         assert t.getnames() == ["000000002.json", "000000002.mp4"]
         assert t.extractfile("000000002.mp4").read() == (DATA / "carphone_distorted.mp4").read_bytes()
         meta = json.loads(t.extractfile("000000002.json").read())
-    # tests/data/README.md: 176x144, 29.97 fps, 120 frames
+    # tests/data/README.md: 176x144, 29.97 fps, 120 frames; with the packet index a reader would
+    # demux: 1001 ticks of 1/30000 s a frame from 0, one keyframe
     assert meta == {"frames": 120, "height": 144, "width": 176, "fps": pytest.approx(30000 / 1001),
                     "folder": False, "start_idx": 0, "total_frames": -1, "path": "carphone_distorted.mp4",
-                    "index": 2, "label": 2}
+                    "index": 2, "label": 2, "pts_runs": [[0, 1001, 120]], "keyframes": [0]}
 
 
 def test_an_interrupted_write_continues_and_ends_as_an_uninterrupted_one(real, tmp_path, monkeypatch):
@@ -138,6 +139,58 @@ def test_a_shard_sample_is_the_file_sample_bit_for_bit(real, mode):
                     assert torch.equal(got["erase"], ref["erase"])
                 seen.add(got["index"])
     assert seen == {0, 2, 4}
+
+
+def test_pts_runs_round_trip_and_a_bad_stored_index_is_not_used():
+    for pts in ([], [7], [0, 512, 1024, 1536, 3000, 3001, 5000, 5100], list(range(0, 300 * 1001, 1001))):
+        runs = fmt.pack_pts(pts)
+        assert fmt.unpack_pts(runs) == pts
+    assert fmt.pack_pts(range(0, 300 * 1001, 1001)) == [[0, 1001, 300]]
+    good = {"frames": 4, "pts_runs": [[0, 2, 4]], "keyframes": [0, 2]}
+    assert fmt.stored_index(good) == ([0, 2, 4, 6], [0, 2])
+    for bad in ({"frames": 5}, {"keyframes": []}, {"keyframes": [4]}, {"pts_runs": [[0, 0, 4]]},
+                {"pts_runs": "x"}):
+        assert fmt.stored_index({**good, **bad}) is None, bad
+    assert fmt.stored_index({"frames": 4}) is None  # shards written before the index
+
+
+def test_a_stored_index_skips_the_demux_and_gives_the_same_frames(real):
+    """The reader given the sample's stored index reads no packet before decoding and returns the
+    frames of the reader that demuxed the video to index it (the old path), for seeks too."""
+    _, _, out, _ = real
+    shards = fmt.resolve(str(out))
+    samples = [s for u in shards.urls for s in fmt.read_piece(u, 0, 1)]
+    assert len(samples) == 3
+
+    class Container:  # the reader's container, counting the demux passes asked of it
+        def __init__(self, c):
+            self.c, self.demuxed = c, 0
+
+        def __getattr__(self, name):
+            return getattr(self.c, name)
+
+        def demux(self, *a, **k):
+            self.demuxed += 1
+            return self.c.demux(*a, **k)
+
+    class Counting(fmt._PyAVBytes):
+        def _open(self):
+            super()._open()
+            self.container = Container(self.container)
+
+    for sample in samples:
+        meta = fmt.meta_of(sample)
+        index = fmt.stored_index(meta)
+        data = sample[fmt.video_member(sample)]
+        with Counting(data) as old:
+            assert index == (old.pts, old.keys) and old.container.demuxed == 1
+            with Counting(data, index=index) as new:
+                assert new.container.demuxed == 0 and len(new) == len(old) == meta["frames"]
+                n = len(old)
+                rng = np.random.default_rng(0)
+                for idx in ([n - 1, 0], sorted(rng.choice(n, 5, replace=False).tolist()),
+                            list(range(int(rng.integers(0, n - 8)), n, 4))[:16]):
+                    assert torch.equal(new.get(idx), old.get(idx)), (meta["path"], idx)
 
 
 def test_spec_forms_folder_brace_file_url_and_http(real):

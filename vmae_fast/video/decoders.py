@@ -237,10 +237,19 @@ class PyAVReader(VideoReader):
     name = "pyav"
     open_options: dict = {}  # more keywords of av.open (a reader of bytes in memory sets its buffer)
 
-    def __init__(self, path: str, threads: int = 1, skip_nonref: bool = True):
+    def __init__(self, path: str, threads: int = 1, skip_nonref: bool = True,
+                 index: tuple[list[int], list[int]] | None = None):
+        """``index``: ``(pts, keys)`` as a reader of the same bytes found them (``self.pts``,
+        ``self.keys``; a shard sample stores them): the demux pass is then skipped."""
         self.path, self.threads, self.container = path, threads, None
         self._reformatter = None
         self._open()
+        self.skip_nonref = skip_nonref and self._can_skip()
+        if index is not None:
+            self.pts = list(index[0])
+            self.index_of = {p: i for i, p in enumerate(self.pts)}
+            self.keys, self.n = list(index[1]), len(self.pts)
+            return
         pts, keys = [], []
         for pkt in self.container.demux(self.stream):
             if pkt.size == 0:  # the flush packet at the end
@@ -259,7 +268,6 @@ class PyAVReader(VideoReader):
             self.index_of = {p: i for i, p in enumerate(self.pts)}
             self.keys = sorted(self.index_of[k] for k in keys) or [0]
             self.n = len(self.pts)
-        self.skip_nonref = skip_nonref and self._can_skip()
 
     def _open(self) -> None:
         import av
