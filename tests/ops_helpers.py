@@ -45,3 +45,54 @@ def rand_idx(B, n, N, device="cpu", dtype=torch.int64, sort=True):
     if sort:
         idx = idx.sort(dim=1).values
     return idx.to(dtype)
+
+
+# Oracles written token by token in float64 from the definitions (VideoMAE's cube order, the
+# ImageNet statistics as published), independent of the ops' vectorized references.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def _cube(video, b, tok, t, p):
+    """Clip ``b``'s cube at token ``tok`` ((t, h, w) raster order) as ``(C, t, p, p)`` float64,
+    pixels as the model sees them (uint8: ``(x / 255 - mean) / std``)."""
+    _, C, _, H, W = video.shape
+    hw = (H // p) * (W // p)
+    ti, hi, wi = tok // hw, (tok % hw) // (W // p), tok % (W // p)
+    cube = video[b, :, ti * t:(ti + 1) * t, hi * p:(hi + 1) * p, wi * p:(wi + 1) * p].double()
+    if video.dtype == torch.uint8:
+        cube = torch.stack([(cube[c] / 255 - MEAN[c]) / STD[c] for c in range(C)])
+    return cube
+
+
+def cubes_by_hand(video, idx, t, p, layout="cthw"):
+    """``(B, n, C*t*p*p)`` float64: each cube flattened in ``cthw`` or ``thwc`` order."""
+    rows = [[(_cube(video, b, tok, t, p) if layout == "cthw" else _cube(video, b, tok, t, p).permute(1, 2, 3, 0))
+             .reshape(-1) for tok in idx[b].tolist()] for b in range(idx.shape[0])]
+    return torch.stack([torch.stack(r) if r else torch.zeros(0) for r in rows])
+
+
+def targets_by_hand(video, idx, t, p, normalize=True, eps=1e-6):
+    """``(B, n, t*p*p*C)`` float64 reconstruction targets in ``thwc`` order: pixels in [0, 1]
+    (``x / 255`` for uint8, ``x * std + mean`` for a float clip); with ``normalize`` each channel
+    of each cube standardized over its t*p*p pixels, unbiased variance, ``eps`` added to the std."""
+    _, C, _, H, W = video.shape
+    hw = (H // p) * (W // p)
+    out = []
+    for b in range(idx.shape[0]):
+        row = []
+        for tok in idx[b].tolist():
+            ti, hi, wi = tok // hw, (tok % hw) // (W // p), tok % (W // p)
+            cube = video[b, :, ti * t:(ti + 1) * t, hi * p:(hi + 1) * p, wi * p:(wi + 1) * p].double()
+            if video.dtype == torch.uint8:
+                x = cube / 255
+            else:
+                x = torch.stack([cube[c] * STD[c] + MEAN[c] for c in range(C)])
+            x = x.reshape(C, -1)  # (C, t*p*p)
+            if normalize:
+                m = x.sum(1, keepdim=True) / x.shape[1]
+                var = ((x - m) ** 2).sum(1, keepdim=True) / (x.shape[1] - 1)
+                x = (x - m) / (var.sqrt() + eps)
+            row.append(x.t().reshape(-1))
+        out.append(torch.stack(row))
+    return torch.stack(out)

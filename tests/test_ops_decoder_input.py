@@ -9,6 +9,7 @@ from conftest import on_devices
 from ops_helpers import interpret, rand_idx  # noqa: F401
 from tolerances import KERNEL_TOL
 from vmae_fast import ops
+from vmae_fast.ops import use_kernels
 from vmae_fast.ops.decoder_input import decoder_input_backward_triton, decoder_input_triton
 
 
@@ -122,3 +123,147 @@ def test_matches_ref_on_device(device, dtype, learnable):
     atol, rtol = KERNEL_TOL[dtype]
     for a, b in zip(gr, gr_ref):
         torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
+
+
+# ---- the reference, the CPU op (native or reference) and the switch against by-hand sums
+
+def by_hand(z, pos, mt, vis, dec):
+    """``[z + pos[vis], mt + pos[dec]]`` row by row, float64."""
+    D = pos.shape[1]
+    return torch.stack([torch.stack([z[b, i].double() + pos[k].double() for i, k in enumerate(vis[b].tolist())]
+                                    + [mt.reshape(D).double() + pos[k].double() for k in dec[b].tolist()])
+                        for b in range(z.shape[0])])
+
+
+def grads_by_hand(g, vis, dec, N):
+    """(grad_mask_token, grad_pos) of the sum of ``g * out``: the decoder rows summed; each
+    positional row gets every gradient row that read it, float64."""
+    n_vis = vis.shape[1]
+    gpos = torch.zeros(N, g.shape[2], dtype=torch.float64)
+    for b in range(g.shape[0]):
+        for i, k in enumerate(vis[b].tolist() + dec[b].tolist()):
+            gpos[k] += g[b, i].double()
+    return g[:, n_vis:].double().sum((0, 1)), gpos
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("mt_shape", [(1, 1, 24), (24,)])
+def test_op_and_ref_match_by_hand_sums(kernels, mt_shape):
+    """Forward and the gradients of z, pos and mask_token (its shape and dtype kept) through the
+    public op, kernels on (the CPU kernel: native or the reference) or off, and the reference."""
+    z, pos, mt, vis, dec = make(2, 3, 4, 10, 24, dtype=torch.bfloat16)
+    mt = mt.detach().reshape(mt_shape).requires_grad_()
+    vis[1] = torch.tensor([1, 5, 9])  # a token in both segments of a clip: pos[5] gets both rows
+    dec[1] = torch.tensor([0, 2, 5, 7])
+    g = torch.randn(2, 7, 24)
+    atol, rtol = KERNEL_TOL[torch.float32]  # one fp32 addition
+    for fn in (ops.decoder_input, ops.decoder_input_ref):
+        with use_kernels(kernels):
+            out, (gz, gpos, gmt) = grads(fn, z, pos, mt, vis, dec, g)
+        assert out.dtype == torch.float32  # bf16 z + fp32 table, as the official code
+        torch.testing.assert_close(out.double(), by_hand(z, pos, mt, vis, dec), atol=atol, rtol=rtol)
+        assert (gz.dtype, gpos.dtype, gmt.dtype, gmt.shape) == (torch.bfloat16, torch.float32, torch.bfloat16, mt.shape)
+        want_mt, want_pos = grads_by_hand(g, vis, dec, 10)
+        torch.testing.assert_close(gz.double(), g[:, :3].bfloat16().double(), atol=0, rtol=0)
+        torch.testing.assert_close(gpos.double(), want_pos, atol=1e-5, rtol=1e-5)
+        bf_atol, bf_rtol = KERNEL_TOL[torch.bfloat16]  # the bf16 mask token rounds its gradient once
+        torch.testing.assert_close(gmt.double().reshape(24), want_mt, atol=bf_atol, rtol=bf_rtol)
+
+
+@pytest.mark.parametrize("need_pos", [True, False])
+def test_backward_reference_by_hand(need_pos):
+    from vmae_fast.ops.decoder_input import _backward_ref
+    g = torch.randn(2, 5, 8, dtype=torch.float64)
+    vis, dec = torch.tensor([[0, 3], [1, 2]]), torch.tensor([[0, 1, 3], [2, 4, 5]], dtype=torch.int32)
+    gmask, gpos = _backward_ref(g, vis, dec, 6, need_pos)
+    want_mt, want_pos = grads_by_hand(g, vis, dec, 6)
+    assert gmask.dtype == gpos.dtype == torch.float32
+    torch.testing.assert_close(gmask.double(), want_mt, **dict(zip(("atol", "rtol"), KERNEL_TOL[torch.float32])))
+    if need_pos:
+        torch.testing.assert_close(gpos.double(), want_pos, **dict(zip(("atol", "rtol"), KERNEL_TOL[torch.float32])))
+    else:
+        assert gpos.shape == (0, 8)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)])
+def test_only_the_gradients_asked_for(needs):
+    """Each input alone needs a gradient: the backward computes that one (and the others are None)."""
+    z, pos, mt, vis, dec = (t.detach() for t in make(2, 3, 4, 10, 16))
+    z, pos, mt = (t.requires_grad_(n) for t, n in zip((z, pos, mt), needs))
+    g = torch.randn(2, 7, 16)
+    with use_kernels(True):
+        out = ops.decoder_input(z, pos, mt, vis, dec)
+    (got,) = torch.autograd.grad(out, [t for t in (z, pos, mt) if t.requires_grad], g)
+    want_mt, want_pos = grads_by_hand(g, vis, dec, 10)
+    want = (g[:, :3].double(), want_pos, want_mt.reshape(1, 1, 16))[needs.index(True)]
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (lambda z, p, m, v, d: (z.long(), p, m, v, d), "z must be a floating-point tensor, got torch.int64"),
+    (lambda z, p, m, v, d: (z, [1.0], m, v, d), "pos must be a floating-point tensor, got list"),
+    (lambda z, p, m, v, d: (z, p[None], m, v, d), "pos must be an (N, D) table, got shape (1, 10, 16)"),
+    (lambda z, p, m, v, d: (z[0], p, m, v, d), "z must be (B, n_vis, 16) to match pos (N, D) = (10, 16), got (3, 16)"),
+    (lambda z, p, m, v, d: (z, p[:, :8], m, v, d),
+     "z must be (B, n_vis, 8) to match pos (N, D) = (10, 8), got (2, 3, 16)"),
+    (lambda z, p, m, v, d: (z, p, m[..., :-1], v, d), "mask_token must hold D = 16 values ((D,) or (1, 1, D)), got (1, 1, 15)"),
+    (lambda z, p, m, v, d: (z, p.to("meta"), m, v, d), "pos is on meta, expected cpu (the device of the first input)"),
+    (lambda z, p, m, v, d: (z, p, m.to("meta"), v, d), "mask_token is on meta, expected cpu (the device of the first input)"),
+    (lambda z, p, m, v, d: (z, p, m, v.to("meta"), d), "visible_idx is on meta, expected cpu (the device of the first input)"),
+    (lambda z, p, m, v, d: (z, p, m, v, d.to("meta")), "decoder_idx is on meta, expected cpu (the device of the first input)"),
+    (lambda z, p, m, v, d: (z, p, m, v + 10, d), "visible_idx holds token indices in [10, 10], expected [0, 10)"),
+    (lambda z, p, m, v, d: (z, p, m, v, d + 10), "decoder_idx holds token indices in [10, 11], expected [0, 10)"),
+    (lambda z, p, m, v, d: (z, p, m, v[:, :2], d), "visible_idx must be (2, 3) to match z, got (2, 2)"),
+])
+def test_public_op_refuses_bad_input_in_words(bad, msg):
+    z, pos, mt = torch.randn(2, 3, 16), torch.randn(10, 16), torch.randn(1, 1, 16)
+    vis, dec = torch.zeros(2, 3, dtype=torch.int64), torch.tensor([[0, 1], [1, 0]])
+    with use_kernels(True), pytest.raises(ValueError) as err:
+        ops.decoder_input(*bad(z, pos, mt, vis, dec))
+    assert err.type is ValueError and str(err.value) == msg
+
+
+def test_inverse_map_by_hand_and_on_meta(monkeypatch):
+    """``inv[b, idx[b, i]] = i``, -1 elsewhere, int32, on the indices' device; a repeated index is
+    refused where the check is free (CPU) or asked for (VMAE_FAST_DEBUG), never forced on meta."""
+    from vmae_fast.ops.decoder_input import _inverse_map
+    inv = _inverse_map(torch.tensor([[2, 0], [3, 1]], dtype=torch.int32), 5, "visible_idx")
+    assert inv.dtype == torch.int32 and inv.tolist() == [[1, -1, 0, -1, -1], [-1, 1, -1, 0, -1]]
+    monkeypatch.setenv("VMAE_FAST_DEBUG", "0")
+    with pytest.raises(ValueError) as err:
+        _inverse_map(torch.tensor([[1, 1]]), 4, "decoder_idx")
+    assert err.type is ValueError and str(err.value) == (
+        "decoder_idx repeats a token index within a clip; the learnable-pos gradient kernel needs "
+        "distinct indices per row (as DualMask gives)")
+    for n in (2, 0):  # meta: no value check (it would read the values), the map stays on meta
+        inv = _inverse_map(torch.zeros(3, n, dtype=torch.int64, device="meta"), 6, "visible_idx")
+        assert inv.device.type == "meta" and inv.shape == (3, 6) and inv.dtype == torch.int32
+
+
+def test_backward_launcher_fixed_table_is_one_float32_reduction():
+    """A fixed table (no pos gradient) needs no kernel: grad_mask_token is the decoder rows
+    summed in float32, grad_pos an empty (0, D) float32."""
+    g = torch.randn(2, 5, 8).bfloat16()
+    gm, gp = decoder_input_backward_triton(g, torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64), 6, False)
+    assert gm.dtype == gp.dtype == torch.float32 and gp.shape == (0, 8)
+    torch.testing.assert_close(gm.double(), g[:, 2:].double().sum((0, 1)), **dict(zip(("atol", "rtol"), KERNEL_TOL[torch.float32])))
+
+
+@pytest.mark.parametrize("need_pos", [True, False])
+def test_native_backward_wrapper_returns_float32(need_pos):
+    """The native op's gradients, whatever dtype it returns them in, become float32 (the op's
+    declared outputs); no pos gradient is an empty (0, D). (Wrapped at import, when the op is
+    registered: called here directly, with a recording stand-in for the native op.)"""
+    from vmae_fast.ops.decoder_input import _native_backward
+    calls = []
+    gm, gp = torch.randn(8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+
+    def native(*args):
+        calls.append(args)
+        return gm, gp
+    g, vis, dec = torch.randn(2, 5, 8).bfloat16(), torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64)
+    got_m, got_p = _native_backward(native)(g, vis, dec, 6, need_pos)
+    assert len(calls) == 1 and calls[0][0] is g and calls[0][1] is vis and calls[0][2] is dec and calls[0][3:] == (6, need_pos)
+    assert got_m.dtype == got_p.dtype == torch.float32
+    torch.testing.assert_close(got_m, gm.float(), atol=0, rtol=0)
+    torch.testing.assert_close(got_p, gp.float() if need_pos else torch.empty(0, 8), atol=0, rtol=0)

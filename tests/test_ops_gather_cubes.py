@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from conftest import on_devices
-from ops_helpers import interpret, rand_idx, video_clip  # noqa: F401
+from ops_helpers import cubes_by_hand, interpret, rand_idx, video_clip  # noqa: F401
+from tolerances import KERNEL_TOL
 from vmae_fast import ops
+from vmae_fast.ops import use_kernels
 from vmae_fast.ops.gather_cubes import gather_cubes_triton
 
 
@@ -112,3 +114,66 @@ def test_matches_ref_on_device(device, dtype, layout):
     out = ops.gather_cubes(video, idx, tubelet=2, patch=14, layout=layout)
     ref = ops.gather_cubes_ref(video, idx, tubelet=2, patch=14, layout=layout)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
+# ---- the reference and the switch against the token-by-token oracle (no interpreter needed)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_ref_matches_the_oracle_default_layout_cthw(dtype):
+    video, idx = video_clip(2, 4, 16, 24, dtype=dtype), rand_idx(2, 5, 12, sort=False)
+    atol, rtol = KERNEL_TOL[torch.float32]
+    for kw, layout in (({}, "cthw"), ({"layout": "thwc"}, "thwc")):
+        out = ops.gather_cubes_ref(video, idx, tubelet=2, patch=8, **kw)
+        assert out.dtype == torch.float32 and out.shape == (2, 5, 384)
+        torch.testing.assert_close(out.double(), cubes_by_hand(video, idx, 2, 8, layout), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_reference_path_keeps_the_layout(requires_grad):
+    """Kernels off, or a clip that needs a gradient: the reference, in the layout asked for."""
+    video, idx = video_clip(1).requires_grad_(requires_grad), rand_idx(1, 3, 12)
+    with use_kernels(requires_grad):  # the switch off, or on with a clip needing a gradient
+        out = ops.gather_cubes(video, idx, tubelet=2, patch=8, layout="thwc")
+    torch.testing.assert_close(out.detach().double(), cubes_by_hand(video.detach(), idx, 2, 8, "thwc"),
+                               atol=0, rtol=0)
+    if requires_grad:  # the reference's autograd: the gathered pixels get their gradient
+        out.sum().backward()
+        assert int(torch.count_nonzero(video.grad)) == 3 * 384
+
+
+def test_ref_errors_name_the_argument():
+    video = video_clip(1)
+    with pytest.raises(ValueError, match=r"^layout must be one of \('cthw', 'thwc'\), got 'chw'$"):
+        ops.gather_cubes_ref(video, rand_idx(1, 2, 12), tubelet=2, patch=8, layout="chw")
+    with pytest.raises(ValueError, match=r"^idx holds token indices in \[3, 12\], expected \[0, 12\)$"):
+        ops.gather_cubes_ref(video, torch.tensor([[3, 12]]), tubelet=2, patch=8)
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (lambda v, i: dict(video=v, idx=i, tubelet=0), "tubelet and patch must be positive ints, got 0, 8"),
+    (lambda v, i: dict(video=v, idx=i, patch=0), "tubelet and patch must be positive ints, got 2, 0"),
+    (lambda v, i: dict(video=v, idx=i, layout="chw"), "layout must be one of ('cthw', 'thwc'), got 'chw'"),
+    (lambda v, i: dict(video=v[:, :2].to(torch.uint8), idx=i),
+     "a uint8 clip is normalized with the 3-channel ImageNet stats, got C=2"),
+    (lambda v, i: dict(video=v, idx=i.tolist()), "idx must be a tensor, got list"),
+    (lambda v, i: dict(video=v, idx=i.to("meta")), "idx is on meta, expected cpu (the device of the first input)"),
+    (lambda v, i: dict(video=v, idx=i + 10), "idx holds token indices in [10, 14], expected [0, 12)"),
+])
+def test_public_op_refuses_bad_input_in_words(bad, msg):
+    """The checks of the public op (kernels on: native or reference on CPU), message word for word."""
+    kw = dict(tubelet=2, patch=8) | bad(video_clip(2), torch.tensor([[0, 4], [2, 3]]))
+    with use_kernels(True), pytest.raises(ValueError) as err:
+        ops.gather_cubes(**kw)
+    assert err.type is ValueError and str(err.value) == msg
+
+
+@pytest.mark.parametrize("C,tubelet,patch", [(2, 1, 8), (3, 2, 1)])
+def test_public_op_any_channels_float_and_unit_cube_sides(C, tubelet, patch):
+    """Tubelet 1 and patch 1 are valid sizes; a float clip may have any number of channels."""
+    video = torch.randn(2, C, 2, 8, 8)
+    N = (2 // tubelet) * (8 // patch) ** 2
+    idx = rand_idx(2, 3, N, sort=False)
+    with use_kernels(True):
+        out = ops.gather_cubes(video, idx, tubelet=tubelet, patch=patch)
+    torch.testing.assert_close(out.double(), cubes_by_hand(video, idx, tubelet, patch), atol=0, rtol=0)
+

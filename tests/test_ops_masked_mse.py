@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from conftest import on_devices
-from ops_helpers import interpret, rand_idx, video_clip  # noqa: F401
+from ops_helpers import interpret, rand_idx, targets_by_hand, video_clip  # noqa: F401
 from tolerances import KERNEL_TOL
 from vmae_fast import ops
+from vmae_fast.ops import use_kernels
 from vmae_fast.ops.masked_mse import masked_mse_loss_backward_triton, masked_mse_loss_triton
 
 
@@ -140,3 +141,128 @@ def test_matches_ref_on_device(device, pdtype, vdtype):
     atol, rtol = KERNEL_TOL[pdtype]
     torch.testing.assert_close(loss.double(), loss_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g.double(), g_ref, atol=atol * g_ref.abs().max().item(), rtol=rtol)
+
+
+# ---- the references, the CPU op (native or reference) and the switch against the by-hand target
+
+def loss_by_hand(pred, target, w):
+    """``sum(w * mean_P((pred - target)^2)) / sum(w)`` (0 for no weight) and its gradient, float64."""
+    w = w.double()
+    den = w.sum().item() or 1.0
+    diff = pred.double() - target
+    return ((diff ** 2).mean(-1) * w).sum() / den, 2 * diff * w[..., None] / (diff.shape[-1] * den)
+
+
+@pytest.mark.parametrize("vdtype", [torch.float32, torch.uint8])
+@pytest.mark.parametrize("normalize,eps", [(True, 1e-6), (True, 0.5), (False, 1e-6)])
+def test_targets_ref_match_by_hand(vdtype, normalize, eps):
+    video, idx = video_clip(2, 4, 16, 24, dtype=vdtype), rand_idx(2, 5, 12, sort=False)
+    kw = dict(tubelet=2, patch=8, normalize=normalize, eps=eps)
+    out = ops.cube_targets_ref(video, idx, **kw)
+    assert out.dtype == torch.float32 and out.shape == (2, 5, 384)
+    atol, rtol = KERNEL_TOL[torch.float32]
+    torch.testing.assert_close(out.double(), targets_by_hand(video, idx, 2, 8, normalize, eps), atol=atol, rtol=rtol)
+    if (normalize, eps) == (True, 1e-6):  # the default: per-cube standardization
+        torch.testing.assert_close(ops.cube_targets_ref(video, idx, tubelet=2, patch=8), out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("normalize,eps", [(True, 1e-6), (True, 0.5), (False, 1e-6)])
+def test_loss_and_grad_match_by_hand(kernels, normalize, eps):
+    """The public op (kernels on: the CPU kernel, native or the reference; off: the reference
+    loss, autograd) and the reference, loss and the gradient of pred, with an incoming gradient."""
+    video, idx = video_clip(2, 4, 16, 24), rand_idx(2, 5, 12)
+    pred = torch.randn(2, 5, 384, dtype=torch.float64)
+    w = torch.rand(2, 5, dtype=torch.float64)
+    w[0, 1] = 0
+    want, want_g = loss_by_hand(pred, targets_by_hand(video, idx, 2, 8, normalize, eps), w)
+    for fn in (ops.masked_mse_loss, ops.masked_mse_loss_ref):
+        with use_kernels(kernels):
+            loss, g = loss_and_grad(fn, pred, video, idx, w, tubelet=2, patch=8, normalize=normalize, eps=eps)
+        assert loss.dtype == torch.float32 and g.dtype == torch.float64
+        torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g.double(), 1.7 * want_g, atol=1e-6, rtol=1e-4)
+
+
+def test_defaults_normalize_with_eps_1e_6():
+    video, idx = video_clip(1), rand_idx(1, 3, 12)
+    pred, w = torch.randn(1, 3, 384), torch.ones(1, 3)
+    want, _ = loss_by_hand(pred, targets_by_hand(video, idx, 2, 8, True, 1e-6), w)
+    for fn in (ops.masked_mse_loss, ops.masked_mse_loss_ref):
+        torch.testing.assert_close(fn(pred, video, idx, w, tubelet=2, patch=8).double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weight", ["zeros", "bool"])
+def test_zero_and_bool_weights_by_hand(weight):
+    video, idx = video_clip(2, dtype=torch.uint8), rand_idx(2, 3, 12)
+    pred = torch.randn(2, 3, 384)
+    w = torch.zeros(2, 3) if weight == "zeros" else torch.tensor([[True, False, True], [False, False, True]])
+    want, want_g = loss_by_hand(pred, targets_by_hand(video, idx, 2, 8), w)
+    for fn in (ops.masked_mse_loss, ops.masked_mse_loss_ref):
+        loss, g = loss_and_grad(fn, pred, video, idx, w, tubelet=2, patch=8)
+        torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g.double(), 1.7 * want_g, atol=1e-6, rtol=1e-4)
+
+
+def test_backward_reference_by_hand():
+    from vmae_fast.ops.masked_mse import _backward_ref
+    video, idx = video_clip(2, 4, 16, 24), rand_idx(2, 5, 12)
+    pred, w = torch.randn(2, 5, 384, dtype=torch.bfloat16), torch.rand(2, 5)
+    for normalize, eps in ((True, 1e-6), (False, 1e-6), (True, 0.5)):
+        g = _backward_ref(torch.tensor(1.7), pred, video, idx, w, 2, 8, normalize, eps)
+        _, want = loss_by_hand(pred, targets_by_hand(video, idx, 2, 8, normalize, eps), w)
+        assert g.dtype == torch.bfloat16
+        atol, rtol = KERNEL_TOL[torch.bfloat16]
+        torch.testing.assert_close(g.double(), 1.7 * want, atol=atol * want.abs().max().item(), rtol=rtol)
+
+
+@pytest.mark.parametrize("which", ["video", "weight"])
+def test_a_clip_or_weight_needing_grad_takes_the_reference(which):
+    video, idx = video_clip(1), rand_idx(1, 3, 12)
+    pred, w = torch.randn(1, 3, 384, requires_grad=True), torch.rand(1, 3)
+    video.requires_grad_(which == "video")
+    w.requires_grad_(which == "weight")
+    with use_kernels(True):
+        loss = ops.masked_mse_loss(pred, video, idx, w, tubelet=2, patch=8, normalize=False, eps=0.5)
+    loss.backward()
+    grad = (video if which == "video" else w).grad
+    assert grad is not None and grad.abs().sum() > 0  # the reference's autograd reached it
+    want, want_g = loss_by_hand(pred.detach(), targets_by_hand(video.detach(), idx, 2, 8, False), w.detach())
+    torch.testing.assert_close(loss.detach().double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pred.grad.double(), want_g, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (lambda p, v, i, w: dict(tubelet=0), "tubelet and patch must be positive ints, got 0, 8"),
+    (lambda p, v, i, w: dict(patch=0), "tubelet and patch must be positive ints, got 2, 0"),
+    (lambda p, v, i, w: dict(patch=8.0), "tubelet and patch must be positive ints, got 2, 8.0"),
+    (lambda p, v, i, w: dict(video=v[:, :2], pred=p[..., :256]),
+     "the target un-normalizes with the 3-channel ImageNet stats, got C=2"),
+    (lambda p, v, i, w: dict(pred=p[..., :-1]), "pred must be (2, n, 384) for this clip and cube size, got (2, 3, 383)"),
+    (lambda p, v, i, w: dict(pred=p[0]), "pred must be (2, n, 384) for this clip and cube size, got (3, 384)"),
+    (lambda p, v, i, w: dict(pred=p[:1]), "pred must be (2, n, 384) for this clip and cube size, got (1, 3, 384)"),
+    (lambda p, v, i, w: dict(pred=p.tolist()), "pred must be (2, n, 384) for this clip and cube size, got list"),
+    (lambda p, v, i, w: dict(pred=p.long()), "pred must be floating point, got torch.int64"),
+    (lambda p, v, i, w: dict(decoder_idx=i.tolist()), "decoder_idx must be a tensor, got list"),
+    (lambda p, v, i, w: dict(decoder_idx=i.to("meta")), "decoder_idx is on meta, expected cpu (the device of the first input)"),
+    (lambda p, v, i, w: dict(weight=w.to("meta")), "weight is on meta, expected cpu (the device of the first input)"),
+    (lambda p, v, i, w: dict(video=v.to("meta")), "video is on meta, expected cpu (the device of the first input)"),
+    (lambda p, v, i, w: dict(decoder_idx=i + 10), "decoder_idx holds token indices in [10, 14], expected [0, 12)"),
+    (lambda p, v, i, w: dict(decoder_idx=i[:, :2]), "decoder_idx must be (2, 3) to match pred, got (2, 2)"),
+    (lambda p, v, i, w: dict(weight=w[:, :2]), "weight must be (2, 3) to match pred, got (2, 2)"),
+    (lambda p, v, i, w: dict(weight=w.long()), "weight must be floating point or bool, got torch.int64"),
+])
+def test_public_op_refuses_bad_input_in_words(bad, msg):
+    p, v, i, w = torch.randn(2, 3, 384), video_clip(2), torch.tensor([[0, 4, 1], [2, 3, 1]]), torch.ones(2, 3)
+    kw = dict(pred=p, video=v, decoder_idx=i, weight=w, tubelet=2, patch=8) | bad(p, v, i, w)
+    with use_kernels(True), pytest.raises(ValueError) as err:
+        ops.masked_mse_loss(**kw)
+    assert err.type is ValueError and str(err.value) == msg
+
+
+def test_validate_names_a_weight_that_is_not_a_tensor():
+    """(The public op reads ``weight.requires_grad`` first; the launchers call this check.)"""
+    from vmae_fast.ops.masked_mse import _validate
+    with pytest.raises(ValueError) as err:
+        _validate(torch.randn(2, 3, 384), video_clip(2), torch.zeros(2, 3, dtype=torch.int64), [1.0], 2, 8)
+    assert err.type is ValueError and str(err.value) == "weight must be a tensor, got list"
