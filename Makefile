@@ -12,7 +12,7 @@ EXTRAS := .[test,bench,train]
 BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(wildcard kernels/*)
 PYTEST_ARGS ?=
 
-.PHONY: test test-oldest bench bench-micro gpu-check install clean mutate
+.PHONY: test test-oldest bench bench-micro gpu-check install clean mutate mutate-interpret
 
 # $(call make_venv,VENV,PIP_CONSTRAINT_ARGS): the venv, every dependency, then the extension.
 # 1. Every dependency (torch among them) and the package, without building vmae_fast._C.
@@ -63,6 +63,19 @@ MUTANTS ?=
 mutate: $(STAMP)
 	$(PY) -c "import mutmut" 2>/dev/null || $(PIP) install -q "mutmut>=3.8"
 	$(VENV)/bin/mutmut run --max-children 2 $(MUTANTS); $(VENV)/bin/mutmut results
+
+# The fused ops' Triton launchers run only where TRITON_INTERPRET=1 was set before Triton was
+# imported (the `interpret` tests), so their mutants get a second run of their own: a copy of the
+# sources in build/mutate-interpret (mutmut keeps its results in ./mutants), config
+# tests/mutmut_interpret.cfg. A mutant killed by either run is killed. MUTANTS as above.
+MUTATE_INTERPRET := build/mutate-interpret
+mutate-interpret: $(STAMP)
+	$(PY) -c "import mutmut" 2>/dev/null || $(PIP) install -q "mutmut>=3.8"
+	mkdir -p $(MUTATE_INTERPRET)
+	cp -a vmae_fast train tests bench docs README.md setup.py $(MUTATE_INTERPRET)/
+	cp tests/mutmut_interpret.cfg $(MUTATE_INTERPRET)/setup.cfg
+	cd $(MUTATE_INTERPRET) && TRITON_INTERPRET=1 $(abspath $(VENV))/bin/mutmut run --max-children 2 $(MUTANTS); \
+		$(abspath $(VENV))/bin/mutmut results
 
 # the suite on the oldest supported torch, triton, torchvision and timm, pinned
 test-oldest: $(OLDEST_VENV)/.installed
