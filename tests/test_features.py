@@ -112,13 +112,36 @@ def test_windows_of_several_videos_share_forward_passes(tmp_path, monkeypatch, c
     sizes = []
     real = E.forward_windows
     monkeypatch.setattr(E, "forward_windows", lambda m, clips, *a, **k: sizes.append(len(clips)) or real(m, clips, *a, **k))
-    done = E.extract(model, [VIDEO, str(other)], tmp_path / "f", stride=16, batch_size=5, progress=True)
+    done = E.extract(model, [VIDEO, str(other)], tmp_path / "f", stride=16, batch_size=5, progress=True,
+                     workers=1)
     assert done["written"] == [VIDEO, str(other)] and sizes == [5, 5, 5, 1]
     assert "16/16" in capsys.readouterr().err  # windows, not videos
     sizes.clear()
     alone = E.video_features(model, VideoSource(Entry(path=os.path.abspath(VIDEO))).get, 120, stride=16, batch_size=8)
     for name in ("carphone_distorted", "other"):
         assert rel_err(torch.from_numpy(np.load(tmp_path / "f" / f"{name}.npy")), torch.from_numpy(alone)) < 1e-5
+
+
+def test_cpu_workers_split_each_batch_and_give_the_same_rows(tmp_path, monkeypatch):
+    """``workers=2``: each batch of 5 runs as parts of 2 and 3 windows on two threads of one
+    intra-op thread each; the files equal those of one worker, and the thread count is restored."""
+    pytest.importorskip("av", reason="PyAV (the test extra) reads the test videos")
+    model, _ = _ckpt(tmp_path)
+    threads = torch.get_num_threads()
+    E.extract(model, [VIDEO], tmp_path / "one", stride=16, batch_size=5, progress=False, workers=1)
+    parts = []
+    real = E.forward_windows
+
+    def spy(m, clips, *a, **k):
+        parts.append((len(clips), torch.get_num_threads()))
+        return real(m, clips, *a, **k)
+
+    monkeypatch.setattr(E, "forward_windows", spy)
+    E.extract(model, [VIDEO], tmp_path / "two", stride=16, batch_size=5, progress=False, workers=2)
+    assert sorted(parts) == [(1, 1), (2, 1), (2, 1), (3, 1)]  # 8 windows: 5 (2 + 3), 3 (1 + 2)
+    assert torch.get_num_threads() == threads
+    one, two = (torch.from_numpy(np.load(tmp_path / d / "carphone_distorted.npy")) for d in ("one", "two"))
+    assert one.shape == (8, 384) and rel_err(two, one) < 1e-6
 
 
 def test_a_video_failing_mid_way_leaves_the_others_whole(tmp_path, monkeypatch):
