@@ -94,6 +94,11 @@ def _local_path(url: str) -> str | None:
 
 
 def _open(url: str, mode: str = "rb"):
+    path = _local_path(url)
+    if path is not None:
+        # 1 MiB reads: the tar reader asks for 10 KiB at a time, each a read(2) through the 8 KiB
+        # buffer webdataset opens local files with (0.8 -> 0.5 CPU-ms a 1 MB sample)
+        return open(path, mode, buffering=1 << 20)
     from webdataset.gopen import gopen  # (the package imports in seconds: only when reading)
 
     return gopen(url, mode)
