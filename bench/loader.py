@@ -23,6 +23,10 @@ shards of the same files (``vmae-shards``, the files' own bytes, into a temp fol
 and over HTTP from a ``http.server`` this benchmark runs on 127.0.0.1 (webdataset opens http URLs
 with ``curl``: its CPU time, a child's, is counted with the worker's).
 
+``--breakdown``: also a video's CPU time stage by stage (open and index, decode, RGB, crops,
+batch copy; ``bench/loader_breakdown.py``), from files and from shards, in this process, and the
+most clips per CPU-second the decoder alone would allow.
+
 A clip is one view: with ``num_sample 4`` one decoded video gives 4 clips, in both pipelines.
 "ours" is ``train.data.VideoDataset`` + ``collate`` (uint8 out); "official" is
 ``bench/official_pipeline.py`` (decord + PIL + float normalization, as the official code), run
