@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("av", reason="PyAV probes and re-encodes the videos")
+av = pytest.importorskip("av", reason="PyAV probes and re-encodes the videos")
 pytest.importorskip("webdataset", reason="the shards extra: pip install webdataset")
 
 from train import write_shards  # noqa: E402
@@ -68,7 +68,8 @@ def test_writer_stores_bytes_and_probe_and_lists_what_failed(real):
     # demux: 1001 ticks of 1/30000 s a frame from 0, one keyframe
     assert meta == {"frames": 120, "height": 144, "width": 176, "fps": pytest.approx(30000 / 1001),
                     "folder": False, "start_idx": 0, "total_frames": -1, "path": "carphone_distorted.mp4",
-                    "index": 2, "label": 2, "pts_runs": [[0, 1001, 120]], "keyframes": [0]}
+                    "index": 2, "label": 2, "pts_runs": [[0, 1001, 120]], "keyframes": [0],
+                    "index_by": ".".join(map(str, av.library_versions["libavformat"]))}
 
 
 def test_an_interrupted_write_continues_and_ends_as_an_uninterrupted_one(real, tmp_path, monkeypatch):
@@ -146,10 +147,10 @@ def test_pts_runs_round_trip_and_a_bad_stored_index_is_not_used():
         runs = fmt.pack_pts(pts)
         assert fmt.unpack_pts(runs) == pts
     assert fmt.pack_pts(range(0, 300 * 1001, 1001)) == [[0, 1001, 300]]
-    good = {"frames": 4, "pts_runs": [[0, 2, 4]], "keyframes": [0, 2]}
+    good = {"frames": 4, "pts_runs": [[0, 2, 4]], "keyframes": [0, 2], "index_by": fmt.demuxer_version()}
     assert fmt.stored_index(good) == ([0, 2, 4, 6], [0, 2])
     for bad in ({"frames": 5}, {"keyframes": []}, {"keyframes": [4]}, {"pts_runs": [[0, 0, 4]]},
-                {"pts_runs": "x"}):
+                {"pts_runs": "x"}, {"index_by": "58.29.100"}):  # the last: another demuxer's
         assert fmt.stored_index({**good, **bad}) is None, bad
     assert fmt.stored_index({"frames": 4}) is None  # shards written before the index
 

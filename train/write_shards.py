@@ -116,7 +116,8 @@ def _video_sample(entry: Entry, short: int | None) -> tuple[dict, dict]:
             raise ValueError("no frames")
         first = r.get([0])
         # its packet index, so that a pyav reader of the sample need not demux it again
-        index = {"pts_runs": fmt.pack_pts(r.pts), "keyframes": list(r.keys)} if r.pts is not None else {}
+        index = {"pts_runs": fmt.pack_pts(r.pts), "keyframes": list(r.keys), "index_by": fmt.demuxer_version()} \
+            if r.pts is not None else {}
     meta = {"frames": n, "height": int(first.shape[1]), "width": int(first.shape[2]), "fps": _fps(data),
             "folder": False, **index}
     return {ext: data}, meta

@@ -8,13 +8,15 @@ Format (written by ``vmae-shards``, read with the ``webdataset`` package's own t
         <key>.NNNNNN.jpg             instead of a video: the frames of a frame folder, from 0
         <key>.json                   {"path", "index", "label", "frames", "height", "width",
                                       "fps", "start_idx", "total_frames", "folder",
-                                      "pts_runs", "keyframes"}
+                                      "pts_runs", "keyframes", "index_by"}
     DIR/manifest.json               {"format": "vmae-shards/1", "shards": [{"name", "count",
                                      "bytes"}], "total", "list", "short_side"}
 
 ``pts_runs`` and ``keyframes`` (video samples; absent in shards written before them, which then
 read as before) are the PyAV reader's packet index of the stored bytes: every frame's pts, sorted,
-as ``[first, step, count]`` runs (``pack_pts``), and the frame numbers of the keyframes. A reader
+as ``[first, step, count]`` runs (``pack_pts``), and the frame numbers of the keyframes;
+``index_by`` the libavformat version that found them (another version's demuxer may number the
+timestamps otherwise, edit lists for one: its reader then indexes the video itself). A reader
 given them skips the pass that demuxes the whole video to find them (1.2-1.5 ms a 10 s 320p
 clip, ``vmae-bench loader --breakdown``'s ``open+index``), which a file cannot skip.
 
@@ -352,10 +354,17 @@ def unpack_pts(runs: Sequence[Sequence[int]]) -> list[int]:
     return [int(a) + int(d) * k for a, d, c in runs for k in range(int(c))]
 
 
+def demuxer_version() -> str:
+    """The libavformat version PyAV runs on (``index_by`` of a stored index)."""
+    import av
+
+    return ".".join(str(v) for v in av.library_versions["libavformat"])
+
+
 def stored_index(meta: dict) -> tuple[list[int], list[int]] | None:
-    """``(pts, keyframes)`` of a sample's JSON, or None when absent or not consistent with its
-    ``frames`` (the reader then demuxes the video to find them)."""
-    if "pts_runs" not in meta or "keyframes" not in meta:
+    """``(pts, keyframes)`` of a sample's JSON, or None when absent, found by another libavformat
+    than this one, or not consistent with its ``frames`` (the reader then demuxes the video)."""
+    if "pts_runs" not in meta or "keyframes" not in meta or meta.get("index_by") != demuxer_version():
         return None
     try:
         pts, keys = unpack_pts(meta["pts_runs"]), [int(k) for k in meta["keyframes"]]
@@ -447,4 +456,4 @@ class SampleSource(FrameWindow):
 
 __all__ = ["FORMAT", "MANIFEST", "SHARD_NAME", "ShardError", "ShardSet", "resolve", "read_manifest",
            "sample_key", "frame_member", "buffer_order", "EpochLayout", "Piece", "read_piece", "PartStream",
-           "meta_of", "video_member", "pack_pts", "unpack_pts", "stored_index", "open_video_bytes", "SampleSource"]
+           "meta_of", "video_member", "pack_pts", "unpack_pts", "demuxer_version", "stored_index", "open_video_bytes", "SampleSource"]
