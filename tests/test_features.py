@@ -123,8 +123,9 @@ def test_windows_of_several_videos_share_forward_passes(tmp_path, monkeypatch, c
 
 
 def test_cpu_workers_split_each_batch_and_give_the_same_rows(tmp_path, monkeypatch):
-    """``workers=2``: each batch of 5 runs as parts of 2 and 3 windows on two threads of one
-    intra-op thread each; the files equal those of one worker, and the thread count is restored."""
+    """``workers=2``: each batch of 5 runs as parts of at most ``CPU_PART`` (2) windows on two
+    threads of one intra-op thread each; the files equal those of one worker, and the thread count
+    is restored."""
     pytest.importorskip("av", reason="PyAV (the test extra) reads the test videos")
     model, _ = _ckpt(tmp_path)
     threads = torch.get_num_threads()
@@ -138,7 +139,7 @@ def test_cpu_workers_split_each_batch_and_give_the_same_rows(tmp_path, monkeypat
 
     monkeypatch.setattr(E, "forward_windows", spy)
     E.extract(model, [VIDEO], tmp_path / "two", stride=16, batch_size=5, progress=False, workers=2)
-    assert sorted(parts) == [(1, 1), (2, 1), (2, 1), (3, 1)]  # 8 windows: 5 (2 + 3), 3 (1 + 2)
+    assert sorted(parts) == [(1, 1), (1, 1), (2, 1), (2, 1), (2, 1)]  # 8 windows: 5 (2 + 2 + 1), 3 (2 + 1)
     assert torch.get_num_threads() == threads
     one, two = (torch.from_numpy(np.load(tmp_path / d / "carphone_distorted.npy")) for d in ("one", "two"))
     assert one.shape == (8, 384) and rel_err(two, one) < 1e-6
