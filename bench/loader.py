@@ -21,7 +21,9 @@ random-erasing boxes (what the augmentation costs a worker). Measured:
 ``--sources files,shards,http``: our pretraining pipeline (``auto`` decoder) also from WebDataset
 shards of the same files (``vmae-shards``, the files' own bytes, into a temp folder): read locally,
 and over HTTP from a ``http.server`` this benchmark runs on 127.0.0.1 (webdataset opens http URLs
-with ``curl``: its CPU time, a child's, is counted with the worker's).
+with ``curl``: its CPU time, a child's, is counted with the worker's). The shard rows read the
+samples in list order, unshuffled, so that they decode the clips of the files rows (a clip's cost
+depends on where it starts).
 
 ``--breakdown``: also a video's CPU time stage by stage (open and index, decode, RGB, crops,
 batch copy; ``bench/loader_breakdown.py``), from files and from shards, in this process, and the
@@ -258,7 +260,9 @@ def measure_shards(source: str, spec: str, decoder: str, num_sample: int, worker
     from vmae_fast.video.shards import resolve
 
     ds = VideoDataset([], "pretrain", frames, rate, size, num_sample=num_sample, seed=seed, decoder=decoder)
-    stream = ShardStream(resolve(spec), ds, world=1, rank=0, workers=workers, seed=seed, buffer=4)
+    # In list order, unshuffled: sample k is (epoch k // n, line k % n), the files rows' keys, so both
+    # rows decode the same clips (a clip's cost depends on where it starts: up to 2x between clips)
+    stream = ShardStream(resolve(spec), ds, world=1, rank=0, workers=workers, seed=seed, buffer=1, shuffle=False)
     fn = _ShardCollate(Collate(pin_memory=False), lambda b: b["video"].shape[0], source)
     n_batches = math.ceil(clips / (batch * num_sample)) + workers
     seen: dict[int, list[tuple[float, int, int | None]]] = {}
