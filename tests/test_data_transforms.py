@@ -129,6 +129,57 @@ def test_collate_in_a_worker_allocates_shared_memory():
     assert torch.equal(batches[1]["video"][3], _views(3, 2)[1])
 
 
+def test_collate_refuses_samples_with_different_view_counts():
+    samples = [{"video": _views(0, 2), "label": 0, "index": 0, "skipped": []},
+               {"video": _views(1, 1), "label": 1, "index": 1, "skipped": []}]
+    with pytest.raises(ValueError) as e:
+        D.collate(samples)
+    assert str(e.value) == "every sample of a batch must have the same number of views"
+
+
+def test_collate_in_the_main_process_allocates_plain_memory():
+    out = D.Collate(pin_memory=False)([{"video": _views(0, 2), "label": 0, "index": 0, "skipped": []}])
+    assert not out["video"].is_shared() and not out["video"].is_pinned()
+    assert torch.equal(out["video"][1], _views(0, 2)[1])
+
+
+@pytest.mark.parametrize("helper", [True, False])
+def test_collate_in_a_worker_writes_into_shared_memory(monkeypatch, helper):
+    # in-process, as a DataLoader worker (get_worker_info() is set there): the batch is allocated
+    # in shared memory by UntypedStorage._new_shared; a torch without that helper moves a plain
+    # tensor there instead
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+
+    def refused(*args):
+        raise AttributeError("refused here")
+
+    if helper:
+        monkeypatch.setattr(torch.Tensor, "share_memory_", refused)
+    else:
+        monkeypatch.setattr(torch.UntypedStorage, "_new_shared", staticmethod(refused))
+    samples = [{"video": _views(b, 2), "label": b, "index": b, "skipped": []} for b in range(3)]
+    v = D.Collate(pin_memory=False)(samples)["video"]
+    assert v.is_shared() and v.dtype == torch.uint8 and tuple(v.shape) == (6, 3, 4, 8, 8) and v.is_contiguous()
+    assert v.untyped_storage().nbytes() == 6 * 3 * 4 * 8 * 8
+    for k in range(6):
+        assert torch.equal(v[k], samples[k // 2]["video"][k % 2])
+
+
+@pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(), reason="needs fork")
+def test_collate_in_a_worker_allocates_the_shared_batch_directly(monkeypatch):
+    # share_memory_ is the fallback for a torch without UntypedStorage._new_shared (an allocation
+    # and then a copy); a forked worker sees it refused, so only the direct allocation passes
+    def refused(self):
+        raise AssertionError("the batch was moved to shared memory, not allocated there")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", refused)
+    loader = torch.utils.data.DataLoader(_Views(), batch_size=2, num_workers=1, collate_fn=D.collate,
+                                         multiprocessing_context="fork")
+    batches = list(loader)
+    assert all(b["video"].is_shared() and tuple(b["video"].shape) == (4, 3, 4, 8, 8) for b in batches)
+    assert torch.equal(batches[0]["video"][1], _views(0, 2)[1]) and torch.equal(batches[1]["video"][2], _views(3, 2)[0])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA device")
 def test_collate_pins_in_a_cuda_process():

@@ -33,7 +33,7 @@ def test_geometry_and_position():
     assert len(s) == 10 * ACCUM * PER_RANK == len(items(rank=1))
     assert len(StepSampler(N, PER_RANK, ACCUM, WORLD, 0, SEED, 7, 10)) == 3 * ACCUM * PER_RANK
     assert len(StepSampler(N, PER_RANK, ACCUM, WORLD, 0, SEED, 12, 10)) == 0  # resumed past the end
-    assert items(start=12) == []
+    assert items(start=12) == [] and items(start=10) == []  # resumed at or past the end: nothing
 
 
 def test_epoch_is_the_documented_permutation_cut_per_rank():

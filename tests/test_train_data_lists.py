@@ -123,8 +123,13 @@ def test_collate_leaves_out_samples_not_loaded():
                    {"video": v, "label": 2, "index": 1, "skipped": []}])
     assert out["video"].shape == (1, 3, 2, 4, 4) and out["label"].tolist() == [2]
     assert out["index"].tolist() == [1] and out["loaded"].tolist() == [False, True] and out["skipped"] == ["a"]
+    assert out["loaded"].dtype == torch.bool
     empty = collate([{"video": None, "label": 1, "index": 0, "skipped": ["a"]}])
-    assert empty["video"] is None and empty["loaded"].tolist() == [False]
+    assert empty["video"] is None and empty["loaded"].tolist() == [False] and empty["loaded"].dtype == torch.bool
+    # nothing loaded: empty int64 labels and indices, as a batch with samples has
+    assert sorted(empty) == ["index", "label", "loaded", "skipped", "video"] and empty["skipped"] == ["a"]
+    for k in ("label", "index"):
+        assert empty[k].dtype == out[k].dtype == torch.int64 and tuple(empty[k].shape) == (0,)
 
 
 def test_training_skips_count_files_once_across_epochs(videos, monkeypatch):
