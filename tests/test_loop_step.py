@@ -95,15 +95,16 @@ def config(out, **kw):
     return RunConfig(**base)
 
 
-def make_trainer(out, rec=None, *, dataset=None, evaluate=None, eval_every=0, on_step=None, **kw):
+def make_trainer(out, rec=None, *, dataset=None, evaluate=None, eval_every=0, on_step=None, name="pretrain",
+                 state=None, **kw):
     rec = rec or Recorder()
     torch.manual_seed(0)
     rec.model = Linear(FEATURES, 1)
-    task = loop.Task(name="pretrain", model=rec.model, model_config={"arch": "toy", "depth": 1},
+    task = loop.Task(name=name, model=rec.model, model_config={"arch": "toy", "depth": 1},
                      loss=rec.loss, dataset=Toy() if dataset is None else dataset, after_step=rec.after_step,
                      evaluate=evaluate, eval_every=eval_every,
-                     generators={"noise": rec.gen})
-    trainer = loop.Trainer(config(out, **kw), Dist(), task, on_step=on_step)
+                     generators={"noise": rec.gen}, state=state)
+    trainer = loop.Trainer(config(out, task=name, **kw), Dist(), task, on_step=on_step)
     if trainer.opt is not None:
         trainer.opt.register_step_pre_hook(rec.pre_step)
     return trainer, rec
@@ -316,8 +317,9 @@ def test_a_checkpoint_of_another_run_is_refused_in_one_line(tmp_path, change, wh
 def test_unreadable_and_sharded_checkpoints_are_refused(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(UsageError, match=r"^--resume .*bad\.pt: cannot read it \(\w+: "):
+    with pytest.raises(UsageError) as e:
         make_trainer(tmp_path / "new", steps=2, resume=str(bad))[0].run()
+    assert str(e.value).startswith(f"--resume {bad}: cannot read it (ValueError: cannot read checkpoint {bad}: ")
     folder = tmp_path / "checkpoint-step2.dcp"
     folder.mkdir()
     with pytest.raises(UsageError) as e:
@@ -345,9 +347,9 @@ def test_evaluation_only_reads_the_checkpoint_and_writes_one_row(tmp_path, capsy
     out = tmp_path / "eval"
     res = make_trainer(out, evaluate=evaluate, eval_only=True, resume=str(path), steps=None)[0].run()
     assert res == {"step": 0, "eval": {"acc1": 42.5, "videos": 3}} and torch.equal(seen[0], weights)
-    assert f"pretrain eval of {path}: acc1 42.50, videos 3" in capsys.readouterr().out
+    assert f"pretrain eval of {path}: acc1 42.50, videos 3" in capsys.readouterr().out.splitlines()
     (row,) = read_metrics(out)
-    assert row["eval_only"] is True and row["weights"] == str(path) and row["acc1"] == 42.5
+    assert row["eval_only"] is True and row["weights"] == str(path) and row["acc1"] == 42.5 and row["step"] == 0
     assert not (out / CHECKPOINT).exists()
     with pytest.raises(UsageError) as e:
         make_trainer(tmp_path / "none", evaluate=evaluate, eval_only=True, resume="auto", steps=None)[0].run()
@@ -388,13 +390,14 @@ def test_a_non_finite_loss_before_any_checkpoint(tmp_path):
     assert str(e.value) == "the loss became nan at step 2. The last safe checkpoint is none: no checkpoint was kept."
 
 
-def test_non_finite_weights_stop_at_the_save(tmp_path):
+@pytest.mark.parametrize("poisoned", [0, 3])
+def test_non_finite_weights_stop_at_the_save(tmp_path, poisoned):
     rec = Recorder()
     after = rec.after_step
 
     def poison(model, step):
         after(model, step)
-        if step == 0:
+        if step == poisoned:
             with torch.no_grad():
                 model.weight[0, 0] = math.inf
 
@@ -402,8 +405,14 @@ def test_non_finite_weights_stop_at_the_save(tmp_path):
     trainer, _ = make_trainer(tmp_path, rec, steps=6, save_every=4, log_every=100)
     with pytest.raises(loop.NonFiniteLoss) as e:
         trainer.run()
-    # the loss of step 2 is already inf: the first host sync (the save of step 4) names it
-    assert str(e.value).startswith("the loss became inf at step 2. The last safe checkpoint is none")
+    if poisoned == 0:  # the loss of step 2 is already inf: the first host sync (the save of step 4) names it
+        assert str(e.value) == "the loss became inf at step 2. The last safe checkpoint is none: no checkpoint was kept."
+    else:  # poisoned by step 4 itself: its losses are finite, its weights are not
+        assert str(e.value) == ("the weights became non-finite at step 4. The last safe checkpoint is none: no "
+                                "checkpoint was kept.")
+        stopped = [r for r in read_metrics(tmp_path) if r.get("event") == "stopped"]
+        assert [(r["step"], r["reason"]) for r in stopped] == [(4, "the weights became non-finite at step 4")]
+    assert not (tmp_path / CHECKPOINT).exists()
 
 
 def test_a_diverging_loss_keeps_no_checkpoint_of_it(tmp_path):
@@ -479,7 +488,7 @@ def test_start_done_and_evaluation_lines_and_the_throughput_without_pauses(tmp_p
 
     def evaluate(model):
         clock.now += 100.0  # an evaluation's time is not training time
-        return {"acc1": 12.345, "videos": 3, "note": "x"}
+        return {"acc1": 12.345, "acc5": 50.0, "videos": 3, "note": "x"}
 
     trainer, _ = make_trainer(tmp_path, Timed(), steps=6, log_every=2, save_every=100, evaluate=evaluate,
                               eval_every=1)
@@ -487,7 +496,7 @@ def test_start_done_and_evaluation_lines_and_the_throughput_without_pauses(tmp_p
     out = capsys.readouterr().out.splitlines()
     assert out[0] == ("pretrain toy: 0.0M params, 24 videos, 4 clips/step (4 videos x 1), lr 0.1 (x1: --lr, not "
                       "scaled), min 0.01, warmup from 0.02 over 2 steps, steps 0->6, fp32, world 1 (single)")
-    assert out[1] == "step 1: acc1 12.35 (best acc1 12.35 at step 1)"
+    assert out[1] == "step 1: acc1 12.35, acc5 50.00 (best acc1 12.35 at step 1)"
     assert out[-1] == (f"done: 6 steps, 1 videos skipped; checkpoint {tmp_path / CHECKPOINT}; "
                        f"weights in {res['export']}")
     # 4 clips a step, one second a step: 4 clips/s in every row, evaluations left out
@@ -624,3 +633,135 @@ def test_a_resumed_run_names_its_checkpoint_as_the_last_safe_one(tmp_path):
         trainer.run()
     assert str(e.value).startswith(f"the loss became nan at step 3. The last safe checkpoint is {tmp_path / CHECKPOINT} "
                                    "(step 2); ")
+
+
+def test_the_progress_bar_and_tensorboard_follow_their_options(tmp_path, capfd):
+    make_trainer(tmp_path / "quiet", steps=3)[0].run()
+    assert capfd.readouterr().err == ""  # --no-progress: no bar
+    make_trainer(tmp_path / "bar", steps=3, no_progress=False, tensorboard=True)[0].run()
+    err = capfd.readouterr().err
+    assert "3/3" in err and "0/3" in err  # from step 0 to the plan's total
+    assert any((tmp_path / "bar" / "tb").iterdir()) and not (tmp_path / "quiet" / "tb").exists()
+
+
+def test_layer_decay_and_weight_decay_reach_the_optimizer_groups(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch_embed = nn.Linear(FEATURES, 1)  # layer 0 of the layer-wise lr decay
+
+        def forward(self, x):
+            return self.patch_embed(x)
+
+        def official_state_dict(self):
+            return self.state_dict()
+
+    def loss(model, batch):
+        return ((model(features(batch["video"]).float()).squeeze(1) - batch["label"].float()) ** 2).mean()
+
+    seen = []
+    task = loop.Task(name="finetune", model=Net(), model_config={"arch": "toy", "depth": 2}, loss=loss,
+                     dataset=Toy(), layer_decay=0.5)
+    trainer = loop.Trainer(config(tmp_path, task="finetune", steps=3, weight_decay=0.05), Dist(), task)
+    trainer.opt.register_step_pre_hook(
+        lambda opt, a, k: seen.append(sorted((g["weight_decay"], g["lr"]) for g in opt.param_groups)))
+    trainer.run()
+    # depth 2: layer 0's lr scale is 0.5 ** 3; the bias has no weight decay
+    assert seen == [[(0.0, trainer.plan.lr_at(k) * 0.125), (0.05, trainer.plan.lr_at(k) * 0.125)] for k in range(3)]
+    assert (tmp_path / "finetune_official.pth").is_file()
+
+
+def test_evaluation_only_of_a_weights_file_names_it(tmp_path, capsys):
+    # --eval --finetune W: no checkpoint, the model holds W's weights (the task loaded them)
+    res = make_trainer(tmp_path, evaluate=lambda m: {"acc1": 1.0}, eval_only=True, start_weights="w.pth",
+                       steps=None)[0].run()
+    assert res == {"step": 0, "eval": {"acc1": 1.0}}
+    assert "pretrain eval of w.pth: acc1 1.00" in capsys.readouterr().out.splitlines()
+    assert read_metrics(tmp_path)[0]["weights"] == "w.pth"
+
+
+def test_a_signal_when_no_checkpoint_could_be_kept(tmp_path):
+    import os
+    import signal
+
+    class Jump(Recorder):
+        def loss(self, model, batch):
+            out = super().loss(model, batch)
+            return out * 1000 if self.calls > 2 else out  # step 2 on: 1000 x step 1's loss
+
+    def on_step(done, loss):
+        if done == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer, _ = make_trainer(tmp_path, Jump(), steps=6, save_every=100, on_step=on_step)
+    with pytest.raises(loop.StoppedBySignal) as e, pytest.warns(UserWarning, match="no checkpoint written at step 2"):
+        trainer.run()
+    assert str(e.value) == "SIGTERM at step 2: no checkpoint (none could be kept); resume with: vmae-pretrain --resume auto"
+
+
+def test_a_single_file_is_refused_by_a_sharded_run(tmp_path):
+    # FSDP needs torchrun's process group; the check before it reads only the path and the engine
+    fsdp = types.SimpleNamespace(d=Dist(fsdp=True), task=types.SimpleNamespace(name="pretrain"))
+    path = _checkpoint(tmp_path)
+    with pytest.raises(UsageError) as e:
+        loop.Trainer._read_checkpoint(fsdp, path)
+    assert str(e.value) == f"--resume {path}: a single file; this run is --dist fsdp under torchrun"
+
+
+def test_a_finetune_run_refusing_a_file_points_at_finetune(tmp_path):
+    path = _checkpoint(tmp_path)
+    _edit(path, config=None)
+    with pytest.raises(UsageError) as e:
+        make_trainer(tmp_path / "new", steps=4, resume=str(path), name="finetune")[0].run()
+    assert str(e.value) == (f"--resume {path}: not a checkpoint written by train.finetune (to start from a weights "
+                            "file use --finetune)")
+
+
+def test_a_checkpoint_without_format_and_task_keys_resumes(tmp_path):
+    path = _checkpoint(tmp_path)  # 2 steps
+    _edit(path, format=None, task=None)  # as the first checkpoints were written
+    res = make_trainer(tmp_path / "run", steps=2, save_every=2, resume="auto")[0].run()
+    assert res["step"] == 2 and res["checkpoint"] == path
+
+
+def test_evaluation_ignores_the_dropout_rates_training_refuses(tmp_path):
+    path = _checkpoint(tmp_path)
+    _edit(path, config={"arch": "toy", "depth": 1, "drop_path_rate": 0.3, "head_drop_rate": 0.5})
+    with pytest.raises(UsageError) as e:
+        make_trainer(tmp_path / "train", steps=4, resume=str(path))[0].run()
+    assert "(drop_path_rate 0.3 -> None; head_drop_rate 0.5 -> None)" in str(e.value)
+    res = make_trainer(tmp_path / "eval", evaluate=lambda m: {"acc1": 2.0}, eval_only=True, resume=str(path),
+                       steps=None)[0].run()
+    assert res == {"step": 0, "eval": {"acc1": 2.0}}
+
+
+class Piece:
+    """A task's own piece of the state set (the EMA weights of fine-tuning)."""
+
+    def __init__(self, value=0):
+        self.value, self.loaded = value, None
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.loaded = state
+
+
+def test_the_tasks_piece_is_saved_and_restored_for_training_and_evaluation(tmp_path):
+    with_piece, without = tmp_path / "with", tmp_path / "without"
+    make_trainer(with_piece, steps=2, save_every=2, state=Piece(7))[0].run()
+    make_trainer(without, steps=2, save_every=2)[0].run()
+    assert torch.load(with_piece / CHECKPOINT, weights_only=True)["state"]["task"] == {"value": 7}
+    evaluate = lambda m: {"acc1": 1.0}  # noqa: E731
+    for ck, piece, want in ((with_piece, Piece(), {"value": 7}), (without, Piece(), None)):
+        make_trainer(tmp_path / "e", evaluate=evaluate, eval_only=True, resume=str(ck / CHECKPOINT), steps=None,
+                     state=piece)[0].run()
+        assert piece.loaded == want
+    # a task without a piece evaluates a checkpoint that has one
+    assert make_trainer(tmp_path / "e2", evaluate=evaluate, eval_only=True, resume=str(with_piece / CHECKPOINT),
+                        steps=None)[0].run()["eval"] == {"acc1": 1.0}
+    piece = Piece()
+    with pytest.warns(UserWarning, match="schedule changed"):
+        make_trainer(with_piece, steps=3, save_every=3, resume="auto", state=piece)[0].run()
+    assert piece.loaded == {"value": 7}
