@@ -145,6 +145,29 @@ def test_cpu_workers_split_each_batch_and_give_the_same_rows(tmp_path, monkeypat
     assert one.shape == (8, 384) and rel_err(two, one) < 1e-6
 
 
+def test_bf16_on_cpu_runs_cpu_bf16_attention_within_the_bf16_tolerance(tmp_path, monkeypatch):
+    """``--dtype bf16`` on a CPU: attention runs as ``cpu_bf16`` in every pass, and the features
+    stay within bf16's model tolerance of the fp32 ones."""
+    pytest.importorskip("av", reason="PyAV (the test extra) reads the test videos")
+    import vmae_fast.attention as A
+    from tolerances import MODEL_TOL
+
+    _, ckpt = _ckpt(tmp_path)
+    monkeypatch.delenv("VMAE_FAST_ATTN", raising=False)
+    calls = []
+    real = A.cpu_bf16_attention
+    monkeypatch.setattr(A, "cpu_bf16_attention", lambda qkv, scale: calls.append(qkv.shape[0]) or real(qkv, scale))
+    args = [VIDEO, "--checkpoint", ckpt, "--num-frames", "4", "--img-size", "32", "--stride", "16", "--device", "cpu",
+            "--no-progress"]
+    assert E.main(args + ["--dtype", "fp32", "--output-dir", str(tmp_path / "fp32")]) == 0
+    assert calls == []
+    assert E.main(args + ["--dtype", "bf16", "--output-dir", str(tmp_path / "bf16")]) == 0
+    assert sum(calls) == 8  # every window of the video through cpu_bf16 (depth 1)
+    fp32, bf16 = (torch.from_numpy(np.load(tmp_path / d / "carphone_distorted.npy")) for d in ("fp32", "bf16"))
+    assert bf16.shape == fp32.shape == (8, 384)
+    assert 0 < rel_err(bf16, fp32) < MODEL_TOL[torch.bfloat16][0]
+
+
 def test_a_video_failing_mid_way_leaves_the_others_whole(tmp_path, monkeypatch):
     pytest.importorskip("av", reason="PyAV (the test extra) reads the test videos")
     import shutil
