@@ -124,8 +124,8 @@ def test_windows_of_several_videos_share_forward_passes(tmp_path, monkeypatch, c
 
 def test_cpu_workers_split_each_batch_and_give_the_same_rows(tmp_path, monkeypatch):
     """``workers=2``: each batch of 5 runs as parts of at most ``CPU_PART`` (2) windows on two
-    threads of one intra-op thread each; the files equal those of one worker, and the thread count
-    is restored."""
+    threads with half the intra-op threads each (one on 2 cores); the files equal those of one
+    worker, and the thread count is restored."""
     pytest.importorskip("av", reason="PyAV (the test extra) reads the test videos")
     model, _ = _ckpt(tmp_path)
     threads = torch.get_num_threads()
@@ -139,10 +139,25 @@ def test_cpu_workers_split_each_batch_and_give_the_same_rows(tmp_path, monkeypat
 
     monkeypatch.setattr(E, "forward_windows", spy)
     E.extract(model, [VIDEO], tmp_path / "two", stride=16, batch_size=5, progress=False, workers=2)
-    assert sorted(parts) == [(1, 1), (1, 1), (2, 1), (2, 1), (2, 1)]  # 8 windows: 5 (2 + 2 + 1), 3 (2 + 1)
+    t = max(1, threads // 2)
+    assert sorted(parts) == [(1, t), (1, t), (2, t), (2, t), (2, t)]  # 8 windows: 5 (2 + 2 + 1), 3 (2 + 1)
     assert torch.get_num_threads() == threads
     one, two = (torch.from_numpy(np.load(tmp_path / d / "carphone_distorted.npy")) for d in ("one", "two"))
     assert one.shape == (8, 384) and rel_err(two, one) < 1e-6
+
+
+def test_cpu_workers_share_the_threads_of_a_large_machine(tmp_path, monkeypatch):
+    """64 intra-op threads, batches of 16: 8 workers (one per part of 2 windows) of 8 threads
+    each, not 64 workers of which 56 would idle; 2 threads: 2 workers of one."""
+    model, _ = _ckpt(tmp_path)
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    for threads, batch, want in ((64, 16, (8, 8)), (2, 16, (2, 1)), (64, 3, (2, 32))):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        fwd = E._Forward(model, True, None, None, batch)
+        assert (fwd.workers, fwd.intra) == want
+        fwd.close()
+        assert set_to[-2:] == [want[1], threads]  # the share while it runs, then the count restored
 
 
 def test_bf16_on_cpu_runs_cpu_bf16_attention_within_the_bf16_tolerance(tmp_path, monkeypatch):

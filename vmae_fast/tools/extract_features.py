@@ -129,24 +129,29 @@ def forward_windows(model: torch.nn.Module, clips: Sequence[torch.Tensor], pool:
 
 class _Forward:
     """Forward passes of window batches beside the reading. On a CPU a batch is cut into parts of
-    at most ``CPU_PART`` windows, run by ``workers`` (> 1) threads of one intra-op thread each
-    (the parts are independent clips, so the rows are those of one pass): no thread waits at the barriers of
-    every op for a core another process holds (on a shared 2-core machine at load 8: 1.3 vs
-    3.8-5.8 CPU s per ViT-B clip), and the next batch is read while this one runs. Elsewhere
-    (CUDA) the pass runs on the caller's thread, as ``forward_windows``."""
+    at most ``CPU_PART`` windows, run by ``workers`` threads (default: one per intra-op thread,
+    at most one per part of a batch), each with its share of the intra-op threads (one on a small
+    machine). The parts are independent clips, so the rows are those of one pass. With one
+    intra-op thread no op waits at a barrier for a core another process holds (on a shared 2-core
+    machine at load 8: 1.3 vs 3.8-5.8 CPU s per ViT-B clip), and the next batch is read while this
+    one runs. Elsewhere (CUDA) the pass runs on the caller's thread, as ``forward_windows``."""
 
-    def __init__(self, model: torch.nn.Module, pool: bool, amp_dtype: torch.dtype | None, workers: int | None):
+    def __init__(self, model: torch.nn.Module, pool: bool, amp_dtype: torch.dtype | None, workers: int | None,
+                 batch_size: int):
         self.model, self.pool, self.amp = model, pool, amp_dtype
         on_cpu = next(model.parameters()).device.type == "cpu"
-        self.workers = (workers or torch.get_num_threads()) if on_cpu else 0
         self.threads = torch.get_num_threads()
+        if workers is None:
+            workers = min(self.threads, -(-batch_size // CPU_PART))
+        self.workers = max(1, workers) if on_cpu else 0
+        self.intra = max(1, self.threads // self.workers) if self.workers else self.threads
         self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix=PROG) if self.workers else None
         if self.workers > 1:
-            torch.set_num_threads(1)  # the reading too: the workers hold the cores
+            torch.set_num_threads(self.intra)  # the reading too: the workers hold the cores
 
     def _part(self, clips: list[torch.Tensor]) -> torch.Tensor:
         if self.workers > 1:
-            torch.set_num_threads(1)
+            torch.set_num_threads(self.intra)
         return forward_windows(self.model, clips, self.pool, self.amp)
 
     def submit(self, clips: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -266,8 +271,8 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
     3 windows does not run a batch of 3 alone); each video's file is written as soon as its last
     window is through. The videos are opened once first to count their windows (the progress bar's
     total and ETA); one that cannot be opened is named and counted then, before any model work.
-    On a CPU, ``workers`` threads (default ``torch.get_num_threads()``) each run a part of every
-    batch with one intra-op thread while the next batch is read (``_Forward``)."""
+    On a CPU, ``workers`` threads (default: one per intra-op thread, at most one per 2 windows of a
+    batch) each run parts of every batch while the next batch is read (``_Forward``)."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     errors = errors or VideoErrors(PROG)
     cfg = model.cfg
@@ -287,7 +292,7 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
         total += n
     bar = _Progress(total, progress)
     queue: list[tuple[_Pending, torch.Tensor]] = []  # windows read, not yet through the model
-    forward = _Forward(model, pool, amp_dtype, workers)
+    forward = _Forward(model, pool, amp_dtype, workers, batch_size)
     running: list = []  # [(batch, wait for its rows)]: the batch in the model while the next is read
 
     def finish() -> None:
