@@ -96,14 +96,14 @@ def config(out, **kw):
 
 
 def make_trainer(out, rec=None, *, dataset=None, evaluate=None, eval_every=0, on_step=None, name="pretrain",
-                 state=None, **kw):
+                 state=None, flops=0.0, **kw):
     rec = rec or Recorder()
     torch.manual_seed(0)
     rec.model = Linear(FEATURES, 1)
     task = loop.Task(name=name, model=rec.model, model_config={"arch": "toy", "depth": 1},
                      loss=rec.loss, dataset=Toy() if dataset is None else dataset, after_step=rec.after_step,
                      evaluate=evaluate, eval_every=eval_every,
-                     generators={"noise": rec.gen}, state=state)
+                     generators={"noise": rec.gen}, state=state, flops_per_clip=flops)
     trainer = loop.Trainer(config(out, task=name, **kw), Dist(), task, on_step=on_step)
     if trainer.opt is not None:
         trainer.opt.register_step_pre_hook(rec.pre_step)
@@ -145,7 +145,7 @@ def test_each_step_applies_the_gradient_of_the_mean_over_its_micro_batches(tmp_p
 def test_rows_hold_the_window_mean_loss_lr_epoch_and_skips(tmp_path):
     done = []
     trainer, rec = make_trainer(tmp_path, steps=7, on_step=lambda s, loss: done.append(loss.item()))
-    trainer.run()
+    assert trainer.run()["skipped"] == 1
     got = rows(tmp_path)
     # a row every 2 steps, and at the save steps 3 and 6 and the last, 7
     assert [r["step"] for r in got] == [2, 3, 4, 6, 7]
@@ -219,6 +219,7 @@ def test_checkpoints_and_samples_log_follow_the_steps(tmp_path):
     assert ck["format"] == loop.CHECKPOINT_FORMAT == 2 and ck["task"] == "pretrain"
     assert ck["config"] == {"arch": "toy", "depth": 1} and ck["args"]["accum_steps"] == 2
     assert ck["plan"]["world"] == 1 and ck["plan"]["seed"] == 3 and ck["plan"]["total_steps"] == 5
+    assert ck["plan"]["steps_per_epoch"] == 6 and ck["plan"]["videos_per_step"] == 4
     assert list(ck["state"]) == ["data", "scaler", "loss_watch", "skips", "best_eval", "rng"]
     # 24 videos, 2 a micro-batch, 2 micro-batches a step: 6 steps an epoch; step 5 is micro-batch 10
     assert ck["state"]["data"] == {"step": 5, "epoch": 0, "micro_in_epoch": 10, "seed": 3}
@@ -262,7 +263,7 @@ def test_a_resume_replays_the_unbroken_run(tmp_path, capsys):
     assert tb.step == 0
     res = tb.run()
     assert pending_seen[0] is False  # removed before the first step
-    assert f"resumed {b / CHECKPOINT} at step 4 (1 metrics rows after it dropped)" in capsys.readouterr().out
+    assert f"resumed {b / CHECKPOINT} at step 4 (1 metrics rows after it dropped)" in capsys.readouterr().out.splitlines()
     assert res["step"] == 8 and len(rec.steps) == 4  # steps 5-8 only
     assert [s["lr"][0] for s in rec.steps] == [tb.plan.lr_at(k) for k in range(4, 8)]
     assert rec.draws == ra.draws[8:]  # the task's generator went on where it was
@@ -270,8 +271,10 @@ def test_a_resume_replays_the_unbroken_run(tmp_path, capsys):
         assert torch.equal(getattr(ta.task.model, k), getattr(tb.task.model, k))
     keep = [[{k: r[k] for k in SAME} for r in rows(out)] for out in (a, b)]
     assert keep[0] == keep[1] and [r["step"] for r in keep[1]] == list(range(1, 9))
-    assert [r["event"] for r in read_metrics(b) if "event" in r] == ["resume"]
+    events = [r for r in read_metrics(b) if "event" in r]
+    assert [(r["step"], r["event"], r["checkpoint"]) for r in events] == [(4, "resume", str(b / CHECKPOINT))]
     ca, cb = (torch.load(out / CHECKPOINT, weights_only=True) for out in (a, b))
+    assert ca["state"]["data"] == cb["state"]["data"] == {"step": 8, "epoch": 1, "micro_in_epoch": 4, "seed": 3}
     assert ca["state"]["skips"] == cb["state"]["skips"] and ca["optimizer"]["state"].keys() == cb["optimizer"]["state"].keys()
 
 
@@ -333,6 +336,11 @@ def test_a_resume_with_another_schedule_warns_what_changed(tmp_path):
         make_trainer(tmp_path / "new", steps=4, resume=str(path))[0].run()
     msgs = [str(x.message) for x in w if str(x.message).startswith("resuming")]
     assert msgs == [f"resuming {path} at step 2: schedule changed (total_steps 2 -> 4)"]
+    with pytest.warns(UserWarning) as w:  # the batch too: one phrase each, "; " between
+        make_trainer(tmp_path / "new2", steps=4, batch_size=3, resume=str(path))[0].run()
+    (msg,) = [str(x.message) for x in w if str(x.message).startswith("resuming")]
+    assert msg.startswith(f"resuming {path} at step 2: batch changed (videos_per_step 4 -> 6") and \
+        "); schedule changed (" in msg and "total_steps 2 -> 4" in msg
 
 
 def test_evaluation_only_reads_the_checkpoint_and_writes_one_row(tmp_path, capsys):
@@ -365,6 +373,9 @@ def test_overwrite_removes_the_earlier_runs_files(tmp_path):
     make_trainer(tmp_path, steps=2, log_every=1, overwrite=True)[0].run()
     assert [r["step"] for r in rows(tmp_path)] == [1, 2] and not any(p.exists() for p in stale)
     assert not (tmp_path / "checkpoint-latest.txt").exists()
+    # nothing to remove (a fresh folder, or some of the files only): no error
+    assert make_trainer(tmp_path / "fresh", steps=1, overwrite=True)[0].run()["step"] == 1
+    assert make_trainer(tmp_path / "fresh", steps=1, overwrite=True)[0].run()["step"] == 1
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 2
 
 
@@ -491,7 +502,8 @@ def test_start_done_and_evaluation_lines_and_the_throughput_without_pauses(tmp_p
         return {"acc1": 12.345, "acc5": 50.0, "videos": 3, "note": "x"}
 
     trainer, _ = make_trainer(tmp_path, Timed(), steps=6, log_every=2, save_every=100, evaluate=evaluate,
-                              eval_every=1)
+                              eval_every=1, flops=2e9)
+    trainer.peak = 1e12  # as for a GPU of 1 TFLOP/s (None on a CPU: no MFU)
     res = trainer.run()
     out = capsys.readouterr().out.splitlines()
     assert out[0] == ("pretrain toy: 0.0M params, 24 videos, 4 clips/step (4 videos x 1), lr 0.1 (x1: --lr, not "
@@ -501,6 +513,8 @@ def test_start_done_and_evaluation_lines_and_the_throughput_without_pauses(tmp_p
                        f"weights in {res['export']}")
     # 4 clips a step, one second a step: 4 clips/s in every row, evaluations left out
     assert [r["clips_per_s"] for r in rows(tmp_path)] == [4.0, 4.0, 4.0]
+    # MFU: 4 clips/s x 2 GFLOP a clip over the world's 1 TFLOP/s
+    assert [r["mfu"] for r in rows(tmp_path)] == pytest.approx([0.008] * 3, rel=1e-12)
 
 
 def test_the_run_seeds_the_global_streams_with_the_seed(tmp_path):
@@ -544,7 +558,7 @@ def test_a_restarted_group_resumes_by_itself(tmp_path, capsys):
         make_trainer(tmp_path, steps=4, save_every=2, log_every=2, on_step=crash_at(3))[0].run()
     res = make_trainer(tmp_path, steps=4, save_every=2, log_every=2, restart=1)[0].run()
     assert res["step"] == 4
-    assert f"resumed {tmp_path / CHECKPOINT} at step 2 (torchrun restart 1)" in capsys.readouterr().out
+    assert f"resumed {tmp_path / CHECKPOINT} at step 2 (torchrun restart 1)" in capsys.readouterr().out.splitlines()
 
 
 def test_a_failing_checkpoint_write_stops_naming_what_is_kept(tmp_path, monkeypatch):
@@ -765,3 +779,54 @@ def test_the_tasks_piece_is_saved_and_restored_for_training_and_evaluation(tmp_p
     with pytest.warns(UserWarning, match="schedule changed"):
         make_trainer(with_piece, steps=3, save_every=3, resume="auto", state=piece)[0].run()
     assert piece.loaded == {"value": 7}
+
+
+def test_a_signal_at_the_last_step_ends_the_run_normally(tmp_path):
+    import os
+    import signal
+
+    def on_step(done, loss):
+        if done == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    res = make_trainer(tmp_path, steps=4, save_every=100, on_step=on_step)[0].run()
+    assert res["step"] == 4 and res["checkpoint"] == tmp_path / CHECKPOINT
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 4
+    assert not [r for r in read_metrics(tmp_path) if r.get("event") == "stopped"]
+
+
+def test_the_output_folder_is_made_with_its_parents(tmp_path):
+    out = tmp_path / "runs" / "toy"
+    assert make_trainer(out, steps=1, save_every=1)[0].run()["checkpoint"] == out / CHECKPOINT
+
+
+def test_auto_resume_of_a_sharded_run_refuses_a_single_file(tmp_path):
+    # FSDP needs torchrun's process group; the check reads only the folder and the engine
+    from train.checkpointing import Checkpointer
+
+    d = Dist(fsdp=True)
+    (tmp_path / CHECKPOINT).write_bytes(b"")
+    fsdp = types.SimpleNamespace(cfg=config(tmp_path, resume="auto"), ck=Checkpointer(str(tmp_path), d), d=d)
+    with pytest.raises(UsageError) as e:
+        loop.Trainer._find_checkpoint(fsdp)
+    assert str(e.value) == (f"--resume auto: {tmp_path} holds a single-file checkpoint ({CHECKPOINT}); resume it "
+                            "without --dist fsdp")
+
+
+def test_a_checkpoint_of_another_world_size_reseeds_from_seed_rank_and_step(tmp_path):
+    path = _checkpoint(tmp_path)  # seed 3, step 2, one rank's streams
+    ck = torch.load(path, weights_only=True)
+    ck["state"]["rng"]["ranks"] *= 2  # as if written by 2 ranks
+    torch.save(ck, path)
+    draws = []
+
+    class Draw(Recorder):
+        def loss(self, model, batch):
+            if not draws:
+                draws.append(torch.rand(3))
+            return super().loss(model, batch)
+
+    with pytest.warns(UserWarning) as w:
+        make_trainer(tmp_path / "new", Draw(), steps=3, resume=str(path))[0].run()
+    assert any("holds the RNG states of 2 ranks, this run has 1" in str(x.message) for x in w)
+    assert torch.equal(draws[0], torch.rand(3, generator=torch.Generator().manual_seed(3 + 0 + 2)))
