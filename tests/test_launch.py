@@ -126,3 +126,32 @@ def test_the_registered_kernels_do_not_validate_again(monkeypatch, debug):
     assert len(rec) == 8  # every launcher launched, checked or not
     per_pass = [gc.__name__, di.__name__, mm.__name__, mm.__name__]
     assert calls == (per_pass if debug else []) + per_pass
+
+
+def test_the_registered_adapters_pass_checked_and_direct_calls_validate(monkeypatch):
+    """The kernels registered for the ops (``_triton*`` adapters) call their launchers with
+    ``checked=True`` (the public op validated), so on a GPU (meta here) nothing validates twice;
+    a launcher called without ``checked`` validates."""
+    gc, di, mm = (importlib.import_module(f"vmae_fast.ops.{m}") for m in ("gather_cubes", "decoder_input", "masked_mse"))
+    monkeypatch.setenv("VMAE_FAST_DEBUG", "0")
+    calls = []
+    for mod in (gc, di, mm):
+        monkeypatch.setattr(mod, "_validate", lambda *a, _m=mod.__name__: calls.append(_m))
+    meta = torch.device("meta")
+    video = torch.empty(2, 3, 4, 8, 8, device=meta)
+    vis, dec = torch.zeros(2, 3, dtype=torch.int64, device=meta), torch.zeros(2, 4, dtype=torch.int64, device=meta)
+    z, pos, mt = torch.empty(2, 3, 16, device=meta), torch.empty(8, 16, device=meta), torch.empty(16, device=meta)
+    pred, weight = torch.empty(2, 4, 96, device=meta), torch.ones(2, 4, device=meta)
+    with _dispatch.capture_launches() as rec:
+        for thwc in (False, True):
+            gc._triton(video, vis, 2, 4, thwc)
+        di._triton_fwd(z, pos, mt, vis, dec)
+        mm._triton_fwd(pred, video, dec, weight, 2, 4, True, 1e-6)
+        mm._triton_bwd(torch.ones((), device=meta), pred, video, dec, weight, 2, 4, True, 1e-6)
+        assert calls == [] and len(rec) == 5
+        assert [r.meta["THWC"] for r in rec[:2]] == [False, True]
+        gc.gather_cubes_triton(video, vis, tubelet=2, patch=4)
+        di.decoder_input_triton(z, pos, mt, vis, dec)
+        mm.masked_mse_loss_triton(pred, video, dec, weight, tubelet=2, patch=4)
+        mm.masked_mse_loss_backward_triton(torch.ones((), device=meta), pred, video, dec, weight, tubelet=2, patch=4)
+    assert calls == [gc.__name__, di.__name__, mm.__name__, mm.__name__]

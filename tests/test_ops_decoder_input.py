@@ -81,10 +81,21 @@ def test_backward_launcher_overlapping_indices(interpret):
     torch.testing.assert_close(gm, g[:, 2:].sum((0, 1)), atol=1e-6, rtol=1e-6)
 
 
-def test_repeated_index_rejected_for_learnable_pos():
+@pytest.mark.parametrize("name", ["visible_idx", "decoder_idx"])
+def test_repeated_index_rejected_for_learnable_pos(name):
     g = torch.randn(1, 3, 8)
-    with pytest.raises(ValueError, match="repeats a token index"):
-        decoder_input_backward_triton(g, torch.tensor([[1]]), torch.tensor([[2, 2]]), 4, True)
+    vis, dec = (torch.tensor([[1]]), torch.tensor([[2, 2]])) if name == "decoder_idx" else \
+        (torch.tensor([[1, 1]]), torch.tensor([[2]]))
+    with pytest.raises(ValueError) as err:
+        decoder_input_backward_triton(g, vis, dec, 4, True)
+    assert err.type is ValueError and str(err.value).startswith(f"{name} repeats a token index within a clip")
+
+
+def test_backward_launcher_without_width_launches_nothing():
+    """D = 0: the learnable table's gradient is (N, 0) and the mask token's (0,), no kernel."""
+    gm, gp = decoder_input_backward_triton(torch.zeros(2, 5, 0), torch.tensor([[0, 1]] * 2),
+                                           torch.tensor([[2, 3, 4]] * 2), 6, True)
+    assert gm.shape == (0,) and gp.shape == (6, 0) and gm.dtype == gp.dtype == torch.float32
 
 
 @pytest.mark.parametrize("bad,msg", [
@@ -202,6 +213,7 @@ def test_only_the_gradients_asked_for(needs):
 @pytest.mark.parametrize("bad,msg", [
     (lambda z, p, m, v, d: (z.long(), p, m, v, d), "z must be a floating-point tensor, got torch.int64"),
     (lambda z, p, m, v, d: (z, [1.0], m, v, d), "pos must be a floating-point tensor, got list"),
+    (lambda z, p, m, v, d: (z, p, m.int(), v, d), "mask_token must be a floating-point tensor, got torch.int32"),
     (lambda z, p, m, v, d: (z, p[None], m, v, d), "pos must be an (N, D) table, got shape (1, 10, 16)"),
     (lambda z, p, m, v, d: (z[0], p, m, v, d), "z must be (B, n_vis, 16) to match pos (N, D) = (10, 16), got (3, 16)"),
     (lambda z, p, m, v, d: (z, p[:, :8], m, v, d),
@@ -267,3 +279,36 @@ def test_native_backward_wrapper_returns_float32(need_pos):
     assert got_m.dtype == got_p.dtype == torch.float32
     torch.testing.assert_close(got_m, gm.float(), atol=0, rtol=0)
     torch.testing.assert_close(got_p, gp.float() if need_pos else torch.empty(0, 8), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("N,D", [(12, 384), (4096, 1)])
+def test_backward_launcher_wide_rows_and_long_tables(N, D, interpret):
+    """Widths past one 256-wide block (decoders are 384-512 wide) and tables past 2048 rows of one
+    program: the blocks stay powers of two and cover every row and column."""
+    perm = torch.randperm(N)
+    vis, dec = perm[:3].sort().values[None], perm[3:8].sort().values[None]
+    g = torch.randn(1, 8, D)
+    gm, gp = decoder_input_backward_triton(g, vis, dec, N, True)
+    want_mt, want_pos = grads_by_hand(g, vis, dec, N)
+    atol, rtol = KERNEL_TOL[torch.float32]
+    torch.testing.assert_close(gp.double(), want_pos, atol=atol, rtol=rtol)
+    torch.testing.assert_close(gm.double(), want_mt, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("B,n_vis,n_dec,D", [(2, 3, 4, 0), (2, 0, 0, 8), (0, 3, 4, 8)])
+def test_forward_launcher_empty_output_launches_nothing(B, n_vis, n_dec, D):
+    z, pos, mt = torch.randn(B, n_vis, D), torch.randn(10, D), torch.randn(D)
+    vis, dec = torch.zeros(B, n_vis, dtype=torch.int64), torch.zeros(B, n_dec, dtype=torch.int64)
+    out = decoder_input_triton(z, pos, mt, vis, dec)
+    assert out.shape == (B, n_vis + n_dec, D) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("L,D", [(16, 600), (4100, 1)])
+def test_forward_launcher_wide_rows_and_long_sequences(L, D, interpret):
+    """Rows wider than one 512-wide block and sequences past 4096 rows of one program."""
+    n_vis = L // 4
+    perm = torch.randperm(L)
+    vis, dec = perm[:n_vis][None], perm[n_vis:][None]
+    z, pos, mt = torch.randn(1, n_vis, D), torch.randn(L, D), torch.randn(D)
+    out = decoder_input_triton(z, pos, mt, vis, dec)
+    torch.testing.assert_close(out.double(), by_hand(z, pos, mt, vis, dec), **dict(zip(("atol", "rtol"), KERNEL_TOL[torch.float32])))

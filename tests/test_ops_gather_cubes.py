@@ -177,3 +177,21 @@ def test_public_op_any_channels_float_and_unit_cube_sides(C, tubelet, patch):
         out = ops.gather_cubes(video, idx, tubelet=tubelet, patch=patch)
     torch.testing.assert_close(out.double(), cubes_by_hand(video, idx, tubelet, patch), atol=0, rtol=0)
 
+
+
+@pytest.mark.parametrize("layout", ["cthw", "thwc"])
+def test_public_op_through_the_interpreted_kernel_matches_the_oracle(layout, interpret):
+    video, idx = video_clip(2), rand_idx(2, 3, 12, sort=False)
+    out = ops.gather_cubes(video, idx, tubelet=2, patch=8, layout=layout)
+    torch.testing.assert_close(out.double(), cubes_by_hand(video, idx, 2, 8, layout), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("T,HW,tubelet,patch", [(2, 32, 2, 32), (684, 1, 684, 1)])
+def test_triton_block_sizes_at_the_extremes(T, HW, tubelet, patch, interpret):
+    """A 32-pixel patch (few pixel rows per block) and a 684-frame tubelet of 1-pixel patches
+    (more than 2048 pixel rows): the blocks stay powers of two and cover every row."""
+    video = torch.randn(1, 3, T, HW, HW)
+    idx = torch.zeros(1, 1, dtype=torch.int64)
+    for layout in ("cthw", "thwc"):
+        out = gather_cubes_triton(video, idx, tubelet=tubelet, patch=patch, layout=layout)
+        torch.testing.assert_close(out.double(), cubes_by_hand(video, idx, tubelet, patch, layout), atol=0, rtol=0)

@@ -192,11 +192,13 @@ def test_defaults_normalize_with_eps_1e_6():
         torch.testing.assert_close(fn(pred, video, idx, w, tubelet=2, patch=8).double(), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("weight", ["zeros", "bool"])
-def test_zero_and_bool_weights_by_hand(weight):
+@pytest.mark.parametrize("weight", ["zeros", "bool", "below one"])
+def test_zero_bool_and_small_weights_by_hand(weight):
+    """Weights summing to 0 give 0; any positive sum divides, also one below 1."""
     video, idx = video_clip(2, dtype=torch.uint8), rand_idx(2, 3, 12)
     pred = torch.randn(2, 3, 384)
-    w = torch.zeros(2, 3) if weight == "zeros" else torch.tensor([[True, False, True], [False, False, True]])
+    w = {"zeros": torch.zeros(2, 3), "bool": torch.tensor([[True, False, True], [False, False, True]]),
+         "below one": torch.tensor([[0.1, 0.2, 0.0], [0.0, 0.3, 0.0]])}[weight]
     want, want_g = loss_by_hand(pred, targets_by_hand(video, idx, 2, 8), w)
     for fn in (ops.masked_mse_loss, ops.masked_mse_loss_ref):
         loss, g = loss_and_grad(fn, pred, video, idx, w, tubelet=2, patch=8)
@@ -266,3 +268,25 @@ def test_validate_names_a_weight_that_is_not_a_tensor():
     with pytest.raises(ValueError) as err:
         _validate(torch.randn(2, 3, 384), video_clip(2), torch.zeros(2, 3, dtype=torch.int64), [1.0], 2, 8)
     assert err.type is ValueError and str(err.value) == "weight must be a tensor, got list"
+
+
+@pytest.mark.parametrize("tubelet,patch", [(1, 4), (2, 1)])
+def test_unit_cube_sides_are_valid(tubelet, patch):
+    video = video_clip(2, 2, 8, 8)
+    N = (2 // tubelet) * (8 // patch) ** 2
+    idx, w = rand_idx(2, 3, N), torch.rand(2, 3)
+    pred = torch.randn(2, 3, 3 * tubelet * patch * patch)
+    want, _ = loss_by_hand(pred, targets_by_hand(video, idx, tubelet, patch), w)
+    with use_kernels(True):
+        loss = ops.masked_mse_loss(pred, video, idx, w, tubelet=tubelet, patch=patch)
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_op_differentiates_pred_only():
+    """Called directly with a clip that needs a gradient (the public function would take the
+    reference), the op's backward gives pred its gradient and the clip none."""
+    video, idx, w = video_clip(1).requires_grad_(), rand_idx(1, 2, 12), torch.ones(1, 2)
+    for pred_grad in (False, True):
+        pred = torch.randn(1, 2, 384, requires_grad=pred_grad)
+        torch.ops.vmae_fast.masked_mse_loss(pred, video, idx, w, 2, 8, True, 1e-6).backward()
+        assert video.grad is None and (pred.grad is not None) == pred_grad
