@@ -290,3 +290,21 @@ def test_the_op_differentiates_pred_only():
         pred = torch.randn(1, 2, 384, requires_grad=pred_grad)
         torch.ops.vmae_fast.masked_mse_loss(pred, video, idx, w, 2, 8, True, 1e-6).backward()
         assert video.grad is None and (pred.grad is not None) == pred_grad
+
+
+def test_public_op_through_the_interpreted_kernels_by_hand(interpret):
+    """Through the registered kernels: a 2-frame clip (fewer frames than channels), a non-default
+    eps, weights summing below 1; loss and gradient against the by-hand values."""
+    video, idx = video_clip(2, 2, 16, 24), rand_idx(2, 3, 6)
+    pred = torch.randn(2, 3, 3 * 2 * 8 * 8, dtype=torch.float64)
+    w = torch.tensor([[0.1, 0.2, 0.0], [0.0, 0.3, 0.0]], dtype=torch.float64)
+    want, want_g = loss_by_hand(pred, targets_by_hand(video, idx, 2, 8, True, 0.5), w)
+    loss, g = loss_and_grad(ops.masked_mse_loss, pred, video, idx, w, tubelet=2, patch=8, eps=0.5)
+    assert g.dtype == torch.float64
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g.double(), 1.7 * want_g, atol=1e-6, rtol=1e-4)
+    # the launcher's own defaults: normalize, eps 1e-6
+    g = masked_mse_loss_backward_triton(torch.tensor(1.7), pred, video, idx, w, tubelet=2, patch=8)
+    assert g.dtype == torch.float64  # pred's
+    _, want_g = loss_by_hand(pred, targets_by_hand(video, idx, 2, 8, True, 1e-6), w)
+    torch.testing.assert_close(g.double(), 1.7 * want_g, atol=1e-6, rtol=1e-4)
