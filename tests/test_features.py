@@ -123,9 +123,10 @@ def test_windows_of_several_videos_share_forward_passes(tmp_path, monkeypatch, c
 
 
 def test_cpu_workers_split_each_batch_and_give_the_same_rows(tmp_path, monkeypatch):
-    """``workers=2``: each batch of 5 runs as parts of at most ``CPU_PART`` (2) windows on two
-    threads with half the intra-op threads each (one on 2 cores); the files equal those of one
-    worker, and the thread count is restored."""
+    """``workers=2``: the windows run as parts of ``CPU_PART`` (2), each handed over once read (not
+    once a batch of 5 is), on two threads with half the intra-op threads each (one on 2 cores), at
+    most 5 windows (3 parts) in the model at once; the files equal those of one worker, and the
+    thread count is restored."""
     pytest.importorskip("av", reason="PyAV (the test extra) reads the test videos")
     model, _ = _ckpt(tmp_path)
     threads = torch.get_num_threads()
@@ -138,9 +139,19 @@ def test_cpu_workers_split_each_batch_and_give_the_same_rows(tmp_path, monkeypat
         return real(m, clips, *a, **k)
 
     monkeypatch.setattr(E, "forward_windows", spy)
+    held, most = [0], [0]  # handed over and not yet collected
+    real_submit = E._Forward.submit
+
+    def submit(self, clips):
+        held[0] += 1
+        most[0] = max(most[0], held[0])
+        wait = real_submit(self, clips)
+        return lambda: held.__setitem__(0, held[0] - 1) or wait()
+
+    monkeypatch.setattr(E._Forward, "submit", submit)
     E.extract(model, [VIDEO], tmp_path / "two", stride=16, batch_size=5, progress=False, workers=2)
     t = max(1, threads // 2)
-    assert sorted(parts) == [(1, t), (1, t), (2, t), (2, t), (2, t)]  # 8 windows: 5 (2 + 2 + 1), 3 (2 + 1)
+    assert parts == [(2, t)] * 4 and most[0] == 3  # 8 windows; 5 in the model: 3 parts
     assert torch.get_num_threads() == threads
     one, two = (torch.from_numpy(np.load(tmp_path / d / "carphone_distorted.npy")) for d in ("one", "two"))
     assert one.shape == (8, 384) and rel_err(two, one) < 1e-6

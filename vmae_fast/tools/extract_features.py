@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
@@ -134,7 +135,11 @@ class _Forward:
     machine). The parts are independent clips, so the rows are those of one pass. With one
     intra-op thread no op waits at a barrier for a core another process holds (on a shared 2-core
     machine at load 8: 1.3 vs 3.8-5.8 CPU s per ViT-B clip), and the next batch is read while this
-    one runs. Elsewhere (CUDA) the pass runs on the caller's thread, as ``forward_windows``."""
+    one runs. Elsewhere (CUDA) the pass runs on the caller's thread, as ``forward_windows``.
+
+    ``step``: windows the caller hands over at a time (a part when there are several workers, so
+    the first part starts after 2 windows are read, not 16); ``depth``: hand-overs in the model at
+    once (``batch_size`` windows in parts, or one batch)."""
 
     def __init__(self, model: torch.nn.Module, pool: bool, amp_dtype: torch.dtype | None, workers: int | None,
                  batch_size: int):
@@ -146,7 +151,10 @@ class _Forward:
         self.workers = max(1, workers) if on_cpu else 0
         self.intra = max(1, self.threads // self.workers) if self.workers else self.threads
         self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix=PROG) if self.workers else None
-        if self.workers > 1:
+        parts = self.workers > 1
+        self.step = CPU_PART if parts else batch_size
+        self.depth = -(-batch_size // CPU_PART) if parts else 1
+        if parts:
             torch.set_num_threads(self.intra)  # the reading too: the workers hold the cores
 
     def _part(self, clips: list[torch.Tensor]) -> torch.Tensor:
@@ -272,7 +280,8 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
     window is through. The videos are opened once first to count their windows (the progress bar's
     total and ETA); one that cannot be opened is named and counted then, before any model work.
     On a CPU, ``workers`` threads (default: one per intra-op thread, at most one per 2 windows of a
-    batch) each run parts of every batch while the next batch is read (``_Forward``)."""
+    batch) run parts of 2 windows, each handed over as soon as it is read, up to ``batch_size``
+    windows in the model at once (``_Forward``)."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     errors = errors or VideoErrors(PROG)
     cfg = model.cfg
@@ -293,12 +302,10 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
     bar = _Progress(total, progress)
     queue: list[tuple[_Pending, torch.Tensor]] = []  # windows read, not yet through the model
     forward = _Forward(model, pool, amp_dtype, workers, batch_size)
-    running: list = []  # [(batch, wait for its rows)]: the batch in the model while the next is read
+    running: deque = deque()  # (batch, wait for its rows), oldest first: in the model while more is read
 
     def finish() -> None:
-        if not running:
-            return
-        batch, wait = running.pop()
+        batch, wait = running.popleft()
         feats = wait()
         for (item, _), row in zip(batch, feats):
             item.rows.append(row)
@@ -311,7 +318,8 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
         bar.update(len(batch), batch[-1][0].video)
 
     def run(batch: list[tuple[_Pending, torch.Tensor]]) -> None:
-        finish()
+        while len(running) >= forward.depth:
+            finish()
         running.append((batch, forward.submit([clip for _, clip in batch])))
 
     try:
@@ -322,21 +330,22 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
                 continue
             try:
                 while item.reader.next < len(item.reader):
-                    ok, clips = errors.attempt(video, item.reader.read, batch_size - len(queue))
+                    ok, clips = errors.attempt(video, item.reader.read, forward.step - len(queue))
                     if not ok:  # read error mid-video: its windows leave the queue, the others go on
                         item.failed = True
                         done["failed"].append(video)
                         queue = [q for q in queue if q[0] is not item]
                         break
                     queue += [(item, c) for c in clips]
-                    if len(queue) >= batch_size:
+                    if len(queue) >= forward.step:
                         run(queue)
                         queue = []
             finally:
                 item.close()
         if queue:
             run(queue)
-        finish()
+        while running:
+            finish()
     finally:
         forward.close()
         bar.close()
