@@ -58,10 +58,14 @@ test: $(STAMP)
 # Slow (masking.py alone: ~460 mutants, ~15 minutes on 2 shared cores), so not in CI; its
 # summary per module is in the README.
 # MUTANTS picks mutants by name, e.g. make mutate MUTANTS='vmae_fast.masking*'; a rerun
-# continues, and mutmut results / mutmut show NAME tell the survivors. Installs the `mutate` extra.
+# continues, and mutmut results / mutmut show NAME tell the survivors. Installs mutmut (the
+# `mutate` extra's one requirement) into the venv first.
 MUTANTS ?=
-mutate: $(STAMP)
-	$(PY) -c "import mutmut" 2>/dev/null || $(PIP) install -q "mutmut>=3.8"
+$(VENV)/bin/mutmut: $(STAMP)
+	$(PIP) install -q "mutmut>=3.8"
+	@touch $@
+
+mutate: $(VENV)/bin/mutmut
 	$(VENV)/bin/mutmut run --max-children 2 $(MUTANTS); $(VENV)/bin/mutmut results
 
 # The fused ops' Triton launchers run only where TRITON_INTERPRET=1 was set before Triton was
@@ -69,8 +73,7 @@ mutate: $(STAMP)
 # sources in build/mutate-interpret (mutmut keeps its results in ./mutants), config
 # tests/mutmut_interpret.cfg. A mutant killed by either run is killed. MUTANTS as above.
 MUTATE_INTERPRET := build/mutate-interpret
-mutate-interpret: $(STAMP)
-	$(PY) -c "import mutmut" 2>/dev/null || $(PIP) install -q "mutmut>=3.8"
+mutate-interpret: $(VENV)/bin/mutmut
 	mkdir -p $(MUTATE_INTERPRET)
 	cp -a vmae_fast train tests bench docs README.md setup.py $(MUTATE_INTERPRET)/
 	cp tests/mutmut_interpret.cfg $(MUTATE_INTERPRET)/setup.cfg

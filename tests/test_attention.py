@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import rel_err
 from vmae_fast.attention import AttentionBackendError, attention, effective_backend, resolve
 
 
@@ -59,10 +60,6 @@ def test_dropout_on_the_probabilities_in_every_backend():
     assert torch.allclose(attention(qkv, "sdpa", dropout_p=0.0), plain, atol=1e-6)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 @pytest.mark.parametrize("shape", [(2, 37, 3, 3, 16), (1, 200, 3, 2, 64)])
 def test_cpu_bf16_equals_float64_math(shape):
     from tolerances import KERNEL_TOL
@@ -72,9 +69,9 @@ def test_cpu_bf16_equals_float64_math(shape):
     want = attention(qkv.double(), "math")
     got = attention(qkv, "cpu_bf16")
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
-    assert _rel(got, want) < KERNEL_TOL[torch.bfloat16][0]
+    assert rel_err(got, want) < KERNEL_TOL[torch.bfloat16][0]
     # no worse than the bf16 SDPA kernel by more than the bf16 rounding of the shifted logits
-    assert _rel(got, want) < 3 * _rel(attention(qkv, "sdpa"), want) + 2 ** -9
+    assert rel_err(got, want) < 3 * rel_err(attention(qkv, "sdpa"), want) + 2 ** -9
 
 
 def test_cpu_bf16_logits_are_rounded_after_the_shift():

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import math
 import types
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
+from run_helpers import Crash, crash_at
 from train import loop
 from train.checkpointing import CHECKPOINT, PENDING
 from train.config import RunConfig
@@ -234,17 +234,6 @@ def test_checkpoints_and_samples_log_follow_the_steps(tmp_path):
 
 # ----------------------------------------------------------------------------- resume
 SAME = ("step", "loss", "lr", "epoch", "skipped_videos")
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_at(step):
-    def on_step(done, loss):
-        if done == step:
-            raise Crash
-    return on_step
 
 
 def test_a_resume_replays_the_unbroken_run(tmp_path, capsys):

@@ -20,7 +20,8 @@ from train.cli import UsageError  # noqa: E402
 from train.make_synthetic import make_dataset  # noqa: E402
 from vmae_fast.video import shards as fmt  # noqa: E402
 
-from test_train_loop import TINY, TINY_CLF, _run_group  # noqa: E402
+from run_helpers import finish, start_group  # noqa: E402
+from test_train_loop import TINY, TINY_CLF  # noqa: E402
 
 N = 11  # samples: does not divide by 2 ranks (DistributedSampler-style padding of one)
 
@@ -92,7 +93,7 @@ def test_torchrun_two_ranks_two_workers_every_sample_once_and_an_exact_resume(da
         out = tmp_path / ("whole" if name == "whole" else "cut")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "train.pretrain", *args_for(shards, out, "--num-workers", "2", "--save-every", "5", *extra)]
-        rc, output = _run_group(cmd, env, timeout=300)
+        rc, output = finish(start_group(cmd, env), timeout=300)
         assert rc == 0, output[-6000:]
     whole, cut = sample_lines(tmp_path / "whole", 2), sample_lines(tmp_path / "cut", 2)
     lay = {e: fmt.EpochLayout(fmt.resolve(str(shards)).counts, 2, seed=0, epoch=e) for e in (0, 1)}

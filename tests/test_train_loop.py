@@ -7,17 +7,15 @@ from __future__ import annotations
 import math
 import json
 import os
-import signal
-import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("av", reason="PyAV writes the synthetic videos")
 
+from run_helpers import REPO, Crash, crash_at, finish, start_group  # noqa: E402
 from train import finetune, pretrain  # noqa: E402
 from train.checkpointing import CHECKPOINT, DCP_LATEST  # noqa: E402
 from train.cli import run_cli  # noqa: E402
@@ -27,7 +25,6 @@ from train.loop import LossWatch, NonFiniteLoss  # noqa: E402
 from train.make_synthetic import make_dataset  # noqa: E402
 from train.metrics import read_metrics  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "vit_small_patch16_224", "--model-overrides",
         "depth=2,embed_dim=64,num_heads=2,decoder_embed_dim=32,decoder_num_heads=2,patch_size=8",
         "--decoder-depth", "1", "--num-frames", "4", "--sampling-rate", "2", "--img-size", "32"]
@@ -59,17 +56,6 @@ def finetune_args(data, out, *extra):
 
 def losses(out):
     return {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_at(step):
-    def on_step(done, loss):
-        if done == step:
-            raise Crash
-    return on_step
 
 
 # ----------------------------------------------------------------------------- learning
@@ -305,20 +291,6 @@ def test_accumulation_of_two_micro_batches_equals_one_batch_in_gradients(data, t
 
 
 # ----------------------------------------------------------------------------- torchrun
-def _run_group(cmd, env, timeout):
-    """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun's workers
-    too, which a plain ``subprocess.run`` timeout would leave running)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s:\n{out[-6000:]}")
-    return proc.returncode, out
-
-
 @pytest.mark.slow
 def test_torchrun_ddp_and_fsdp_match_single_process(data, tmp_path):
     common = ["--steps", "3", "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "1", "--save-every", "2",
@@ -331,7 +303,7 @@ def test_torchrun_ddp_and_fsdp_match_single_process(data, tmp_path):
         out = tmp_path / engine
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "train.pretrain", *pretrain_args(data, out, *common, "--batch-size", "2", "--dist", engine)]
-        returncode, output = _run_group(cmd, env, timeout=300)
+        returncode, output = finish(start_group(cmd, env), timeout=300)
         assert returncode == 0, output[-6000:]
         got = losses(out)
         assert sorted(got) == sorted(ref)

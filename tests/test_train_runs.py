@@ -21,6 +21,7 @@ import torch
 
 pytest.importorskip("av", reason="PyAV writes the synthetic videos")
 
+from run_helpers import REPO, finish, start_group  # noqa: E402
 from train import finetune, pretrain  # noqa: E402
 from train.checkpointing import CHECKPOINT, PENDING  # noqa: E402
 from train.cli import run_cli  # noqa: E402
@@ -28,7 +29,6 @@ from train.errors import CheckpointWriteFailed, StoppedBySignal  # noqa: E402
 from train.make_synthetic import make_dataset  # noqa: E402
 from train.metrics import read_metrics  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "vit_small_patch16_224", "--model-overrides",
         "depth=2,embed_dim=64,num_heads=2,decoder_embed_dim=32,decoder_num_heads=2,patch_size=8",
         "--decoder-depth", "1", "--num-frames", "4", "--sampling-rate", "2", "--img-size", "32",
@@ -312,18 +312,7 @@ def torchrun(data, out, *extra, restarts=0, steps=16):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "--max-restarts", str(restarts), "-m", "train.pretrain", *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def finish(proc, timeout=240) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s:\n{out[-6000:]}")
-    return proc.returncode, out
+    return start_group(cmd, env)
 
 
 def worker(proc, rank: int) -> int:
@@ -490,8 +479,7 @@ def test_torchrun_fsdp_a_shard_that_cannot_be_written_keeps_the_previous_checkpo
                 "--save-every", "3")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "train.pretrain", *argv]
-    rc, log = finish(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))
+    rc, log = finish(start_group(cmd, env))
     lines = [ln for ln in log.splitlines() if "vmae-pretrain[rank 0]: stopped:" in ln]
     assert rc != 0 and len(lines) == 1, log[-6000:]
     assert ("checkpoint-step00000006.dcp.tmp failed (rank 1: OSError: [Errno 28] No space left on device); the "

@@ -26,6 +26,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _at_least(cfg, name: str, minimum: int) -> None:
+    """The one-line usage error when field ``name`` of ``cfg`` is set below ``minimum``."""
+    v = getattr(cfg, name)
+    if v is not None and v < minimum:
+        raise UsageError(f"{_flag(name)} must be >= {minimum}, got {v}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One training (or evaluation) run. Every field is the command-line option of the same name
@@ -111,9 +118,9 @@ class RunConfig:
             object.__setattr__(self, "clip_grad", None)
         object.__setattr__(self, "betas", tuple(self.betas))
         for name in ("batch_size", "num_sample", "accum_steps", "save_every", "log_every", "epochs"):
-            self._at_least(name, 1)
+            _at_least(self, name, 1)
         for name in ("num_workers", "warmup_steps"):
-            self._at_least(name, 0)
+            _at_least(self, name, 0)
         if self.steps is not None and self.steps < 1 and not self.eval_only:
             raise UsageError(f"--steps must be >= 1, got {self.steps}"
                              + (" (to evaluate without training use --eval)" if self.task == "finetune" else ""))
@@ -132,11 +139,6 @@ class RunConfig:
             raise UsageError(f"--divergence-factor must be > 1 (or 0 for none), got {self.divergence_factor}")
         if self.overwrite and self.resume:
             raise UsageError(f"--overwrite starts the run over; it cannot be combined with --resume {self.resume}")
-
-    def _at_least(self, name: str, minimum: int) -> None:
-        v = getattr(self, name)
-        if v is not None and v < minimum:
-            raise UsageError(f"{_flag(name)} must be >= {minimum}, got {v}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, task: str, command: tuple[str, ...] = ()) -> "RunConfig":
@@ -236,13 +238,8 @@ class TaskConfig:
 
     def __post_init__(self):
         for name in ("num_frames", "sampling_rate", "img_size", "shuffle_buffer"):
-            self._at_least(name, 1)
-        self._at_least("max_missing", 0)
-
-    def _at_least(self, name: str, minimum: int) -> None:
-        v = getattr(self, name)
-        if v is not None and v < minimum:
-            raise UsageError(f"{_flag(name)} must be >= {minimum}, got {v}")
+            _at_least(self, name, 1)
+        _at_least(self, "max_missing", 0)
 
     def factory_options(self) -> dict:
         """The task's model factory keywords from its own options (``--model-overrides`` not yet)."""
@@ -366,7 +363,7 @@ class FinetuneConfig(TaskConfig):
             raise UsageError("give the training data as --train-list LIST or --shards SPEC, one of them "
                              "(or --eval to evaluate only)")
         for name in ("test_num_segment", "test_num_crop", "eval_batch_size"):
-            self._at_least(name, 1)
+            _at_least(self, name, 1)
         try:
             parse_rand_augment(self.aa)
             self.erase_spec()

@@ -39,9 +39,15 @@ def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
 
 
 def truncate_metrics(out_dir: str | os.PathLike, step: int) -> int:
-    """Drop the rows logged after ``step`` (a resume redoes those steps, so they would appear
-    twice) and any cut-short line; returns how many rows went. Rewritten atomically."""
-    path = Path(out_dir) / METRICS
+    """``truncate_jsonl`` of the run's ``metrics.jsonl``."""
+    return truncate_jsonl(Path(out_dir) / METRICS, step)
+
+
+def truncate_jsonl(path: str | os.PathLike, step: int) -> int:
+    """Drop the rows of a JSONL log written after ``step`` (a resume redoes those steps, so they
+    would appear twice) and any cut-short line; returns how many lines went. Rewritten
+    atomically; rows without a ``step`` stay."""
+    path = Path(path)
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8").splitlines()

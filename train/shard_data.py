@@ -27,6 +27,7 @@ from vmae_fast.video import shards as fmt
 from vmae_fast.video.lists import Entry
 
 from .data import Collate, VideoDataset
+from .metrics import truncate_jsonl
 
 
 def load_sample(ds: VideoDataset, sample: dict, epoch: int) -> dict:
@@ -187,16 +188,9 @@ class SampleLog:
     steps after ``keep_until`` (a resume redoes them) are dropped first."""
 
     def __init__(self, folder: str | os.PathLike, rank: int, keep_until: int = 0):
-        from vmae_fast.checkpoint import write_atomic
-
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"samples-rank{rank}.jsonl")
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-            kept = [ln for ln in lines if _step_of(ln) is not None and _step_of(ln) <= keep_until]
-            if len(kept) != len(lines):
-                write_atomic(path, "".join(k + "\n" for k in kept))
+        truncate_jsonl(path, keep_until)
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, step: int, epoch: int, keys: list[str]) -> None:
@@ -205,10 +199,3 @@ class SampleLog:
 
     def close(self) -> None:
         self.f.close()
-
-
-def _step_of(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):  # a line cut short by a crash
-        return None

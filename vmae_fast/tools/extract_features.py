@@ -150,17 +150,14 @@ class _Forward:
             workers = min(self.threads, -(-batch_size // CPU_PART))
         self.workers = max(1, workers) if on_cpu else 0
         self.intra = max(1, self.threads // self.workers) if self.workers else self.threads
-        self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix=PROG) if self.workers else None
         parts = self.workers > 1
+        # each worker thread takes its share of the intra-op threads once, as it starts
+        share = dict(initializer=torch.set_num_threads, initargs=(self.intra,)) if parts else {}
+        self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix=PROG, **share) if self.workers else None
         self.step = CPU_PART if parts else batch_size
         self.depth = -(-batch_size // CPU_PART) if parts else 1
         if parts:
             torch.set_num_threads(self.intra)  # the reading too: the workers hold the cores
-
-    def _part(self, clips: list[torch.Tensor]) -> torch.Tensor:
-        if self.workers > 1:
-            torch.set_num_threads(self.intra)
-        return forward_windows(self.model, clips, self.pool, self.amp)
 
     def submit(self, clips: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
         """Starts the pass; the returned function waits for its ``(len(clips), ...)`` rows."""
@@ -168,7 +165,8 @@ class _Forward:
             feats = forward_windows(self.model, clips, self.pool, self.amp)
             return lambda: feats
         size = CPU_PART if self.workers > 1 else len(clips)  # one worker: the whole batch, all cores
-        futures = [self.executor.submit(self._part, clips[i:i + size]) for i in range(0, len(clips), size)]
+        futures = [self.executor.submit(forward_windows, self.model, clips[i:i + size], self.pool, self.amp)
+                   for i in range(0, len(clips), size)]
         return lambda: torch.cat([f.result() for f in futures])
 
     def close(self) -> None:
@@ -242,8 +240,7 @@ class _Pending:
 
     def __init__(self, video: str, dest: Path, source, reader: _WindowReader):
         self.video, self.dest, self.source, self.reader = video, dest, source, reader
-        self.rows: list[torch.Tensor] = []
-        self.done = 0
+        self.rows: list[torch.Tensor] = []  # one a window, in order, until the file is written
         self.failed = False
 
     def close(self) -> None:
@@ -309,9 +306,8 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
         feats = wait()
         for (item, _), row in zip(batch, feats):
             item.rows.append(row)
-            item.done += 1
         for item in dict.fromkeys(item for item, _ in batch):
-            if item.done == len(item.reader) and not item.failed:
+            if len(item.rows) == len(item.reader) and not item.failed:
                 write_npy(item.dest, torch.stack(item.rows).numpy())
                 done["written"].append(item.video)
                 item.rows = []

@@ -417,7 +417,7 @@ def open_video_bytes(data: bytes, decoder: str = "auto", threads: int = 1,
     """``open_video`` for a video held in memory (the same frames as from its file). ``index``:
     PyAV's packet index of these bytes (``stored_index``), used by the pyav reader."""
     name = resolve_decoder(decoder)
-    if name == "pyav" and index is not None:
+    if name == "pyav":
         return _PyAVBytes(data, threads=threads, index=index)
     return _BYTES_READERS[name](data, threads=threads)
 
