@@ -11,9 +11,11 @@
 - ``cpu_bf16``: bf16 inference on a CPU (no gradients, no dropout): the math path one
   ``(batch, head)`` at a time in bf16 matmuls (``cpu_bf16_attention``). On CPUs with bf16 dot
   products but no AMX (e.g. AMD EPYC with ``avx512_bf16``), SDPA's CPU flash kernel runs bf16 no
-  faster than fp32 while a bf16 matmul runs 4x faster than fp32 (measured there: 0.084 vs 0.04-0.05
-  CPU s per ViT-B 16x224 layer and clip, one thread). The inference tools pick it on CPU under
-  bf16 (``vmae_fast.tools.common.inference_attention``).
+  faster than fp32 while a bf16 matmul is several times faster than fp32. ViT-B 16x224
+  ``forward_features`` of one clip under bf16 autocast, one thread, 2-vCPU AMD EPYC (Zen 5): 1.80
+  CPU s with SDPA, 1.27 with ``cpu_bf16`` (median of 5; the command: README, "Feature extraction
+  speed"). The inference tools pick it on CPU under bf16
+  (``vmae_fast.tools.common.inference_attention``).
 - ``auto``: the first usable of ``AUTO_PRIORITY``.
 
 The environment variable ``VMAE_FAST_ATTN`` overrides the backend a model was built with.

@@ -84,8 +84,8 @@ def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype
 
 def inference_attention(model: torch.nn.Module, device: torch.device, amp: torch.dtype | None) -> None:
     """bf16 inference on a CPU runs attention as ``cpu_bf16`` (``vmae_fast.attention``: bf16
-    matmuls instead of SDPA's CPU flash kernel, 1.6-2x less time per layer where bf16 matmuls are
-    native); elsewhere the model keeps its backend. ``$VMAE_FAST_ATTN`` overrides both."""
+    matmuls instead of SDPA's CPU flash kernel, where bf16 matmuls are native; the measurement is
+    there); elsewhere the model keeps its backend. ``$VMAE_FAST_ATTN`` overrides both."""
     if device.type == "cpu" and amp == torch.bfloat16:
         from ..layers import set_attention_backend
 

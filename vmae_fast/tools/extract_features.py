@@ -113,8 +113,9 @@ class _WindowReader:
 
 # Windows per forward pass on a CPU. Small parts keep ViT-B's largest activations (the MLP's
 # hidden layer: 19 MB for 2 clips in bf16) under glibc's 32 MB mmap threshold, so freed blocks
-# are reused instead of mapped and faulted in again at every pass (3.2 instead of 6.7 system
-# CPU s for 30 windows); larger parts gain nothing in the matmuls.
+# are reused instead of mapped and faulted in again at every pass (system CPU 6.7 -> 3.2-4.6 s
+# for the README's feature-extraction command, 30 ViT-B windows, 2-vCPU AMD EPYC under load);
+# larger parts gain nothing in the matmuls.
 CPU_PART = 2
 
 
@@ -133,9 +134,11 @@ class _Forward:
     at most ``CPU_PART`` windows, run by ``workers`` threads (default: one per intra-op thread,
     at most one per part of a batch), each with its share of the intra-op threads (one on a small
     machine). The parts are independent clips, so the rows are those of one pass. With one
-    intra-op thread no op waits at a barrier for a core another process holds (on a shared 2-core
-    machine at load 8: 1.3 vs 3.8-5.8 CPU s per ViT-B clip), and the next batch is read while this
-    one runs. Elsewhere (CUDA) the pass runs on the caller's thread, as ``forward_windows``.
+    intra-op thread no op waits at a barrier for a core another process holds (on this 2-vCPU AMD
+    EPYC at load 8 from other jobs: 1.3 vs 3.8-5.8 CPU s per ViT-B 16x224 clip, not reproduced
+    idle, where the gain is the overlap: README, "Feature extraction speed"), and the next batch
+    is read while this one runs. Elsewhere (CUDA) the pass runs on the caller's thread, as
+    ``forward_windows``.
 
     ``step``: windows the caller hands over at a time (a part when there are several workers, so
     the first part starts after 2 windows are read, not 16); ``depth``: hand-overs in the model at

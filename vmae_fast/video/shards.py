@@ -17,8 +17,9 @@ read as before) are the PyAV reader's packet index of the stored bytes: every fr
 as ``[first, step, count]`` runs (``pack_pts``), and the frame numbers of the keyframes;
 ``index_by`` the libavformat version that found them (another version's demuxer may number the
 timestamps otherwise, edit lists for one: its reader then indexes the video itself). A reader
-given them skips the pass that demuxes the whole video to find them (1.2-1.5 ms a 10 s 320p
-clip, ``vmae-bench loader --breakdown``'s ``open+index``), which a file cannot skip.
+given them skips the pass that demuxes the whole video to find them, which a file cannot skip
+(``vmae-bench loader --breakdown``'s ``open+index``, 10 s 320p clips on a 2-vCPU AMD EPYC: 0.8
+against 1.6 CPU-ms a video; README, the loader's source axis).
 
 ``key`` is the list line's index, 9 digits (unique even when a list names a video twice; the
 JSON's ``path`` is the list's path); ``index`` the same number, which seeds the sample's random
@@ -99,7 +100,8 @@ def _open(url: str, mode: str = "rb"):
     path = _local_path(url)
     if path is not None:
         # 1 MiB reads: the tar reader asks for 10 KiB at a time, each a read(2) through the 8 KiB
-        # buffer webdataset opens local files with (0.8 -> 0.5 CPU-ms a 1 MB sample)
+        # buffer webdataset opens local files with (0.8 -> 0.5 CPU-ms a 1 MB sample: the tar read
+        # of `vmae-bench loader --breakdown`, 2-vCPU AMD EPYC)
         return open(path, mode, buffering=1 << 20)
     from webdataset.gopen import gopen  # (the package imports in seconds: only when reading)
 
