@@ -21,7 +21,7 @@ from vmae_fast.flops import attention_flops
 from vmae_fast.masking import num_decoder_tokens
 
 from .common import device as devmod
-from .common.cli import add_arch_arg, add_device_arg, add_output_args, make_parser, parse_plan
+from .common.cli import add_arch_arg, add_device_arg, add_output_args, check_timing_counts, make_parser, parse_plan
 from .common.output import result_header, save_result
 from .common.timing import PeakMemory, time_fn
 from .runner import DTYPES, short_arch
@@ -68,6 +68,7 @@ def plan(ns) -> dict:
     dev = select_device(ns.device)  # cuda:N also becomes the current device
     if ns.batch is not None and ns.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {ns.batch}")
+    check_timing_counts(ns)
     return {"device": dev, "archs": ns.arch, "dtype": DTYPES[ns.dtype or ("bf16" if dev.type == "cuda" else "fp32")],
             "repeats": ns.repeats or (30 if dev.type == "cuda" else 5)}
 

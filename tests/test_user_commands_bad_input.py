@@ -34,6 +34,8 @@ def files(tmp_path_factory):
     (d / "three.txt").write_text("a\nb\nc\nd\n")
     (d / "broken.mp4").write_bytes(b"not a video")
     (d / "afile").write_text("x")
+    (d / "hf_no_weights").mkdir()  # a folder as --checkpoint, with no model.safetensors in it
+    (d / "bad.json").write_text('{"a":\n')
     return d
 
 
@@ -61,6 +63,11 @@ CASES = [  # (command, argv, words the line must hold)
     (P, [VIDEO, PT], ["--checkpoint", "no classification head"]),
     (P, [VIDEO, FT, "--labels", "nope"], ["--labels", "'nope'", "k400"]),
     (P, [VIDEO, FT, "--labels", "{d}/three.txt"], ["--labels gives 4 names for a model of 3 classes"]),
+    (P, [VIDEO, FT, "--labels", "{d}/ft.pth"], ["--labels: labels ", "ft.pth: not a text file (expected one name "
+                                                "a line, or JSON)"]),
+    (P, [VIDEO, FT, "--labels", "{d}/bad.json"], ["--labels: labels ", "bad.json: not valid JSON (Expecting value"]),
+    (P, [VIDEO, "--checkpoint={d}/hf_no_weights"], ["--checkpoint: ", "hf_no_weights is a folder without "
+                                                    "model.safetensors or pytorch_model.bin"]),
     (P, [VIDEO, FT, "--num-heads", "0"], ["--num-heads must be >= 1, got 0"]),
     (P, [VIDEO, FT, "--num-heads", "5"], ["--num-heads 5: ", "not divisible"]),
     (P, [VIDEO, "--checkpoint={d}/w48.pth"], ["--checkpoint", "width 48", "pass --num-heads"]),
@@ -83,6 +90,7 @@ CASES = [  # (command, argv, words the line must hold)
     (X, [FT, "--out={d}/m.pt"], ["--out must name a .onnx file"]),
     (X, [FT, "--out={d}/m.onnx", "--no-pool"], ["--no-pool applies to --encoder"]),
     (X, ["--checkpoint={d}/text.txt", "--out={d}/m.onnx"], ["--checkpoint", "not a PyTorch checkpoint"]),
+    (X, ["--checkpoint={d}/hf_no_weights", "--out={d}/m.onnx"], ["--checkpoint: ", "is a folder without"]),
     (X, [PT, "--out={d}/m.onnx"], ["--checkpoint", "no classification head", "--encoder"]),
 ]
 
@@ -129,6 +137,19 @@ TRAIN = [  # parse-time mistakes of the training CLIs, and vmae-bench's
     ("vmae-finetune", ["--model", "vit_s"], ["--output-dir", "required"]),  # the alias parses; the next error shows
     ("vmae-bench", ["memory", "--arch", "vit_zz"], ["--arch", "unknown arch 'vit_zz'"]),
     ("vmae-bench", ["attention", "--device", "cuda"], ["--device 'cuda'", "CUDA is not available"]),
+    ("vmae-bench", ["attention", "--device", "cpu", "--repeats", "0"], ["--repeats must be >= 1, got 0"]),
+    ("vmae-bench", ["kernels", "--device", "cpu", "--warmup", "-1"], ["--warmup must be >= 0, got -1"]),
+    ("vmae-bench", ["kernels", "--device", "cpu", "--repeats", "-1"], ["--repeats must be >= 1, got -1"]),
+    ("vmae-shards", ["--data-list", "{d}/three.txt", "--kind", "pretrainx", "--out", "{d}/sh"],
+     ["argument --kind: invalid choice: 'pretrainx'"]),
+    ("vmae-shards", ["--data-list", "{d}/three.txt", "--kind", "pretrain", "--out", "{d}/sh", "--workers", "x"],
+     ["argument --workers: invalid int value: 'x'"]),
+    ("vmae-shards", ["--data-list", "{d}/three.txt", "--kind", "pretrain", "--out", "{d}/sh"],
+     ["--data-list: ", "three.txt:1: expected '<path> <start_idx> <total_frames>"]),
+    ("vmae-pretrain", ["--data-list", "{d}/three.txt", "--output-dir", "{d}/run"],
+     ["--data-list: ", "three.txt:1: expected '<path> <start_idx> <total_frames>"]),
+    ("vmae-finetune", ["--train-list", "{d}/three.txt", "--num-classes", "3", "--output-dir", "{d}/run"],
+     ["--train-list: ", "three.txt:1: expected '<path> <label> or <path> <total_frames> <label>'"]),
 ]
 
 
@@ -143,14 +164,16 @@ def test_training_and_bench_commands_too(prog, argv, words, files, capsys, monke
             bench_main(argv)
         code, line_prog = stop.value.code, f"vmae-bench {argv[0]}"
     else:
-        from train import finetune, pretrain
+        from train import finetune, pretrain, write_shards
 
-        code = run_cli((pretrain if prog == "vmae-pretrain" else finetune).main, prog, argv)
+        main = {"vmae-pretrain": pretrain.main, "vmae-finetune": finetune.main, "vmae-shards": write_shards.main}
+        code = run_cli(main[prog], prog, argv)
         line_prog = prog
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert code == EXIT_USAGE and len(lines) == 1 and lines[0].startswith(f"{line_prog}: error: "), lines
     assert "Traceback" not in err and all(w in lines[0] for w in words), lines[0]
+    assert not (files / "run").exists() and not (files / "sh").exists()  # refused before any output
 
 
 def test_the_training_clis_take_the_arch_aliases():

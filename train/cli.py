@@ -72,12 +72,13 @@ def training_data(cfg: TaskConfig, dataset):
     return ListSource(dataset, cfg.run.seed, log_dir)
 
 
-def read_list_or_usage(path: str, data_root: str, kind: str) -> list:
-    """``vmae_fast.video.read_list``, its errors (a bad line, a missing file) as one usage line."""
+def read_list_or_usage(flag: str, path: str, data_root: str, kind: str) -> list:
+    """``vmae_fast.video.read_list``, its errors (a bad line, a missing file) as one usage line
+    that names ``flag``."""
     try:
         return read_list(path, data_root, kind)
     except (ValueError, FileNotFoundError) as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def read_list_checked(cfg: TaskConfig, flag: str, kind: str, num_classes: int | None = None) -> list:
@@ -86,7 +87,7 @@ def read_list_checked(cfg: TaskConfig, flag: str, kind: str, num_classes: int | 
     ``--max-missing`` missing files are allowed (named in one warning line; they are skipped and
     counted like unreadable videos); more refuse the run in one line that counts and names them."""
     path = getattr(cfg, flag[2:].replace("-", "_"))
-    entries = read_list_or_usage(path, cfg.data_root, kind)
+    entries = read_list_or_usage(flag, path, cfg.data_root, kind)
     if num_classes is not None:
         bad = [e for e in entries if not 0 <= e.label < num_classes]
         if bad:

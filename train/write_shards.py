@@ -29,7 +29,7 @@ from pathlib import Path
 
 from vmae_fast.checkpoint import write_atomic
 from vmae_fast.errors import EXIT_OK, EXIT_SOME_FAILED, UsageError
-from vmae_fast.cli import run_cli
+from vmae_fast.cli import ArgumentParser, run_cli
 from vmae_fast.video import FRAME_PATTERN, Entry, FrameFolder, read_list
 from vmae_fast.video import shards as fmt
 
@@ -39,7 +39,7 @@ SKIPPED = "skipped.txt"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="vmae-shards", description=__doc__,
+    ap = ArgumentParser(prog="vmae-shards", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
     a("--data-list", required=True, help="the dataset list (any official format of --kind)")

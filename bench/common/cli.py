@@ -70,6 +70,15 @@ def add_arch_arg(p: argparse.ArgumentParser, what: str, default: str | None = No
         p.add_argument("--arch", default=default, type=one, help=help_)
 
 
+def check_timing_counts(ns: argparse.Namespace) -> None:
+    """``--warmup`` >= 0 and ``--repeats`` >= 1 (when given), as a ``ValueError`` in the flags'
+    words (``parse_plan`` makes it the one usage line), before anything is measured."""
+    if getattr(ns, "warmup", None) is not None and ns.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {ns.warmup}")
+    if getattr(ns, "repeats", None) is not None and ns.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {ns.repeats}")
+
+
 def add_output_args(p: argparse.ArgumentParser, stem: str, out_help: str | None = None) -> None:
     """``--out`` (the results folder; unset, ``output.result_path`` takes ``paths.results_dir``)
     and ``--name`` (the file stem)."""

@@ -22,7 +22,7 @@ import torch
 
 from vmae_fast.device import select_device
 
-from ..common.cli import add_arch_arg, add_device_arg, add_output_args, make_parser, parse_plan
+from ..common.cli import add_arch_arg, add_device_arg, add_output_args, check_timing_counts, make_parser, parse_plan
 from ..common.paths import results_help
 from .aot_capture import AOT_ARCHS
 from .aot_compile import AOT_TARGETS
@@ -57,6 +57,7 @@ def plan(ns) -> torch.device | None:
     leaves CUDA uninitialized); bad values raise ``ValueError``."""
     if ns.batch is not None and ns.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {ns.batch}")
+    check_timing_counts(ns)
     if ns.compile_only:
         if ns.jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {ns.jobs}")

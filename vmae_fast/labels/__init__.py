@@ -40,10 +40,17 @@ def load_labels(name_or_path: str | os.PathLike) -> list[str]:
     path = os.fspath(name_or_path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} is neither a labels file nor one of {', '.join(LABEL_SETS)}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ValueError(f"labels {path}: not a text file (expected one name a line, or JSON)") from None
     if path.endswith(".json"):
-        return _parse_json(json.loads(text), path)
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"labels {path}: not valid JSON ({exc})") from None
+        return _parse_json(obj, path)
     return _parse_lines(text, path)
 
 

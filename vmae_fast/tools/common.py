@@ -121,8 +121,9 @@ def load_model_from_args(args: argparse.Namespace, kind: str, **kw: Any) -> torc
     extra = {k: getattr(args, k) for k in ("num_heads", "decoder_num_heads") if getattr(args, k, None)}
     try:
         return load_model(args.checkpoint, kind, num_frames=args.num_frames, img_size=args.img_size, **extra, **kw)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        # (a RuntimeError here is a strict load's key / shape report: its first line says what)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        # (a RuntimeError here is a strict load's key / shape report: its first line says what; an
+        # OSError a folder without weights, or a file that cannot be read)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         # the library names its keyword arguments; a user of the tool types flags
         first = first.replace("pass num_heads=", "pass --num-heads").replace(

@@ -143,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         labels = load_labels(args.labels) if args.labels else None
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--labels {args.labels}: {exc}") from None
+        # the library's message names the file already
+        raise UsageError(f"--labels: {exc}" if args.labels in str(exc) else f"--labels {args.labels}: {exc}") from None
     hf_config = read_hf_config(args.checkpoint) if os.path.exists(args.checkpoint) else None
     model = load_model_from_args(args, "classifier", hf_config=hf_config)
     if model.num_classes == 0:
