@@ -222,3 +222,33 @@ def test_a_video_failing_mid_way_leaves_the_others_whole(tmp_path, monkeypatch):
     assert done["failed"] == [str(bad)] and done["written"] == [VIDEO] and errors.failed == [str(bad)]
     assert not (tmp_path / "f" / "bad.npy").exists()
     assert np.load(tmp_path / "f" / "carphone_distorted.npy").shape == (8, 384)
+
+
+@pytest.mark.parametrize("held", [64, 1])
+def test_each_video_is_opened_once_and_the_bar_counts_every_window(tmp_path, monkeypatch, held):
+    """The counting pass's reader is the extraction's (held=64); past HELD_OPEN a video is opened
+    again at its turn (held=1). The files are the same bytes either way, and the bar's total is
+    every window of the videos to do (8 + 8; the broken one fails at its first open)."""
+    pytest.importorskip("av", reason="PyAV (the test extra) reads the test videos")
+    import shutil
+
+    model, _ = _ckpt(tmp_path)
+    other, bad = tmp_path / "other.mp4", tmp_path / "broken.mp4"
+    shutil.copy(VIDEO, other)
+    bad.write_bytes(b"not a video")
+    opens, totals = [], []
+    real_open, real_bar = E.open_source, E._Progress
+    monkeypatch.setattr(E, "open_source", lambda path, *a: opens.append(os.path.basename(path)) or real_open(path, *a))
+    monkeypatch.setattr(E, "_Progress", lambda total, enabled: totals.append(total) or real_bar(total, False))
+    monkeypatch.setattr(E, "HELD_OPEN", held)
+    errors = E.VideoErrors("vmae-extract-features")
+    # (a batch is one video's 8 windows, so every row comes from the same pass as alone: equal bytes)
+    done = E.extract(model, [VIDEO, str(bad), str(other)], tmp_path / "f", stride=16, batch_size=8, progress=True,
+                     errors=errors, workers=1)
+    assert done == {"written": [VIDEO, str(other)], "skipped": [], "failed": [str(bad)]} and totals == [16]
+    want = ["carphone_distorted.mp4", "broken.mp4", "other.mp4"] + (["other.mp4"] if held == 1 else [])
+    assert opens == want
+    alone = tmp_path / "alone"
+    E.extract(model, [VIDEO], alone, stride=16, batch_size=8, progress=False, workers=1)
+    ref = (alone / "carphone_distorted.npy").read_bytes()
+    assert (tmp_path / "f" / "carphone_distorted.npy").read_bytes() == ref == (tmp_path / "f" / "other.npy").read_bytes()

@@ -262,9 +262,11 @@ def _open(video: str, decoder: str, dest: Path, cfg, stride: int, sampling_rate:
     return _Pending(video, dest, src, reader)
 
 
-def _count_windows(video: str, decoder: str, cfg, stride: int, sampling_rate: int) -> int:
-    with open_source(video, decoder) as src:
-        return len(window_starts(len(src), cfg.num_frames, stride, sampling_rate))
+# Videos the counting pass keeps open for their extraction, so each is opened (and, for the
+# decoders, indexed: a demux of the whole file) once. Past it a video is counted, closed and
+# opened again at its turn: a dataset of thousands of videos must not hold thousands of file
+# descriptors and decoder buffers at once.
+HELD_OPEN = 64
 
 
 def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.PathLike, *, stride: int = 4,
@@ -277,8 +279,10 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
 
     The windows of consecutive videos share forward passes of ``batch_size`` windows (a video of
     3 windows does not run a batch of 3 alone); each video's file is written as soon as its last
-    window is through. The videos are opened once first to count their windows (the progress bar's
-    total and ETA); one that cannot be opened is named and counted then, before any model work.
+    window is through. Every video is opened before any model work, to count its windows (the
+    progress bar's total and ETA); one that cannot be opened is named and counted then. The first
+    ``HELD_OPEN`` stay open for their extraction (one open each); later ones are opened again at
+    their turn.
     On a CPU, ``workers`` threads (default: one per intra-op thread, at most one per 2 windows of a
     batch) run parts of 2 windows, each handed over as soon as it is read, up to ``batch_size``
     windows in the model at once (``_Forward``)."""
@@ -286,19 +290,28 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
     errors = errors or VideoErrors(PROG)
     cfg = model.cfg
     done: dict[str, list[str]] = {"written": [], "skipped": [], "failed": []}
-    todo: list[tuple[str, Path]] = []
+    todo: list[tuple[str, Path, _Pending | None]] = []  # (video, file, its open reader or None)
     total = 0
-    for video in videos:
-        dest = output_path(out_dir, video)
-        if dest.exists():
-            done["skipped"].append(video)
-            continue
-        ok, n = errors.attempt(video, _count_windows, video, decoder, cfg, stride, sampling_rate)
-        if not ok:
-            done["failed"].append(video)
-            continue
-        todo.append((video, dest))
-        total += n
+    try:
+        for video in videos:
+            dest = output_path(out_dir, video)
+            if dest.exists():
+                done["skipped"].append(video)
+                continue
+            ok, item = errors.attempt(video, _open, video, decoder, dest, cfg, stride, sampling_rate, input_norm)
+            if not ok:
+                done["failed"].append(video)
+                continue
+            total += len(item.reader)
+            if len(todo) >= HELD_OPEN:
+                item.close()
+                item = None
+            todo.append((video, dest, item))
+    except BaseException:
+        for _, _, item in todo:
+            if item is not None:
+                item.close()
+        raise
     bar = _Progress(total, progress)
     queue: list[tuple[_Pending, torch.Tensor]] = []  # windows read, not yet through the model
     forward = _Forward(model, pool, amp_dtype, workers, batch_size)
@@ -322,11 +335,13 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
         running.append((batch, forward.submit([clip for _, clip in batch])))
 
     try:
-        for video, dest in todo:
-            ok, item = errors.attempt(video, _open, video, decoder, dest, cfg, stride, sampling_rate, input_norm)
-            if not ok:
-                done["failed"].append(video)
-                continue
+        for k, (video, dest, item) in enumerate(todo):
+            if item is None:
+                ok, item = errors.attempt(video, _open, video, decoder, dest, cfg, stride, sampling_rate, input_norm)
+                if not ok:
+                    done["failed"].append(video)
+                    continue
+            todo[k] = (video, dest, None)  # closed below, by whoever holds it now
             try:
                 while item.reader.next < len(item.reader):
                     ok, clips = errors.attempt(video, item.reader.read, forward.step - len(queue))
@@ -346,6 +361,9 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
         while running:
             finish()
     finally:
+        for _, _, item in todo:  # held readers of videos not reached (an error or an interrupt)
+            if item is not None:
+                item.close()
         forward.close()
         bar.close()
     return done
