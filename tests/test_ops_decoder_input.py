@@ -212,7 +212,6 @@ def test_only_the_gradients_asked_for(needs):
 
 @pytest.mark.parametrize("bad,msg", [
     (lambda z, p, m, v, d: (z.long(), p, m, v, d), "z must be a floating-point tensor, got torch.int64"),
-    (lambda z, p, m, v, d: (z, [1.0], m, v, d), "pos must be a floating-point tensor, got list"),
     (lambda z, p, m, v, d: (z, p, m.int(), v, d), "mask_token must be a floating-point tensor, got torch.int32"),
     (lambda z, p, m, v, d: (z, p[None], m, v, d), "pos must be an (N, D) table, got shape (1, 10, 16)"),
     (lambda z, p, m, v, d: (z[0], p, m, v, d), "z must be (B, n_vis, 16) to match pos (N, D) = (10, 16), got (3, 16)"),

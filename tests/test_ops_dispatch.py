@@ -5,7 +5,8 @@ import re
 import pytest
 import torch
 
-from vmae_fast.ops import _common, _dispatch
+from vmae_fast import ops
+from vmae_fast.ops import _common, _dispatch, use_kernels
 
 
 @pytest.mark.parametrize("x,want", [(0, 1), (1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (768, 1024), (1024, 1024)])
@@ -156,7 +157,7 @@ def test_check_video_messages_word_for_word():
     ok = torch.zeros(1, 3, 4, 8, 8)
     assert _common.check_video(ok, 2, 4) == (1, 3, 4, 8, 8)
     assert _common.check_video(ok.to(torch.uint8), 2, 4) == (1, 3, 4, 8, 8)
-    with pytest.raises(ValueError, match=r"^video must be a \(B, C, T, H, W\) tensor, got list$"):
+    with pytest.raises(TypeError, match=r"^video must be a torch\.Tensor, got list$"):
         _common.check_video([1], 2, 4)
     with pytest.raises(ValueError, match=r"^video must be a \(B, C, T, H, W\) tensor, got \(3, 4, 8, 8\)$"):
         _common.check_video(ok[0], 2, 4)
@@ -172,7 +173,7 @@ def test_check_video_messages_word_for_word():
 
 def test_check_index_messages_word_for_word():
     _common.check_index(torch.tensor([[0, 7]]), 1, 8, "idx")
-    with pytest.raises(ValueError, match=r"^idx must be a \(1, n\) integer tensor, got tuple$"):
+    with pytest.raises(TypeError, match=r"^idx must be a torch\.Tensor, got tuple$"):
         _common.check_index((0, 1), 1, 8, "idx")
     with pytest.raises(ValueError, match=r"^idx must be a \(1, n\) integer tensor, got \(2,\)$"):
         _common.check_index(torch.tensor([0, 1]), 1, 8, "idx")
@@ -189,3 +190,32 @@ def test_normalize_uint8_defaults_to_the_channels_of_a_clip():
     want = torch.tensor([[[(v / 255 - mean[c]) / std[c] for v in (x[0, c, :, 0, 0].tolist())]
                           for c in range(3)]])[..., None, None]
     torch.testing.assert_close(_common.normalize_uint8(x), want, rtol=0, atol=2e-6)
+
+
+def _public_op_calls():
+    """Every public op and its reference, with good arguments by name (a tiny clip, 2 tokens)."""
+    video, idx = torch.zeros(1, 3, 2, 8, 8), torch.tensor([[0, 3]])
+    z, pos, mt, vis = torch.zeros(1, 1, 4), torch.zeros(4, 4), torch.zeros(4), torch.tensor([[1]])
+    pred, w = torch.zeros(1, 2, 3 * 2 * 4 * 4), torch.ones(1, 2)
+    cube = dict(tubelet=2, patch=4)
+    return [(ops.gather_cubes, dict(video=video, idx=idx), cube),
+            (ops.gather_cubes_ref, dict(video=video, idx=idx), cube),
+            (ops.cube_targets_ref, dict(video=video, idx=idx), cube),
+            (ops.decoder_input, dict(z=z, pos=pos, mask_token=mt, visible_idx=vis, decoder_idx=idx), {}),
+            (ops.decoder_input_ref, dict(z=z, pos=pos, mask_token=mt, visible_idx=vis, decoder_idx=idx), {}),
+            (ops.masked_mse_loss, dict(pred=pred, video=video, decoder_idx=idx, weight=w), cube),
+            (ops.masked_mse_loss_ref, dict(pred=pred, video=video, decoder_idx=idx, weight=w), cube)]
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_public_ops_name_an_argument_that_is_not_a_tensor(kernels):
+    """A list (or None) for any tensor argument of a public op is a TypeError that names the
+    argument, before any work: not an AttributeError from deep inside."""
+    for op, tensors, rest in _public_op_calls():
+        with use_kernels(kernels):
+            op(**tensors, **rest)  # the good call runs
+        for name, t in tensors.items():
+            for bad in (t.tolist(), None):
+                with use_kernels(kernels), pytest.raises(TypeError) as err:
+                    op(**(tensors | {name: bad}), **rest)
+                assert str(err.value) == f"{name} must be a torch.Tensor, got {type(bad).__name__}", (op, name)

@@ -58,11 +58,20 @@ def normalize_uint8(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
     return (x.float() / 255 - mean.view(shape)) / std.view(shape)
 
 
+def check_tensors(**named: object) -> None:
+    """``TypeError`` naming the first argument that is not a ``torch.Tensor``: every public op
+    calls it before anything else (a list would otherwise surface as an ``AttributeError`` on
+    ``.requires_grad`` or ``.shape``, deep inside)."""
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
 def check_video(video: torch.Tensor, tubelet: int, patch: int) -> tuple[int, int, int, int, int]:
     """Validate a clip ``(B, C, T, H, W)`` against the cube size; returns its shape."""
-    if not isinstance(video, torch.Tensor) or video.dim() != 5:
-        shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
-        raise ValueError(f"video must be a (B, C, T, H, W) tensor, got {shape}")
+    check_tensors(video=video)
+    if video.dim() != 5:
+        raise ValueError(f"video must be a (B, C, T, H, W) tensor, got {tuple(video.shape)}")
     B, C, T, H, W = video.shape
     if T % tubelet or H % patch or W % patch:
         raise ValueError(f"video of shape {tuple(video.shape)} does not divide into cubes of "
@@ -76,9 +85,9 @@ def check_index(idx: torch.Tensor, batch: int, num_tokens: int, name: str) -> No
     """Shape/dtype checks always; value bounds on CPU (free) or with ``VMAE_FAST_DEBUG=1`` (a
     device sync, so never by default on GPU), not while torch.compile traces (the fused ops'
     launchers check again when they run)."""
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[0] != batch:
-        shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
-        raise ValueError(f"{name} must be a ({batch}, n) integer tensor, got {shape}")
+    check_tensors(**{name: idx})
+    if idx.dim() != 2 or idx.shape[0] != batch:
+        raise ValueError(f"{name} must be a ({batch}, n) integer tensor, got {tuple(idx.shape)}")
     if idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name} must be int64 or int32, got {idx.dtype}")
     if torch.compiler.is_compiling():  # a value check would be data-dependent; the ops re-check at run time

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import envs
-from ._common import check_index, kernels_enabled
+from ._common import check_index, check_tensors, kernels_enabled
 from ._dispatch import (HAS_TRITON, check_device, check_kernel_device, launch, next_pow2,
                         register_kernels, revalidate)
 
@@ -36,6 +36,7 @@ def decoder_input_ref(z: torch.Tensor, pos: torch.Tensor, mask_token: torch.Tens
 
         torch.cat([z + pos[visible_idx], mask_token + pos[decoder_idx]], dim=1)
     """
+    check_tensors(z=z, pos=pos, mask_token=mask_token, visible_idx=visible_idx, decoder_idx=decoder_idx)
     D = pos.shape[-1]
     return torch.cat([z + pos[visible_idx], mask_token.reshape(1, 1, D) + pos[decoder_idx]], dim=1)
 
@@ -107,10 +108,10 @@ if HAS_TRITON:
 
 
 def _validate(z, pos, mask_token, visible_idx, decoder_idx):
+    check_tensors(z=z, pos=pos, mask_token=mask_token, visible_idx=visible_idx, decoder_idx=decoder_idx)
     for name, t in (("z", z), ("pos", pos), ("mask_token", mask_token)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a floating-point tensor, got {got}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if pos.dim() != 2:
         raise ValueError(f"pos must be an (N, D) table, got shape {tuple(pos.shape)}")
     N, D = pos.shape
@@ -123,8 +124,7 @@ def _validate(z, pos, mask_token, visible_idx, decoder_idx):
     B, n_vis = z.shape[:2]
     for name, t in (("pos", pos), ("mask_token", mask_token), ("visible_idx", visible_idx),
                     ("decoder_idx", decoder_idx)):
-        if isinstance(t, torch.Tensor):
-            check_device(name, t, z.device)
+        check_device(name, t, z.device)
     check_index(visible_idx, B, N, "visible_idx")
     check_index(decoder_idx, B, N, "decoder_idx")
     if visible_idx.shape[1] != n_vis:
@@ -290,6 +290,7 @@ def decoder_input(z: torch.Tensor, pos: torch.Tensor, mask_token: torch.Tensor,
     """Decoder input (contract of ``decoder_input_ref``) through ``vmae_fast::decoder_input``:
     Triton on CUDA, native/interpreter/reference on CPU (``ops._dispatch``); the gradients of
     ``z``, ``mask_token`` (its shape kept) and a learnable ``pos`` come from the op's backward."""
+    check_tensors(z=z, pos=pos, mask_token=mask_token, visible_idx=visible_idx, decoder_idx=decoder_idx)
     if not kernels_enabled():
         return decoder_input_ref(z, pos, mask_token, visible_idx, decoder_idx)
     _validate(z, pos, mask_token, visible_idx, decoder_idx)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_index, check_video, imagenet_stats, kernels_enabled, normalize_uint8
+from ._common import (check_index, check_tensors, check_video, imagenet_stats, kernels_enabled,
+                      normalize_uint8)
 from ._dispatch import (HAS_TRITON, check_device, check_kernel_device, cube_origin, div_rn, launch, next_pow2,
                         register_kernels, revalidate)
 
@@ -37,6 +38,7 @@ def gather_cubes_ref(video: torch.Tensor, idx: torch.Tensor, *, tubelet: int, pa
         if layout == 'thwc': cubes = cubes.permute(0, 1, 3, 4, 5, 2)
         cubes.flatten(2)
     """
+    check_tensors(video=video, idx=idx)
     cubes = gather_cubes_raw(video, idx, tubelet=tubelet, patch=patch)
     if video.dtype == torch.uint8:
         cubes = normalize_uint8(cubes, channel_dim=2)  # (B, n, C, t, p, p)
@@ -138,8 +140,6 @@ def _validate(video, idx, tubelet, patch, layout):
     B, C, T, H, W = check_video(video, tubelet, patch)
     if video.dtype == torch.uint8 and C != 3:
         raise ValueError(f"a uint8 clip is normalized with the 3-channel ImageNet stats, got C={C}")
-    if not isinstance(idx, torch.Tensor):
-        raise ValueError(f"idx must be a tensor, got {type(idx).__name__}")
     check_device("idx", idx, video.device)
     check_index(idx, B, (T // tubelet) * (H // patch) * (W // patch), "idx")
     return B, C, T, H, W, idx.shape[1]
@@ -176,6 +176,7 @@ def gather_cubes(video: torch.Tensor, idx: torch.Tensor, *, tubelet: int, patch:
     """Cube gather (see ``gather_cubes_ref`` for the contract) through ``vmae_fast::gather_cubes``
     (the kernel registered for the clip's device, see ``ops._dispatch``), or the reference when
     the clip needs a gradient or the kernels are off (``VMAE_FAST_KERNELS=0``, ``use_kernels``)."""
+    check_tensors(video=video, idx=idx)
     if video.requires_grad or not kernels_enabled():
         return gather_cubes_ref(video, idx, tubelet=tubelet, patch=patch, layout=layout)
     _validate(video, idx, tubelet, patch, layout)

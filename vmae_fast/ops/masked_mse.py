@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_index, check_video, imagenet_stats, kernels_enabled
+from ._common import check_index, check_tensors, check_video, imagenet_stats, kernels_enabled
 from ._dispatch import (HAS_TRITON, check_device, check_kernel_device, cube_origin, div_rn, launch, next_pow2,
                         register_kernels, revalidate)
 from .gather_cubes import gather_cubes_raw
@@ -36,6 +36,7 @@ def cube_targets_ref(video: torch.Tensor, idx: torch.Tensor, *, tubelet: int, pa
     ``(t, h, w, c)`` order. Pixels are un-normalized (``x*std + mean`` for a float clip,
     ``x/255`` for uint8); with ``normalize`` each cube is standardized per channel over its
     ``t*p*p`` pixels with the unbiased variance: ``(x - mean) / (sqrt(var) + eps)``."""
+    check_tensors(video=video, idx=idx)
     cubes = gather_cubes_raw(video, idx, tubelet=tubelet, patch=patch)  # (B, n, C, t, p, p)
     B, n, C = cubes.shape[:3]
     cubes = cubes.permute(0, 1, 3, 4, 5, 2).reshape(B, n, -1, C)  # (B, n, t*p*p, C)
@@ -69,6 +70,7 @@ def masked_mse_loss_ref(pred: torch.Tensor, video: torch.Tensor, decoder_idx: to
         rows = ((pred.float() - target) ** 2).mean(-1)
         (rows * weight).sum() / weight.sum()
     """
+    check_tensors(pred=pred, video=video, decoder_idx=decoder_idx, weight=weight)
     target = cube_targets_ref(video, decoder_idx, tubelet=tubelet, patch=patch,
                               normalize=normalize, eps=eps)
     rows = (pred.float() - target).pow(2).mean(dim=-1)
@@ -132,21 +134,19 @@ if HAS_TRITON:
 
 
 def _validate(pred, video, decoder_idx, weight, tubelet, patch):
+    check_tensors(pred=pred, video=video, decoder_idx=decoder_idx, weight=weight)
     if not (isinstance(tubelet, int) and isinstance(patch, int) and tubelet > 0 and patch > 0):
         raise ValueError(f"tubelet and patch must be positive ints, got {tubelet!r}, {patch!r}")
     B, C, T, H, W = check_video(video, tubelet, patch)
     if C != 3:
         raise ValueError(f"the target un-normalizes with the 3-channel ImageNet stats, got C={C}")
     P = C * tubelet * patch * patch
-    if not isinstance(pred, torch.Tensor) or pred.dim() != 3 or pred.shape[0] != B or pred.shape[2] != P:
-        got = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
-        raise ValueError(f"pred must be ({B}, n, {P}) for this clip and cube size, got {got}")
+    if pred.dim() != 3 or pred.shape[0] != B or pred.shape[2] != P:
+        raise ValueError(f"pred must be ({B}, n, {P}) for this clip and cube size, got {tuple(pred.shape)}")
     if not pred.is_floating_point():
         raise ValueError(f"pred must be floating point, got {pred.dtype}")
     n = pred.shape[1]
     for name, t in (("decoder_idx", decoder_idx), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
         check_device(name, t, pred.device)
     check_device("video", video, pred.device)
     check_index(decoder_idx, B, (T // tubelet) * (H // patch) * (W // patch), "decoder_idx")
@@ -289,6 +289,7 @@ def masked_mse_loss(pred: torch.Tensor, video: torch.Tensor, decoder_idx: torch.
     """Loss (contract of ``masked_mse_loss_ref``) through ``vmae_fast::masked_mse_loss``: Triton
     on CUDA, native/interpreter/reference on CPU (``ops._dispatch``); the gradient of ``pred``
     comes from the op's backward. A clip or weight that needs a gradient takes the reference."""
+    check_tensors(pred=pred, video=video, decoder_idx=decoder_idx, weight=weight)
     if video.requires_grad or weight.requires_grad or not kernels_enabled():
         return masked_mse_loss_ref(pred, video, decoder_idx, weight, tubelet=tubelet, patch=patch,
                                    normalize=normalize, eps=eps)
