@@ -183,16 +183,25 @@ def test_a_torchcodec_built_for_another_torch_is_one_line_and_a_fallback(monkeyp
 def test_missing_and_corrupt_files_raise(tmp_path):
     with pytest.raises(FileNotFoundError):
         decode.open_video(tmp_path / "nope.mp4", "pyav")
-    bad = tmp_path / "bad.mp4"
+    bad, empty, cut = tmp_path / "bad.mp4", tmp_path / "empty.mp4", tmp_path / "cut.mp4"
     bad.write_bytes(b"\x00not a video" * 50)
-    # each library's own error for undecodable data (no common type: the data loader counts a
-    # video it cannot read as skipped whatever the reason). torchcodec: its C++ core's
-    # RuntimeError, or a ValueError from its Python checks (not run here without FFmpeg).
-    errors = {"pyav": av.error.InvalidDataError, "decord": RuntimeError, "torchcodec": (RuntimeError, ValueError)}
+    empty.write_bytes(b"")
+    cut.write_bytes((DATA / "carphone_distorted.mp4").read_bytes()[:2000])  # its index (moov) is at the end
+    # every decoder's "cannot open" is one type, in words; the library's own error is its cause
     for name in decode.available_decoders():
-        assert name in errors, f"give the decoder {name!r} its error type here"
-        with pytest.raises(errors[name]):
-            decode.open_video(bad, name).get([0])
+        for path in (bad, empty, cut):
+            with pytest.raises(decode.UnreadableVideo) as err:
+                decode.open_video(path, name)
+            assert err.value.path == str(path) and str(err.value).startswith("not a readable video ("), name
+            assert "Errno" not in str(err.value) and len(str(err.value)) < 140, str(err.value)
+    with pytest.raises(decode.UnreadableVideo) as err:
+        decode.open_video(empty, "pyav")
+    assert str(err.value) == "not a readable video (empty file)" and err.value.__cause__ is None
+    for path in (bad, cut):  # FFmpeg's own reason, from its log (not "[Errno 1094995529] Invalid data ...")
+        with pytest.raises(decode.UnreadableVideo) as err:
+            decode.open_video(path, "pyav")
+        assert str(err.value) == "not a readable video (FFmpeg: moov atom not found)"
+        assert isinstance(err.value.__cause__, av.error.InvalidDataError)
 
 
 def test_pyav_reads_a_raw_stream_without_timestamps(tmp_path):

@@ -121,7 +121,8 @@ def test_a_bad_video_is_one_line_and_the_good_one_keeps_its_output(files, capsys
     assert code == EXIT_SOME_FAILED and [r["video"] for r in json.loads(captured.out)] == [VIDEO]
     skipped = [x for x in captured.err.splitlines() if "skipping" in x]
     assert [x.split(": ")[1] for x in skipped] == [f"skipping {bad}", f"skipping {missing}"]
-    assert "no such video" in skipped[1] and "Traceback" not in captured.err
+    assert skipped == [f"{P}: skipping {bad}: not a readable video (FFmpeg: moov atom not found)",
+                       f"{P}: skipping {missing}: no such video: {missing}"] and "Traceback" not in captured.err
     assert captured.err.splitlines()[-1] == f"{P}: 2 of 3 videos failed (each named above); 1 classified"
     out = files / "feats"
     code = run_cli(extract_features.main, E, [bad, VIDEO, f"--checkpoint={files}/ft.pth", f"--output-dir={out}",

@@ -9,12 +9,13 @@
     views     the official multi-view test protocol (``make_views``)
     shards    video datasets as WebDataset tar shards (imported on its own: ``webdataset``)
 """
-from .decoders import DECODERS, VideoReader, add_decoder_arg, available_decoders, open_video, resolve_decoder
+from .decoders import (DECODERS, UnreadableVideo, VideoReader, add_decoder_arg, available_decoders, open_video,
+                       resolve_decoder)
 from .frames import FRAME_PATTERN, FrameFolder
 from .lists import Entry, read_list
 from .sources import VideoSource, open_source
 from .views import DEFAULT_VIEWS, make_views, parse_views
 
-__all__ = ["DECODERS", "VideoReader", "add_decoder_arg", "available_decoders", "open_video", "resolve_decoder",
+__all__ = ["DECODERS", "UnreadableVideo", "VideoReader", "add_decoder_arg", "available_decoders", "open_video", "resolve_decoder",
            "FRAME_PATTERN", "FrameFolder", "Entry", "read_list", "VideoSource", "open_source", "DEFAULT_VIEWS",
            "make_views", "parse_views"]

@@ -284,7 +284,7 @@ class PyAVReader(VideoReader):
             self.stream = self.container.streams.video[0]
         except IndexError:
             self.container.close()
-            raise ValueError(f"{self.path}: no video stream") from None
+            raise UnreadableVideo(self.path, "no video stream") from None
         ctx = self.stream.codec_context
         ctx.thread_count = self.threads
         if self.threads == 1:
@@ -401,9 +401,45 @@ class PyAVReader(VideoReader):
 _READERS = {"decord": DecordReader, "torchcodec": TorchCodecReader, "pyav": PyAVReader}
 
 
+class UnreadableVideo(ValueError):
+    """A file no video could be read from: ``not a readable video (FFmpeg: moov atom not
+    found)``, FFmpeg's reason in a few words (``reason``), instead of the decoder library's raw
+    text (``[Errno 1094995529] Invalid data found when processing input: '...'; last error log:
+    [mov,mp4,m4a,3gp,3g2,mj2] moov atom not found``). The message leaves the file to ``path``:
+    every line that reports it (the tools' ``skipping VIDEO: ...``, the loader's) names it first."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"not a readable video ({reason})")
+
+
+def _short_reason(exc: BaseException) -> str:
+    """The decoder's reason in a few words: FFmpeg's last log line when PyAV kept it (the
+    specific one: ``moov atom not found``), else its error text (``Invalid data found when
+    processing input``), else the first line of the message, cut at 100 characters."""
+    log = getattr(exc, "log", None)  # PyAV: (level, component, message) of FFmpeg's last error
+    if isinstance(log, tuple) and len(log) == 3 and str(log[2]).strip():
+        return f"FFmpeg: {str(log[2]).strip()}"
+    if getattr(exc, "strerror", None):
+        return f"FFmpeg: {exc.strerror}"
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return first if len(first) <= 100 else first[:99] + "\u2026"
+
+
 def open_video(path: str | os.PathLike, decoder: str = "auto", threads: int = 1) -> VideoReader:
-    """A reader for one video file with decoder ``decoder`` (``auto`` resolved first)."""
+    """A reader for one video file with decoder ``decoder`` (``auto`` resolved first).
+    ``FileNotFoundError`` when there is no such file; ``UnreadableVideo`` when the decoder cannot
+    open it as a video (empty, cut off, not a video at all, no video stream)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such video: {path}")
-    return _READERS[resolve_decoder(decoder)](path, threads=threads)  # (a named one that fails: see there)
+    name = resolve_decoder(decoder)  # (a named one that fails to load: see there)
+    if name == "pyav":
+        quiet_pyav()  # FFmpeg's reason comes back in the error (PyAV keeps it once logging is set), not on stderr
+    reader = _READERS[name]
+    if os.path.getsize(path) == 0:
+        raise UnreadableVideo(path, "empty file")
+    try:
+        return reader(path, threads=threads)
+    except Exception as exc:  # every decoder's own type and text for "cannot open this file"
+        raise UnreadableVideo(path, _short_reason(exc)) from exc
