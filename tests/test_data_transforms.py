@@ -115,18 +115,50 @@ def test_collate_writes_views_into_one_contiguous_batch():
 
 
 class _Views(torch.utils.data.Dataset):
+    """Sample ``i``: ``v`` views seeded by ``i``; ``None`` (not loaded) where ``i % 3 == 2`` when
+    ``gaps``."""
+
+    def __init__(self, n=4, v=2, gaps=False):
+        self.n, self.v, self.gaps = n, v, gaps
+
     def __len__(self):
-        return 4
+        return self.n
 
     def __getitem__(self, i):
-        return {"video": _views(i, 2), "label": i, "index": i, "skipped": []}
+        if self.gaps and i % 3 == 2:
+            return {"video": None, "label": i, "index": i, "skipped": [f"f{i}"]}
+        return {"video": _views(i, self.v), "label": i, "index": i, "skipped": []}
 
 
-def test_collate_in_a_worker_allocates_shared_memory():
-    loader = torch.utils.data.DataLoader(_Views(), batch_size=2, num_workers=1, collate_fn=D.collate)
+def _in_process(ds, batch):
+    """The batches collated in this process, in plain memory: the reference."""
+    idx = list(range(len(ds)))
+    return [D.Collate(pin_memory=False)([ds[i] for i in idx[k:k + batch]]) for k in range(0, len(idx), batch)]
+
+
+def _same_batches(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for key in w:
+            if isinstance(w[key], torch.Tensor):
+                assert g[key].dtype == w[key].dtype and torch.equal(g[key], w[key]), key
+            else:
+                assert g[key] == w[key], key
+
+
+@pytest.mark.parametrize("v,gaps", [(1, False), (4, True)])
+def test_collate_in_a_worker_gives_the_in_process_batches_in_shared_memory(v, gaps):
+    # every batch kept by the main process until the end: a later batch must not have written
+    # into an earlier one (the worker reuses only its private staging buffer)
+    ds = _Views(n=7, v=v, gaps=gaps)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=1, collate_fn=D.collate)
     batches = list(loader)
-    assert len(batches) == 2 and all(b["video"].is_shared() for b in batches)
-    assert torch.equal(batches[1]["video"][3], _views(3, 2)[1])
+    assert all(b["video"].is_shared() and b["video"].is_contiguous() for b in batches)
+    _same_batches(batches, _in_process(ds, 3))
+    if gaps:  # samples 2 and 5 not loaded: left out of video, label and index, marked in loaded
+        assert batches[0]["loaded"].tolist() == [True, True, False] and batches[0]["skipped"] == ["f2"]
+        assert tuple(batches[0]["video"].shape) == (2 * v, 3, 4, 8, 8)
 
 
 def test_collate_refuses_samples_with_different_view_counts():
@@ -143,36 +175,73 @@ def test_collate_in_the_main_process_allocates_plain_memory():
     assert torch.equal(out["video"][1], _views(0, 2)[1])
 
 
-@pytest.mark.parametrize("helper", [True, False])
-def test_collate_in_a_worker_writes_into_shared_memory(monkeypatch, helper):
-    # in-process, as a DataLoader worker (get_worker_info() is set there): the batch is allocated
-    # in shared memory by UntypedStorage._new_shared; a torch without that helper moves a plain
-    # tensor there instead
+def _refused(*args, **kwargs):
+    raise AssertionError("this path was not to be taken")
+
+
+@pytest.mark.parametrize("path", ["memfd", "memfd refused", "file_system strategy", "no _new_shared"])
+@pytest.mark.parametrize("pin", [False, True])
+def test_collate_in_a_worker_writes_into_shared_memory(monkeypatch, path, pin):
+    # in-process, as a DataLoader worker (get_worker_info() is set there); each path forced by
+    # refusing the others: the staged batch written into a memfd, or (memfd_create refused by
+    # the kernel, or the file_system sharing strategy) allocated by UntypedStorage._new_shared
+    # and filled there, or (a torch without that helper) a plain tensor moved there. pin_memory
+    # is the main process's business: a worker on a machine without CUDA ignores it
+    import os
+
+    from train import worker_batch as W
+
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
-
-    def refused(*args):
-        raise AttributeError("refused here")
-
-    if helper:
-        monkeypatch.setattr(torch.Tensor, "share_memory_", refused)
+    if path == "memfd":
+        monkeypatch.setattr(torch.UntypedStorage, "_new_shared", staticmethod(_refused))
+        monkeypatch.setattr(torch.Tensor, "share_memory_", _refused)
     else:
-        monkeypatch.setattr(torch.UntypedStorage, "_new_shared", staticmethod(refused))
+        if path != "file_system strategy":  # where it is not even tried
+            def enosys(*args):
+                raise OSError(38, "Function not implemented")
+
+            monkeypatch.setattr(os, "memfd_create", enosys)
+        else:
+            monkeypatch.setattr(os, "memfd_create", _refused)
+        if path == "file_system strategy":
+            monkeypatch.setattr(torch.multiprocessing, "get_sharing_strategy", lambda: "file_system")
+        if path == "no _new_shared":
+            def missing(*args):
+                raise AttributeError("refused here")
+
+            monkeypatch.setattr(torch.UntypedStorage, "_new_shared", staticmethod(missing))
+        else:
+            monkeypatch.setattr(torch.Tensor, "share_memory_", _refused)
     samples = [{"video": _views(b, 2), "label": b, "index": b, "skipped": []} for b in range(3)]
-    v = D.Collate(pin_memory=False)(samples)["video"]
-    assert v.is_shared() and v.dtype == torch.uint8 and tuple(v.shape) == (6, 3, 4, 8, 8) and v.is_contiguous()
-    assert v.untyped_storage().nbytes() == 6 * 3 * 4 * 8 * 8
+    v = D.Collate(pin_memory=pin)(samples)["video"]
+    assert v.is_shared() and not v.is_pinned() and v.dtype == torch.uint8 and v.is_contiguous()
+    assert tuple(v.shape) == (6, 3, 4, 8, 8) and v.untyped_storage().nbytes() == 6 * 3 * 4 * 8 * 8
     for k in range(6):
         assert torch.equal(v[k], samples[k // 2]["video"][k % 2])
+    if path == "memfd":  # already a file-descriptor storage: sharing it maps no new memory
+        ptr = v.untyped_storage().data_ptr()
+        v.untyped_storage()._share_fd_cpu_()
+        assert v.untyped_storage().data_ptr() == ptr
+
+
+def test_worker_batch_stages_privately_and_writes_each_batch_anew():
+    # a batch already handed over keeps its values while the staging buffer is refilled for the
+    # next ones, larger and smaller
+    from train import worker_batch as W
+
+    first = W.shared_batch(_views(0, 2))
+    big = W.shared_batch(_views(1, 5))
+    small = W.shared_batch(_views(2, 1, t=2, s=4))
+    for out, views in ((first, _views(0, 2)), (big, _views(1, 5)), (small, _views(2, 1, t=2, s=4))):
+        assert out.is_shared() and torch.equal(out, torch.stack(views))
+    assert first.untyped_storage().data_ptr() != W._staging.data_ptr()
 
 
 @pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(), reason="needs fork")
 def test_collate_in_a_worker_allocates_the_shared_batch_directly(monkeypatch):
-    # share_memory_ is the fallback for a torch without UntypedStorage._new_shared (an allocation
-    # and then a copy); a forked worker sees it refused, so only the direct allocation passes
-    def refused(self):
-        raise AssertionError("the batch was moved to shared memory, not allocated there")
-
-    monkeypatch.setattr(torch.Tensor, "share_memory_", refused)
+    # share_memory_ is the last fallback (an allocation and then a copy); a forked worker sees it
+    # refused, so only a batch made in shared memory passes
+    monkeypatch.setattr(torch.Tensor, "share_memory_", _refused)
     loader = torch.utils.data.DataLoader(_Views(), batch_size=2, num_workers=1, collate_fn=D.collate,
                                          multiprocessing_context="fork")
     batches = list(loader)

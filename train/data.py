@@ -10,9 +10,11 @@ sampled every 2nd frame and named ``img_{:05}.jpg``, ``AVA2.2`` folders ``image_
 
 Workers return uint8 clips, cropped and resized as uint8 (``train/transforms.py`` picks the
 boxes, ``vmae_fast.video.resize`` cuts them); ``collate`` writes each clip once into a
-preallocated batch (shared memory in a worker, pinned memory in a CUDA process); normalization happens on the device (the model takes uint8). Fine-tuning's
-RandAugment runs in the workers on the uint8 frames; its random erasing is drawn there (boxes,
-``batch["erase"]``) and filled on the device (``train/augment.py``).
+preallocated batch (in a worker: a staging buffer written into shared memory,
+``train/worker_batch.py``; pinned memory in a CUDA process); normalization happens on the device
+(the model takes uint8). Fine-tuning's RandAugment runs in the workers on the uint8 frames; its
+random erasing is drawn there (boxes, ``batch["erase"]``) and filled on the device
+(``train/augment.py``).
 Every random choice of a sample comes from a generator seeded by ``(seed, epoch, index)``,
 so a sample is the same whatever the worker count, rank or resume point.
 """
@@ -34,6 +36,7 @@ from vmae_fast.video.views import make_views
 
 from .augment import ClipRandAugment, EraseSpec, erase_boxes, parse_rand_augment, to_pil
 from .transforms import PRETRAIN_SCALES, pretrain_indices, random_resized_box, sample_multiscale_crop
+from .worker_batch import shared_batch
 
 MAX_RETRIES = 10
 # The official HybridVideoMAE's per-dataset rules for frame folders: (path marker, frame name
@@ -189,16 +192,9 @@ class VideoDataset(torch.utils.data.Dataset):
 
 
 def _batch_buffer(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
-    """Uninitialized uint8 batch: in shared memory inside a DataLoader worker (so it crosses to
-    the main process without a copy), in pinned memory when asked (the copy to the GPU is then
-    asynchronous and DataLoader's ``pin_memory`` finds it pinned already), else plain."""
-    numel = int(np.prod(shape))
-    if torch.utils.data.get_worker_info() is not None:
-        try:
-            storage = torch.UntypedStorage._new_shared(numel)
-            return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
-        except Exception:  # pragma: no cover - a torch without the private helper
-            return torch.empty(shape, dtype=torch.uint8).share_memory_()
+    """Uninitialized uint8 batch in the main process: in pinned memory when asked (the copy to
+    the GPU is then asynchronous and DataLoader's ``pin_memory`` finds it pinned already), else
+    plain. (A worker's batch goes to shared memory: ``train/worker_batch.py``.)"""
     if pin:
         return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
     return torch.empty(shape, dtype=torch.uint8)
@@ -206,8 +202,10 @@ def _batch_buffer(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
 
 class Collate:
     """Views are flattened into the batch: ``video`` ``(B*V, 3, T, S, S)`` uint8 (contiguous),
-    ``label`` ``(B*V,)``. Each view is copied once, straight into its slot of a preallocated batch
-    (no stack, permute or contiguous copies). ``pin_memory``: ``None`` pins in a process with CUDA.
+    ``label`` ``(B*V,)``. Each view is copied once into its slot of a preallocated batch (no
+    stack, permute or contiguous copies); in a DataLoader worker that batch is a staging buffer
+    then written into shared memory in one call (``train/worker_batch.py``). ``pin_memory``:
+    ``None`` pins in a process with CUDA (the main process's batches only).
 
     Samples with ``video=None`` (not loaded, ``VideoDataset(substitute=False)``) are left out of
     ``video``, ``label`` and ``index``; ``loaded`` ``(B,)`` bool marks the samples kept (``video``
@@ -228,10 +226,14 @@ class Collate:
         v = len(views[0])
         if any(len(x) != v for x in views):
             raise ValueError("every sample of a batch must have the same number of views")
-        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
-        out = _batch_buffer((len(samples) * v, *views[0][0].shape), pin)
-        for k, view in enumerate(x for vs in views for x in vs):
-            out[k].copy_(view)
+        flat = [x for vs in views for x in vs]
+        if torch.utils.data.get_worker_info() is not None:  # shared memory, for the main process
+            out = shared_batch(flat)
+        else:
+            pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+            out = _batch_buffer((len(flat), *flat[0].shape), pin)
+            for k, view in enumerate(flat):
+                out[k].copy_(view)
         batch = {"video": out,
                  "label": torch.tensor([s["label"] for s in samples]).repeat_interleave(v),
                  "index": torch.tensor([s["index"] for s in samples]),
