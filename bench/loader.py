@@ -15,8 +15,9 @@ random-erasing boxes (what the augmentation costs a worker). Measured:
 * wall clips/s: clips after the first batch of every worker / the wall time they took, as the
   training loop would receive them (this machine's cores, shared with whatever else runs).
 
-* bytes read per clip: what the workers read (files: ``/proc/self/io`` rchar, Linux; shards: the
-  bytes taken from the shard streams), over the clips.
+* bytes read per clip: what the workers' loading threads read (``/proc/thread-self/io`` rchar,
+  Linux: the files, the local shards, or the http shards from the pipe of their ``curl``; and the
+  loader's own small messages, ~0.5 kB a batch), over the clips.
 
 ``--sources files,shards,http``: our pretraining pipeline (``auto`` decoder) also from WebDataset
 shards of the same files (``vmae-shards``, the files' own bytes, into a temp folder): read locally,
@@ -108,13 +109,13 @@ def _cpu() -> float:
     return time.process_time() + t.children_user + t.children_system
 
 
-def _bytes_read(source: str) -> int | None:
-    if source != "files":
-        from vmae_fast.video.shards import BYTES_READ
-
-        return BYTES_READ[0]
+def _bytes_read() -> int | None:
+    """What this thread has read through read(2) and its kin so far (``/proc/thread-self/io``
+    rchar; None off Linux): the files, or the shards (local, or from curl's pipe for http), and
+    the loader's own small messages. The thread's, not the process's: a process's count takes in
+    its reaped children's, here curl's (its libraries, and the same bytes again from the socket)."""
     try:
-        with open("/proc/self/io") as f:
+        with open("/proc/thread-self/io") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
     except (OSError, StopIteration):  # not Linux
         return None
@@ -124,13 +125,13 @@ class TimedCollate:
     """Runs in the worker: the batch, how many clips it holds, which worker, its CPU clock and
     the bytes it has read."""
 
-    def __init__(self, inner, clips_of, source: str = "files"):
-        self.inner, self.clips_of, self.source = inner, clips_of, source
+    def __init__(self, inner, clips_of):
+        self.inner, self.clips_of = inner, clips_of
 
     def __call__(self, samples):
         batch = self.inner(samples)
         info = torch.utils.data.get_worker_info()
-        return batch, self.clips_of(batch), info.id if info else -1, _cpu(), _bytes_read(self.source)
+        return batch, self.clips_of(batch), info.id if info else -1, _cpu(), _bytes_read()
 
 
 class _ShardCollate(TimedCollate):
@@ -249,7 +250,8 @@ def measure(pipeline: str, decoder: str, num_sample: int, workers: int, paths: l
         elif t_start is not None:
             wall_clips += n
         counted += 1
-    return _row(pipeline, decoder, num_sample, workers, batch, seen, t0, t_start, wall_clips, counted, "files")
+        t_end = time.perf_counter()
+    return _row(pipeline, decoder, num_sample, workers, batch, seen, t0, t_start, t_end, wall_clips, counted, "files")
 
 
 def measure_shards(source: str, spec: str, decoder: str, num_sample: int, workers: int, clips: int, batch: int,
@@ -263,7 +265,7 @@ def measure_shards(source: str, spec: str, decoder: str, num_sample: int, worker
     # In list order, unshuffled: sample k is (epoch k // n, line k % n), the files rows' keys, so both
     # rows decode the same clips (a clip's cost depends on where it starts: up to 2x between clips)
     stream = ShardStream(resolve(spec), ds, world=1, rank=0, workers=workers, seed=seed, buffer=1, shuffle=False)
-    fn = _ShardCollate(Collate(pin_memory=False), lambda b: b["video"].shape[0], source)
+    fn = _ShardCollate(Collate(pin_memory=False), lambda b: b["video"].shape[0])
     n_batches = math.ceil(clips / (batch * num_sample)) + workers
     seen: dict[int, list[tuple[float, int, int | None]]] = {}
     t_start, counted, wall_clips = None, 0, 0
@@ -276,13 +278,16 @@ def measure_shards(source: str, spec: str, decoder: str, num_sample: int, worker
         elif t_start is not None:
             wall_clips += n
         counted += 1
+        t_end = time.perf_counter()
         if counted == n_batches:
             break
-    return _row("ours", decoder, num_sample, workers, batch, seen, t0, t_start, wall_clips, counted, source)
+    return _row("ours", decoder, num_sample, workers, batch, seen, t0, t_start, t_end, wall_clips, counted, source)
 
 
-def _row(pipeline, decoder, num_sample, workers, batch, seen, t0, t_start, wall_clips, counted, source) -> dict:
-    t_end = time.perf_counter()
+def _row(pipeline, decoder, num_sample, workers, batch, seen, t0, t_start, t_end, wall_clips, counted,
+         source) -> dict:
+    """``t_end``: when the last batch came, before the loader shuts its workers down (a stream cut
+    short waits there for the batch its worker is still making)."""
     cpu_s = sum(r[-1][0] - r[0][0] for r in seen.values())
     cpu_clips = sum(n for r in seen.values() for _, n, _ in r[1:])
     read = None if any(r[0][2] is None for r in seen.values()) else sum(r[-1][2] - r[0][2] for r in seen.values())

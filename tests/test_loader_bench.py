@@ -66,13 +66,14 @@ def test_bench_loader_sources_read_each_shard_once_per_clip(tmp_path, capsys):
     rows = {(r["pipeline"], r["source"]): r for r in res["rows"]}
     assert set(rows) == {("official", "files"), ("ours", "files"), ("ours", "shards"), ("ours", "http")}
     # one sample a shard: each clip after the first batch reads that shard once, whole (a 10240-byte
-    # tar: 512-byte headers and the 7019-byte video padded, in one tar record); the files row reads
-    # the file at least once a clip
+    # tar: 512-byte headers and the 7019-byte video padded, in one tar record), and the loader's own
+    # messages and /proc/thread-self/io (rchar counts every read: ~0.5 kB a batch); the files row reads the
+    # file at least once a clip
     shard = loader.write_bench_shards([video], tmp_path / "again") / "shard-000000.tar"
     for src in ("shards", "http"):
         r = rows[("ours", src)]
         assert r["clips"] >= 2 and r["clips_per_cpu_s"] > 0
-        assert r["bytes_per_clip"] == shard.stat().st_size == 10240, src
+        assert shard.stat().st_size == 10240 and 10240 <= r["bytes_per_clip"] < 10240 + 1024, (src, r)
     assert rows[("ours", "files")]["bytes_per_clip"] >= video.stat().st_size
     assert "| ours | http | pyav | 1 | 1 |" in capsys.readouterr().out
 

@@ -236,21 +236,6 @@ class EpochLayout:
 
 
 # ----------------------------------------------------------------------------- reading
-BYTES_READ = [0]  # bytes this process has read from shard streams (the loader benchmark's count)
-
-
-class _Counted:
-    """A stream that adds what is read from it to ``BYTES_READ``."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def read(self, *args):
-        data = self.stream.read(*args)
-        BYTES_READ[0] += len(data)
-        return data
-
-
 def read_piece(url: str, start: int, stop: int) -> Iterator[dict | None]:
     """Samples ``start..stop-1`` of one shard (a dict of member suffix -> bytes, ``__key__``),
     read with webdataset's tar reader; the samples before ``start`` are read past. Yields
@@ -263,7 +248,7 @@ def read_piece(url: str, start: int, stop: int) -> Iterator[dict | None]:
     try:
         with _open(url) as stream:
             for i, sample in enumerate(group_by_keys(
-                    ({**f, "__url__": url} for f in tar_file_iterator(_Counted(stream))))):
+                    ({**f, "__url__": url} for f in tar_file_iterator(stream)))):
                 if i >= stop:
                     break
                 if i >= start:
