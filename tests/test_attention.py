@@ -121,3 +121,29 @@ def test_inference_tools_pick_cpu_bf16_only_for_bf16_on_cpu(monkeypatch):
     monkeypatch.setenv("VMAE_FAST_ATTN", "math")
     inference_attention(model, torch.device("cpu"), torch.bfloat16)
     assert backends(model) == {"math"}
+
+
+def test_a_backend_set_after_construction_is_what_the_config_says(monkeypatch):
+    """The tools switch a loaded model to cpu_bf16 (bf16 on a CPU): its config (and the pretraining
+    model's encoder's) then says so, as a model built with that backend, and every attention runs it."""
+    import vmae_fast
+    from vmae_fast.layers import Attention
+    from vmae_fast.reference import ReferencePretrain
+    from vmae_fast.tools.common import inference_attention
+
+    monkeypatch.delenv("VMAE_FAST_ATTN", raising=False)
+    kw = dict(depth=1, num_frames=4, img_size=32, patch_size=8)
+    clf = vmae_fast.create_model("vit_small_patch16_224", num_classes=3, **kw)
+    pt = vmae_fast.create_pretrain_model("vit_small_patch16_224", decoder_depth=1, **kw)
+    for model in (clf, pt):
+        assert model.cfg.attn_backend == "sdpa"
+        inference_attention(model, torch.device("cpu"), torch.float32)  # fp32: left as it is
+        assert model.cfg.attn_backend == "sdpa"
+        inference_attention(model, torch.device("cpu"), torch.bfloat16)
+        configs = [m.cfg for m in model.modules() if hasattr(m, "cfg")]
+        assert len(configs) == (1 if model is clf else 2)
+        assert all(c.attn_backend == "cpu_bf16" for c in configs), configs
+        assert {m.backend for m in model.modules() if isinstance(m, Attention)} == {"cpu_bf16"}
+    built = vmae_fast.create_pretrain_model("vit_small_patch16_224", decoder_depth=1, attn_backend="cpu_bf16", **kw)
+    assert pt.cfg == built.cfg and repr(pt.cfg) == repr(built.cfg)
+    assert ReferencePretrain.from_model(pt).cfg.attn_backend == "cpu_bf16"

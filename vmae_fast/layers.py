@@ -1,6 +1,7 @@
 """Transformer building blocks with the official parameter names (docs/semantics.md §4 and §7)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -133,11 +134,17 @@ class Attention(nn.Module):
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> None:
-    """Every ``Attention`` of ``model`` on ``backend`` (``$VMAE_FAST_ATTN`` still overrides it)."""
-    backend = effective_backend(backend)
+    """Every ``Attention`` of ``model`` on ``backend`` (``$VMAE_FAST_ATTN`` still overrides it),
+    and every module's config (``model.cfg``; the encoder's of a pretraining model) made to say
+    ``attn_backend=backend``, as if the model had been built with it: what reads the config (a
+    reference or copy built from it, its repr, a saved config) sees the backend the model runs."""
+    effective = effective_backend(backend)
     for m in model.modules():
         if isinstance(m, Attention):
-            m.backend = backend
+            m.backend = effective
+        cfg = getattr(m, "cfg", None)
+        if dataclasses.is_dataclass(cfg) and hasattr(cfg, "attn_backend"):
+            m.cfg = dataclasses.replace(cfg, attn_backend=backend)
 
 
 # torch.log(torch.tensor(1 / 0.01)) rounded as the official code writes it
