@@ -53,6 +53,18 @@ def test_sizes_that_do_not_divide(kw, match):
         vmae_fast.create_pretrain_model("vit_small_patch16_224", **kw)
 
 
+@pytest.mark.parametrize("kw, option", [(dict(num_frames=5), "num_frames"), (dict(img_size=100), "img_size"),
+                                        (dict(embed_dim=100), "num_heads"),
+                                        (dict(decoder_embed_dim=100), "decoder_num_heads")])
+def test_a_size_that_does_not_divide_names_the_option_to_change(kw, option):
+    """(A command line maps ``option`` to its flag: ``--num-frames 5: ...``.)"""
+    from vmae_fast.errors import OptionError
+
+    with pytest.raises(OptionError) as err:
+        vmae_fast.create_pretrain_model("vit_small_patch16_224", **kw)
+    assert (err.value.option, err.value.missing, err.value.reason) == (option, False, str(err.value))
+
+
 def test_unknown_arch_option_and_backend():
     with pytest.raises(ValueError, match="unknown arch"):
         vmae_fast.create_pretrain_model("vit_tiny")

@@ -610,6 +610,7 @@ def test_mlp_ratio_of(dim, hidden, ratio):
 
 def test_heads_of_width_by_arch_and_word_for_word():
     from vmae_fast.checkpoint import heads_of_width
+    from vmae_fast.errors import OptionError
 
     # head counts of the official archs (ViT-S/B/L/g encoders; the decoders 192/384/512 wide)
     assert [heads_of_width(d, "encoder") for d in (384, 768, 1024, 1408)] == [6, 12, 16, 16]
@@ -617,10 +618,11 @@ def test_heads_of_width_by_arch_and_word_for_word():
     assert heads_of_width(768, "encoder", given=5) == 5 and heads_of_width(768, "decoder", "4") == 4
     assert heads_of_width(768, "encoder", given=0) == 12  # 0 means "not given"
     for which, opt in (("encoder", "num_heads"), ("decoder", "decoder_num_heads")):
-        with pytest.raises(ValueError) as info:
+        with pytest.raises(OptionError) as info:
             heads_of_width(100, which)
-        assert str(info.value) == (f"cannot tell the {which}'s number of attention heads from the weights "
-                                   f"(width 100 is none of the named archs'): pass {opt}= (or, for a "
-                                   "transformers checkpoint, its config)")
+        reason = f"cannot tell the {which}'s number of attention heads from the weights (width 100 is none of the named archs')"
+        assert str(info.value) == f"{reason}: pass {opt}= (or, for a transformers checkpoint, its config)"
+        # the fields a command line maps to its flag, with no need to read the message
+        assert (info.value.option, info.value.missing, info.value.reason) == (opt, True, reason)
     with pytest.raises(ValueError):
         heads_of_width(1408, "decoder")  # an encoder width is not a decoder width

@@ -70,7 +70,10 @@ CASES = [  # (command, argv, words the line must hold)
                                                     "model.safetensors or pytorch_model.bin"]),
     (P, [VIDEO, FT, "--num-heads", "0"], ["--num-heads must be >= 1, got 0"]),
     (P, [VIDEO, FT, "--num-heads", "5"], ["--num-heads 5: ", "not divisible"]),
-    (P, [VIDEO, "--checkpoint={d}/w48.pth"], ["--checkpoint", "width 48", "pass --num-heads"]),
+    (P, [VIDEO, "--checkpoint={d}/w48.pth"], ["w48.pth: cannot tell the encoder's number of attention heads from the "
+                                              "weights (width 48 is none of the named archs'): pass --num-heads"]),
+    (P, [VIDEO, FT, "--num-frames", "3"], ["error: --num-frames 3: num_frames=3 is not divisible by tubelet_size=2"]),
+    (P, [VIDEO, FT, "--img-size", "30"], ["error: --img-size 30: img_size=30 is not divisible by patch_size=8"]),
     (P, [VIDEO, "--num-frames", "4"], ["--checkpoint", "required"]),
     (P, [VIDEO, FT, "--viewz", "5x3"], ["unrecognized arguments: --viewz"]),
     (E, [VIDEO, FT, "--output-dir={d}/o", "--stride", "0"], ["--stride must be >= 1, got 0"]),
@@ -86,6 +89,8 @@ CASES = [  # (command, argv, words the line must hold)
     (V, [VIDEO, PT, "--start", "-1"], ["--start must be >= 0, got -1"]),
     (V, [VIDEO, PT, "--out", "{d}/r.jpg"], ["--out must name a .png file"]),
     (V, [VIDEO, FT], ["--checkpoint", "pretraining checkpoint"]),
+    (V, [VIDEO, PT, "--decoder-num-heads", "5"],
+     ["error: --decoder-num-heads 5: decoder_embed_dim=192 is not divisible by its number of heads 5"]),
     (X, [FT, "--out={d}/m.onnx", "--input", "int8"], ["--input", "invalid choice: 'int8'"]),
     (X, [FT, "--out={d}/m.pt"], ["--out must name a .onnx file"]),
     (X, [FT, "--out={d}/m.onnx", "--no-pool"], ["--no-pool applies to --encoder"]),
@@ -99,8 +104,8 @@ CASES = [  # (command, argv, words the line must hold)
 def test_one_line_for_each_mistake(prog, argv, words, files, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device cuda: the same on every machine
     argv = _sub(argv, files)
-    if prog != X:
-        argv += [a for a in SMALL if a not in argv] if "--device" not in argv else SMALL[:4]
+    if prog != X:  # the small model's options, each unless the case gives its own
+        argv += [x for flag, value in zip(SMALL[::2], SMALL[1::2]) if flag not in argv for x in (flag, value)]
     code = run_cli(MAINS[prog], prog, argv)
     captured = capsys.readouterr()
     lines = captured.err.splitlines()

@@ -23,6 +23,8 @@ from typing import IO, Any, Callable, Iterable, Mapping, Union
 
 import torch
 
+from .errors import OptionError
+
 log = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("model", "module", "state_dict")
@@ -268,9 +270,10 @@ def heads_of_width(dim: int, which: str, given: int | None = None) -> int:
         {a.decoder_embed_dim: a.decoder_num_heads for a in ARCHS.values()}
     if dim in table:
         return table[dim]
-    raise ValueError(f"cannot tell the {which}'s number of attention heads from the weights (width {dim} is "
-                     f"none of the named archs'): pass {'num_heads' if which == 'encoder' else 'decoder_num_heads'}= "
-                     f"(or, for a transformers checkpoint, its config)")
+    option = "num_heads" if which == "encoder" else "decoder_num_heads"
+    reason = f"cannot tell the {which}'s number of attention heads from the weights (width {dim} is none of the named archs')"
+    raise OptionError(f"{reason}: pass {option}= (or, for a transformers checkpoint, its config)", option=option,
+                      reason=reason, missing=True)
 
 
 def write_atomic(path: str | os.PathLike, data: Union[bytes, str, Callable[[IO[bytes]], Any]]) -> Path:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .errors import OptionError
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -82,12 +84,13 @@ class VideoMAEConfig:
         for what, size, unit in (("num_frames", self.num_frames, self.tubelet_size),
                                  ("img_size", self.img_size, self.patch_size)):
             if size % unit:
-                raise ValueError(f"{what}={size} is not divisible by "
-                                 f"{'tubelet_size' if what == 'num_frames' else 'patch_size'}={unit}")
-        for what, dim, heads in (("embed_dim", self.embed_dim, self.num_heads),
-                                 ("decoder_embed_dim", self.decoder_embed_dim, self.decoder_num_heads)):
+                raise OptionError(f"{what}={size} is not divisible by "
+                                  f"{'tubelet_size' if what == 'num_frames' else 'patch_size'}={unit}", option=what)
+        for what, dim, heads, option in (("embed_dim", self.embed_dim, self.num_heads, "num_heads"),
+                                         ("decoder_embed_dim", self.decoder_embed_dim, self.decoder_num_heads,
+                                          "decoder_num_heads")):
             if dim % heads:
-                raise ValueError(f"{what}={dim} is not divisible by its number of heads {heads}")
+                raise OptionError(f"{what}={dim} is not divisible by its number of heads {heads}", option=option)
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 

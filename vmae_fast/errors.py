@@ -28,5 +28,19 @@ class UsageError(ValueError):
     """A mistake in the command line or in a file it names: printed as one line, exit status 2."""
 
 
-__all__ = ["UsageError", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "EXIT_NONFINITE",
+class OptionError(ValueError):
+    """A keyword option of the library that is missing, or whose value cannot work. ``str()`` is
+    the library's message (it names the keyword: ``pass num_heads=``); the fields let a command
+    line say the same in its own flag words without reading the message:
+
+    ``option``: the keyword (``num_heads``); ``missing``: it must be given (the weights do not
+    tell), else the value given, or its default, is the trouble; ``reason``: what is wrong, in
+    words that do not tell the reader to pass the keyword (the whole message when not missing)."""
+
+    def __init__(self, message: str, *, option: str, reason: str | None = None, missing: bool = False):
+        super().__init__(message)
+        self.option, self.reason, self.missing = option, reason or message, missing
+
+
+__all__ = ["UsageError", "OptionError", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "EXIT_NONFINITE",
            "EXIT_STOPPED_BY_SIGNAL", "EXIT_CHECKPOINT_FAILED"]

@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import write_atomic
 from ..device import DTYPES
-from ..errors import EXIT_OK, EXIT_SOME_FAILED, UsageError
+from ..errors import EXIT_OK, EXIT_SOME_FAILED, OptionError, UsageError
 from ..cli import ArgumentParser, run_cli
 from ..video.decoders import UnreadableVideo, add_decoder_arg
 
@@ -121,18 +121,24 @@ def load_model_from_args(args: argparse.Namespace, kind: str, **kw: Any) -> torc
     extra = {k: getattr(args, k) for k in ("num_heads", "decoder_num_heads") if getattr(args, k, None)}
     try:
         return load_model(args.checkpoint, kind, num_frames=args.num_frames, img_size=args.img_size, **extra, **kw)
+    except OptionError as exc:  # a keyword of the library that is one of our flags: say the flag
+        flag = f"--{exc.option.replace('_', '-')}"
+        value = getattr(args, exc.option, None) if exc.option in _MODEL_FLAGS else None
+        if exc.option in _MODEL_FLAGS and exc.missing:
+            raise UsageError(f"--checkpoint {args.checkpoint}: {exc.reason}: pass {flag}") from None
+        if value is not None:
+            raise UsageError(f"{flag} {value}: {exc.reason}") from None
+        raise UsageError(f"--checkpoint {args.checkpoint}: {exc}") from None
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         # (a RuntimeError here is a strict load's key / shape report: its first line says what; an
         # OSError a folder without weights, or a file that cannot be read)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        # the library names its keyword arguments; a user of the tool types flags
-        first = first.replace("pass num_heads=", "pass --num-heads").replace(
-            "pass decoder_num_heads=", "pass --decoder-num-heads")
-        for flag in ("num_heads", "decoder_num_heads"):
-            if getattr(args, flag, None) and "heads" in first:
-                raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {first}") from None
         raise UsageError(f"--checkpoint: {first}" if str(args.checkpoint) in first
                          else f"--checkpoint {args.checkpoint}: {first}") from None
+
+
+# the architecture options of ``add_model_args``: the library's keyword of each is its flag's name
+_MODEL_FLAGS = ("num_frames", "img_size", "num_heads", "decoder_num_heads")
 
 
 # ----------------------------------------------------------------------------- per-video errors
