@@ -17,6 +17,7 @@ import torch
 from vmae_fast.attention import attention, why_not
 from vmae_fast.config import config_for
 from vmae_fast.device import select_device
+from vmae_fast.errors import check_at_least
 from vmae_fast.flops import attention_flops
 from vmae_fast.masking import num_decoder_tokens
 
@@ -66,8 +67,7 @@ def _parser():
 
 def plan(ns) -> dict:
     dev = select_device(ns.device)  # cuda:N also becomes the current device
-    if ns.batch is not None and ns.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {ns.batch}")
+    check_at_least(ns, {"batch": 1})
     check_timing_counts(ns)
     return {"device": dev, "archs": ns.arch, "dtype": DTYPES[ns.dtype or ("bf16" if dev.type == "cuda" else "fp32")],
             "repeats": ns.repeats or (30 if dev.type == "cuda" else 5)}

@@ -138,3 +138,24 @@ def test_dual_mask_built_by_hand_is_checked():
         DualMask(good.encoder_masked, good.decoder_masked, good.visible_idx[:1], good.decoder_idx)
     with pytest.raises(ValueError, match="decoder_idx must be a"):
         DualMask(good.encoder_masked, good.decoder_masked, good.visible_idx, good.decoder_idx.int())
+
+
+def test_check_at_least_word_for_word():
+    """The one minimum check of every command line (tools, training configs, bench)."""
+    import argparse
+    from dataclasses import dataclass
+
+    from vmae_fast.errors import UsageError, check_at_least
+
+    check_at_least(argparse.Namespace(batch_size=1, start=None), {"batch_size": 1, "start": 0, "absent": 3})
+    with pytest.raises(UsageError) as err:
+        check_at_least(argparse.Namespace(batch_size=0, topk=-2), {"topk": 1, "batch_size": 1})
+    assert str(err.value) == "--topk must be >= 1, got -2"  # the first in the order given
+
+    @dataclass(frozen=True)
+    class Cfg:
+        min_lr: float = -0.5
+
+    with pytest.raises(UsageError) as err:
+        check_at_least(Cfg(), {"min_lr": 0})
+    assert str(err.value) == "--min-lr must be >= 0, got -0.5"

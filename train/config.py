@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 
 import vmae_fast
 from vmae_fast import envs
-from vmae_fast.errors import UsageError
+from vmae_fast.errors import UsageError, check_at_least
 from vmae_fast.masking import num_decoder_tokens, num_encoder_masked
 
 from .augment import EraseSpec, parse_rand_augment
@@ -24,13 +24,6 @@ from .augment import EraseSpec, parse_rand_augment
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-def _at_least(cfg, name: str, minimum: int) -> None:
-    """The one-line usage error when field ``name`` of ``cfg`` is set below ``minimum``."""
-    v = getattr(cfg, name)
-    if v is not None and v < minimum:
-        raise UsageError(f"{_flag(name)} must be >= {minimum}, got {v}")
 
 
 @dataclass(frozen=True)
@@ -117,22 +110,17 @@ class RunConfig:
         if self.clip_grad == 0:
             object.__setattr__(self, "clip_grad", None)
         object.__setattr__(self, "betas", tuple(self.betas))
-        for name in ("batch_size", "num_sample", "accum_steps", "save_every", "log_every", "epochs"):
-            _at_least(self, name, 1)
-        for name in ("num_workers", "warmup_steps"):
-            _at_least(self, name, 0)
+        check_at_least(self, {"batch_size": 1, "num_sample": 1, "accum_steps": 1, "save_every": 1, "log_every": 1,
+                              "epochs": 1, "num_workers": 0, "warmup_steps": 0})
         if self.steps is not None and self.steps < 1 and not self.eval_only:
             raise UsageError(f"--steps must be >= 1, got {self.steps}"
                              + (" (to evaluate without training use --eval)" if self.task == "finetune" else ""))
-        if self.warmup_epochs < 0:
-            raise UsageError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        check_at_least(self, {"warmup_epochs": 0})
         for name in ("base_lr", "lr"):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise UsageError(f"{_flag(name)} must be > 0, got {v}")
-        for name in ("min_lr", "warmup_lr", "weight_decay", "save_every_minutes"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        check_at_least(self, {"min_lr": 0, "warmup_lr": 0, "weight_decay": 0, "save_every_minutes": 0})
         if self.clip_grad is not None and self.clip_grad < 0:
             raise UsageError(f"--clip-grad must be >= 0 (0: no clipping), got {self.clip_grad}")
         if self.divergence_factor != 0 and not self.divergence_factor > 1:
@@ -237,9 +225,8 @@ class TaskConfig:
     """video decoder"""
 
     def __post_init__(self):
-        for name in ("num_frames", "sampling_rate", "img_size", "shuffle_buffer"):
-            _at_least(self, name, 1)
-        _at_least(self, "max_missing", 0)
+        check_at_least(self, {"num_frames": 1, "sampling_rate": 1, "img_size": 1, "shuffle_buffer": 1,
+                              "max_missing": 0})
 
     def factory_options(self) -> dict:
         """The task's model factory keywords from its own options (``--model-overrides`` not yet)."""
@@ -352,8 +339,7 @@ class FinetuneConfig(TaskConfig):
     def __post_init__(self):
         super().__post_init__()
         run = self.run
-        if self.num_classes < 1:
-            raise UsageError(f"--num-classes must be >= 1, got {self.num_classes}")
+        check_at_least(self, {"num_classes": 1})
         if run.eval_only:
             if not self.val_list:
                 raise UsageError("--eval needs --val-list")
@@ -362,8 +348,7 @@ class FinetuneConfig(TaskConfig):
         elif bool(self.train_list) == bool(self.shards):
             raise UsageError("give the training data as --train-list LIST or --shards SPEC, one of them "
                              "(or --eval to evaluate only)")
-        for name in ("test_num_segment", "test_num_crop", "eval_batch_size"):
-            _at_least(self, name, 1)
+        check_at_least(self, {"test_num_segment": 1, "test_num_crop": 1, "eval_batch_size": 1})
         try:
             parse_rand_augment(self.aa)
             self.erase_spec()

@@ -28,7 +28,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from vmae_fast.checkpoint import write_atomic
-from vmae_fast.errors import EXIT_OK, EXIT_SOME_FAILED, UsageError
+from vmae_fast.errors import EXIT_OK, EXIT_SOME_FAILED, UsageError, check_at_least
 from vmae_fast.cli import ArgumentParser, run_cli
 from vmae_fast.video import FRAME_PATTERN, Entry, FrameFolder, read_list
 from vmae_fast.video import shards as fmt
@@ -54,12 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--no-progress", action="store_true", help="no progress bar")
     a("--debug", action="store_true", help="tracebacks for errors")
     args = ap.parse_args(argv)
-    if args.samples_per_shard < 1:
-        raise UsageError(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
-    if args.short_side is not None and args.short_side < 2:
-        raise UsageError(f"--short-side must be >= 2, got {args.short_side}")
-    if args.workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    check_at_least(args, {"samples_per_shard": 1, "short_side": 2, "workers": 1})
     return args
 
 

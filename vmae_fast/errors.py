@@ -20,6 +20,8 @@ Exit statuses (the same for every command):
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_NONFINITE = 0, 1, 2, 3
 EXIT_STOPPED_BY_SIGNAL, EXIT_CHECKPOINT_FAILED = 4, 5
 
@@ -42,5 +44,15 @@ class OptionError(ValueError):
         self.option, self.reason, self.missing = option, reason or message, missing
 
 
-__all__ = ["UsageError", "OptionError", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "EXIT_NONFINITE",
+def check_at_least(options: object, minimums: Mapping[str, float]) -> None:
+    """``UsageError`` for the first attribute of ``options`` (a parsed command line, a config
+    dataclass) below its minimum, in the flag's own name: ``--batch-size must be >= 1, got -1``;
+    ``None`` (not given) passes. The one such check of every command (tools, training, bench)."""
+    for name, low in minimums.items():
+        value = getattr(options, name, None)
+        if value is not None and value < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+__all__ = ["UsageError", "OptionError", "check_at_least", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "EXIT_NONFINITE",
            "EXIT_STOPPED_BY_SIGNAL", "EXIT_CHECKPOINT_FAILED"]

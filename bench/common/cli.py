@@ -12,6 +12,7 @@ from typing import Callable, Sequence, TypeVar
 
 from vmae_fast.config import ARCH_ALIASES, ARCHS, resolve_arch
 from vmae_fast.cli import ArgumentParser as OneLineParser
+from vmae_fast.errors import check_at_least
 
 from .paths import results_help
 
@@ -71,12 +72,9 @@ def add_arch_arg(p: argparse.ArgumentParser, what: str, default: str | None = No
 
 
 def check_timing_counts(ns: argparse.Namespace) -> None:
-    """``--warmup`` >= 0 and ``--repeats`` >= 1 (when given), as a ``ValueError`` in the flags'
-    words (``parse_plan`` makes it the one usage line), before anything is measured."""
-    if getattr(ns, "warmup", None) is not None and ns.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {ns.warmup}")
-    if getattr(ns, "repeats", None) is not None and ns.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {ns.repeats}")
+    """``--warmup`` >= 0 and ``--repeats`` >= 1 (when given), as a ``UsageError`` (a
+    ``ValueError``: ``parse_plan`` makes it the one usage line), before anything is measured."""
+    check_at_least(ns, {"warmup": 0, "repeats": 1})
 
 
 def add_output_args(p: argparse.ArgumentParser, stem: str, out_help: str | None = None) -> None:

@@ -21,6 +21,7 @@ import os
 import torch
 
 from vmae_fast.device import select_device
+from vmae_fast.errors import check_at_least
 
 from ..common.cli import add_arch_arg, add_device_arg, add_output_args, check_timing_counts, make_parser, parse_plan
 from ..common.paths import results_help
@@ -55,12 +56,10 @@ def _parser():
 def plan(ns) -> torch.device | None:
     """The device to measure on (None with --compile-only, which runs nothing on any device and
     leaves CUDA uninitialized); bad values raise ``ValueError``."""
-    if ns.batch is not None and ns.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {ns.batch}")
+    check_at_least(ns, {"batch": 1})
     check_timing_counts(ns)
     if ns.compile_only:
-        if ns.jobs < 1:
-            raise ValueError(f"--jobs must be >= 1, got {ns.jobs}")
+        check_at_least(ns, {"jobs": 1})
         return None
     return select_device(ns.device)  # cuda:N also becomes the current device
 

@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import write_atomic
 from ..device import DTYPES
-from ..errors import EXIT_OK, EXIT_SOME_FAILED, OptionError, UsageError
+from ..errors import EXIT_OK, EXIT_SOME_FAILED, OptionError, UsageError, check_at_least
 from ..cli import ArgumentParser, run_cli
 from ..video.decoders import UnreadableVideo, add_decoder_arg
 
@@ -35,15 +35,6 @@ def make_parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring's layout kept, and ``(default: X)`` after every option that has one."""
-
-
-def check_at_least(args: argparse.Namespace, minimums: dict[str, int]) -> None:
-    """``UsageError`` for the first option below its minimum (``None``: not given, fine), in the
-    flag's own name: ``--batch-size must be >= 1, got -1``."""
-    for name, low in minimums.items():
-        value = getattr(args, name, None)
-        if value is not None and value < low:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
 def add_model_args(p: argparse.ArgumentParser, checkpoint_help: str, *, decoder_heads: bool = False) -> None:

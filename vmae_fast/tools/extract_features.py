@@ -37,10 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
+from ..errors import UsageError, check_at_least
 from ..ops._common import imagenet_stats
 from ..video.sources import open_source
-from .common import (VideoErrors, add_model_args, add_run_args, check_at_least, device_and_dtype, entry,
+from .common import (VideoErrors, add_model_args, add_run_args, device_and_dtype, entry,
                      inference_attention, load_model_from_args, make_parser, say, write_npy)
 
 PROG = "vmae-extract-features"

@@ -27,10 +27,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import UsageError
+from ..errors import UsageError, check_at_least
 from ..video.sources import open_source
 from ..video.views import DEFAULT_VIEWS, make_views, parse_views
-from .common import (VideoErrors, add_model_args, add_run_args, check_at_least, device_and_dtype, entry,
+from .common import (VideoErrors, add_model_args, add_run_args, device_and_dtype, entry,
                      inference_attention, load_model_from_args, make_parser, read_hf_config, say)
 
 

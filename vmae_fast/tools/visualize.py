@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from ..errors import UsageError, check_at_least
 from ..masking import DualMask
 from ..models.pretrain import VideoMAEv2Pretrain
 from ..ops._common import imagenet_stats
@@ -42,7 +42,7 @@ from ..ops.masked_mse import cube_targets_ref
 from ..video.resize import resize_frames
 from ..video.sources import open_source
 from ..video.views import crop_offsets
-from .common import (VideoErrors, add_model_args, add_run_args, check_at_least, device_and_dtype, entry,
+from .common import (VideoErrors, add_model_args, add_run_args, device_and_dtype, entry,
                      load_model_from_args, make_parser, say, write_png)
 
 PROG = "vmae-visualize"
