@@ -819,3 +819,26 @@ def test_a_checkpoint_of_another_world_size_reseeds_from_seed_rank_and_step(tmp_
         make_trainer(tmp_path / "new", Draw(), steps=3, resume=str(path))[0].run()
     assert any("holds the RNG states of 2 ranks, this run has 1" in str(x.message) for x in w)
     assert torch.equal(draws[0], torch.rand(3, generator=torch.Generator().manual_seed(3 + 0 + 2)))
+
+
+def test_the_sample_log_is_one_per_batches_call_and_closed_once(tmp_path):
+    """Both sources keep --log-samples' file in one place (data_source._LoggedSource): a second
+    batches() closes the first log, close() may be called twice, no log_dir opens nothing."""
+    from types import SimpleNamespace
+
+    from train.data_source import ShardSource
+
+    cfg = SimpleNamespace(batch_size=2, accum_steps=2, seed=3, num_workers=0)
+    d = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"))
+    src = ListSource(Toy(), 3, log_dir=str(tmp_path))
+    src.batches(cfg, d, 0, 5)
+    first = src.log
+    src.batches(cfg, d, 0, 5)
+    assert first.f.closed and not src.log.f.closed
+    second = src.log
+    src.close()
+    src.close()
+    assert second.f.closed and src.log is None
+    quiet = ListSource(Toy(), 3)
+    quiet.batches(cfg, d, 0, 5)
+    assert quiet.log is None and ShardSource.close is ListSource.close

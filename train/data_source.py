@@ -27,14 +27,34 @@ from .signals import ignore_in_worker
 from .state import DataPosition
 
 
-class ListSource:
+class _LoggedSource:
+    """The ``--log-samples`` log of a source (``log_dir``; none when ``None``): opened by
+    ``batches`` as they start (lines of steps after ``start`` dropped: a resume redoes them),
+    written by ``took``, closed by ``close``. The one place both sources keep it."""
+
+    log_dir: str | None = None
+    log = None
+
+    def _open_log(self, d, start: int) -> None:
+        self.close()  # batches() again: the previous log first
+        if self.log_dir:
+            from .shard_data import SampleLog
+
+            self.log = SampleLog(self.log_dir, d.rank, keep_until=start)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+class ListSource(_LoggedSource):
     """One sample a file, from ``VideoDataset``: the ``StepSampler`` replays exactly the batches
     of an uninterrupted run from any step (the position is the step, ``state.DataPosition``)."""
 
     def __init__(self, dataset, seed: int, log_dir: str | None = None):
         self.dataset, self.log_dir = dataset, log_dir
         self.position = DataPosition(seed)
-        self.log = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -50,10 +70,7 @@ class ListSource:
         # drawing them from the global stream would shift drop path after a resume.
         sampler = self._sampler(cfg, d, start, total)
         self.position.sampler, self.position.step = sampler, start
-        if self.log_dir:
-            from .shard_data import SampleLog
-
-            self.log = SampleLog(self.log_dir, d.rank, keep_until=start)
+        self._open_log(d, start)
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=sampler,
                                              drop_last=True, num_workers=cfg.num_workers, collate_fn=collate,
                                              pin_memory=d.device.type == "cuda",
@@ -69,10 +86,6 @@ class ListSource:
 
     def epoch(self, done: int) -> int:
         return self.position.sampler.position(done - 1)[0]
-
-    def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
 
 
 class ShardPiece:
@@ -97,14 +110,13 @@ class ShardPiece:
                           "epoch 0", stacklevel=3)
 
 
-class ShardSource:
+class ShardSource(_LoggedSource):
     """Streamed from WebDataset shards (``train/shard_data.py``). ``dataset``: the
     ``VideoDataset`` whose options load each sample; ``log_dir``: ``--log-samples``' folder."""
 
     def __init__(self, shards, dataset, seed: int, buffer: int, log_dir: str | None = None):
         self.shards, self.dataset, self.buffer, self.log_dir = shards, dataset, buffer, log_dir
         self.position = ShardPiece(seed)
-        self.log = None
 
     def __len__(self) -> int:
         return self.shards.total
@@ -119,7 +131,7 @@ class ShardSource:
         return steps
 
     def batches(self, cfg, d, start: int, total: int) -> Iterator[dict]:
-        from .shard_data import SampleLog, ShardPosition, ShardStream, make_loader, resume_start
+        from .shard_data import ShardPosition, ShardStream, make_loader, resume_start
 
         piece = self.position
         begin, why = resume_start(piece.saved, d.rank, d.world, cfg.num_workers, cfg.seed)
@@ -128,8 +140,7 @@ class ShardSource:
         piece.d, piece.current = d, ShardPosition(d.world, cfg.num_workers, cfg.seed, begin)
         stream = ShardStream(self.shards, self.dataset, d.world, d.rank, cfg.num_workers, cfg.seed,
                              self.buffer, begin)
-        if self.log_dir:
-            self.log = SampleLog(self.log_dir, d.rank, keep_until=start)
+        self._open_log(d, start)
         return iter(make_loader(stream, cfg.batch_size, Collate(), cfg.num_workers, d.device.type == "cuda",
                                 cfg.seed))
 
@@ -141,10 +152,6 @@ class ShardSource:
 
     def epoch(self, done: int) -> int:
         return self.position.current.epoch
-
-    def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
 
 
 def source_of(dataset, seed: int) -> ListSource | ShardSource:
