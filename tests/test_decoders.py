@@ -204,6 +204,16 @@ def test_missing_and_corrupt_files_raise(tmp_path):
         assert isinstance(err.value.__cause__, av.error.InvalidDataError)
 
 
+def test_an_empty_frame_folder_is_not_a_readable_video(tmp_path):
+    from vmae_fast.video import FrameFolder
+
+    (tmp_path / "notes.txt").write_text("no frames here")
+    with pytest.raises(decode.UnreadableVideo) as err:
+        FrameFolder(str(tmp_path))
+    assert str(err.value) == "not a readable video (a folder without frames: no .jpg or .png files)"
+    assert err.value.path == str(tmp_path)
+
+
 def test_pyav_reads_a_raw_stream_without_timestamps(tmp_path):
     """A raw .h264 stream has no timestamps and cannot seek: the reader counts and decodes in
     order (decord and torchcodec refuse such files)."""

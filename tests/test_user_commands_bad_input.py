@@ -36,6 +36,10 @@ def files(tmp_path_factory):
     (d / "afile").write_text("x")
     (d / "hf_no_weights").mkdir()  # a folder as --checkpoint, with no model.safetensors in it
     (d / "bad.json").write_text('{"a":\n')
+    (d / "dir.png").mkdir()  # a folder where an output file is named
+    (d / "hf_bad_config").mkdir()  # a transformers-style folder whose config.json is cut off
+    (d / "hf_bad_config" / "config.json").write_text("{")
+    (d / "hf_bad_config" / "pytorch_model.bin").write_bytes((d / "ft.pth").read_bytes())
     return d
 
 
@@ -66,6 +70,8 @@ CASES = [  # (command, argv, words the line must hold)
     (P, [VIDEO, FT, "--labels", "{d}/ft.pth"], ["--labels: labels ", "ft.pth: not a text file (expected one name "
                                                 "a line, or JSON)"]),
     (P, [VIDEO, FT, "--labels", "{d}/bad.json"], ["--labels: labels ", "bad.json: not valid JSON (Expecting value"]),
+    (P, [VIDEO, "--checkpoint={d}/hf_bad_config"], ["--checkpoint ", "hf_bad_config/config.json is not readable "
+                                                    "JSON (Expecting property name"]),
     (P, [VIDEO, "--checkpoint={d}/hf_no_weights"], ["--checkpoint: ", "hf_no_weights is a folder without "
                                                     "model.safetensors or pytorch_model.bin"]),
     (P, [VIDEO, FT, "--num-heads", "0"], ["--num-heads must be >= 1, got 0"]),
@@ -81,6 +87,8 @@ CASES = [  # (command, argv, words the line must hold)
     (E, [VIDEO, FT, "--output-dir={d}/afile"], ["--output-dir", "afile", "not a folder"]),
     (E, [FT, "--output-dir={d}/o"], ["no videos given"]),
     (E, [FT, "--output-dir={d}/o", "--video-dir={d}/nodir"], ["--video-dir", "nodir", "no such folder"]),
+    (E, [FT, "--output-dir={d}/o", "--video-dir={d}/afile"], ["--video-dir ", "afile: not a folder"]),
+    (E, [VIDEO, FT, "--output-dir={d}/afile/sub"], ["--output-dir ", "afile/sub: ", "afile is a file, not a folder"]),
     (E, [VIDEO, FT, "--output-dir={d}/o", "--input-norm", "raw"], ["--input-norm", "invalid choice: 'raw'"]),
     (E, [VIDEO, "--checkpoint={d}/text.txt", "--output-dir={d}/o"], ["--checkpoint", "not a PyTorch checkpoint"]),
     (V, [VIDEO, PT, "--encoder-ratio", "1.5"], ["--encoder-ratio must be in [0, 1), got 1.5"]),
@@ -88,11 +96,14 @@ CASES = [  # (command, argv, words the line must hold)
     (V, [VIDEO, PT, "--mask-type", "cube"], ["--mask-type", "invalid choice: 'cube'"]),
     (V, [VIDEO, PT, "--start", "-1"], ["--start must be >= 0, got -1"]),
     (V, [VIDEO, PT, "--out", "{d}/r.jpg"], ["--out must name a .png file"]),
+    (V, [VIDEO, PT, "--out", "{d}/afile/r.png"], ["--out ", "afile/r.png: ", "afile is a file, not a folder"]),
+    (V, [VIDEO, PT, "--out", "{d}/dir.png"], ["--out ", "dir.png: is a folder, expected a file name"]),
     (V, [VIDEO, FT], ["--checkpoint", "pretraining checkpoint"]),
     (V, [VIDEO, PT, "--decoder-num-heads", "5"],
      ["error: --decoder-num-heads 5: decoder_embed_dim=192 is not divisible by its number of heads 5"]),
     (X, [FT, "--out={d}/m.onnx", "--input", "int8"], ["--input", "invalid choice: 'int8'"]),
     (X, [FT, "--out={d}/m.pt"], ["--out must name a .onnx file"]),
+    (X, [FT, "--out={d}/afile/m.onnx"], ["--out ", "afile/m.onnx: ", "afile is a file, not a folder"]),
     (X, [FT, "--out={d}/m.onnx", "--no-pool"], ["--no-pool applies to --encoder"]),
     (X, ["--checkpoint={d}/text.txt", "--out={d}/m.onnx"], ["--checkpoint", "not a PyTorch checkpoint"]),
     (X, ["--checkpoint={d}/hf_no_weights", "--out={d}/m.onnx"], ["--checkpoint: ", "is a folder without"]),
@@ -115,6 +126,19 @@ def test_one_line_for_each_mistake(prog, argv, words, files, capsys, monkeypatch
     for w in words:
         assert w in lines[0], (w, lines[0])
     assert not (files / "o").exists() or not any((files / "o").iterdir())
+
+
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    """(Root writes anywhere, so the permission is faked: the check asks os.access.)"""
+    from vmae_fast.errors import UsageError
+    from vmae_fast.tools.common import check_output
+
+    check_output("--out", tmp_path / "new" / "deeper" / "x.png")  # folders to make: fine
+    monkeypatch.setattr("os.access", lambda path, mode: str(path) != str(tmp_path))
+    with pytest.raises(UsageError) as err:
+        check_output("--output-dir", tmp_path / "new" / "deeper", folder=True)
+    assert str(err.value) == (f"--output-dir {tmp_path}/new/deeper: cannot write in {tmp_path} "
+                              "(permission denied)")
 
 
 def test_a_bad_video_is_one_line_and_the_good_one_keeps_its_output(files, capsys):

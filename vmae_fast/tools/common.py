@@ -37,6 +37,24 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     """The module docstring's layout kept, and ``(default: X)`` after every option that has one."""
 
 
+def check_output(flag: str, path: str | os.PathLike, *, folder: bool = False) -> None:
+    """``UsageError``, before any work, for an output that cannot be written: ``path`` (a folder
+    with ``folder``, else a file, its folder made as needed) where a file or a folder is in the
+    way, or whose nearest existing folder is not writable."""
+    p = Path(os.path.abspath(path))
+    if folder and p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path}: exists and is not a folder")
+    if not folder and p.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder, expected a file name")
+    near = p if folder else p.parent
+    while not near.exists():  # the folders still to make: the first one that exists decides
+        near = near.parent
+    if not near.is_dir():
+        raise UsageError(f"{flag} {path}: {near} is a file, not a folder")
+    if not os.access(near, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot write in {near} (permission denied)")
+
+
 def add_model_args(p: argparse.ArgumentParser, checkpoint_help: str, *, decoder_heads: bool = False) -> None:
     """``--checkpoint`` and what the weights do not say about the architecture: ``--num-frames``,
     ``--img-size``, ``--num-heads`` (and ``--decoder-num-heads`` for a pretraining model)."""
@@ -94,9 +112,12 @@ def read_hf_config(checkpoint: str) -> dict | None:
     path = os.path.join(checkpoint, "config.json") if os.path.isdir(checkpoint) else \
         os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        if cfg.get("model_type") == "videomae":
+        try:
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (ValueError, OSError) as exc:  # (a JSONDecodeError or UnicodeDecodeError is a ValueError)
+            raise UsageError(f"--checkpoint {checkpoint}: {path} is not readable JSON ({exc})") from None
+        if isinstance(cfg, dict) and cfg.get("model_type") == "videomae":
             return cfg
     return None
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .common import add_model_args, entry, load_model_from_args, make_parser
+from .common import add_model_args, check_output, entry, load_model_from_args, make_parser
 
 INPUTS = ("uint8", "float")
 
@@ -135,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError("--no-pool applies to --encoder (per-token features); the logits are pooled")
     if not str(args.out).endswith(".onnx"):
         raise UsageError(f"--out must name a .onnx file, got {args.out!r}")
+    check_output("--out", args.out)
     try:
         import onnxscript  # noqa: F401  (torch.onnx.export(dynamo=True) needs it, and onnx)
         import onnx  # noqa: F401

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..errors import UsageError, check_at_least
 from ..ops._common import imagenet_stats
 from ..video.sources import open_source
-from .common import (VideoErrors, add_model_args, add_run_args, device_and_dtype, entry,
+from .common import (VideoErrors, add_model_args, add_run_args, check_output, device_and_dtype, entry,
                      inference_attention, load_model_from_args, make_parser, say, write_npy)
 
 PROG = "vmae-extract-features"
@@ -203,7 +203,8 @@ def list_videos(videos: Sequence[str], video_dir: str | None) -> list[str]:
     paths = list(videos)
     if video_dir:
         if not os.path.isdir(video_dir):
-            raise UsageError(f"--video-dir {video_dir}: no such folder")
+            raise UsageError(f"--video-dir {video_dir}: " + ("not a folder" if os.path.exists(video_dir)
+                                                             else "no such folder"))
         paths += sorted(str(p) for p in Path(video_dir).iterdir()
                         if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
     seen: dict[str, str] = {}
@@ -394,9 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     videos = list_videos(args.videos, args.video_dir)
     if not videos:
         raise UsageError("no videos given (VIDEO... or --video-dir)")
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir {out}: exists and is not a folder")
+    check_output("--output-dir", args.output_dir, folder=True)
     dev, amp, device_line = device_and_dtype(args.device, args.dtype)
     model = load_model_from_args(args, "classifier")
     model = model.to(dev).eval()

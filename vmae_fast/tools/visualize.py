@@ -42,7 +42,7 @@ from ..ops.masked_mse import cube_targets_ref
 from ..video.resize import resize_frames
 from ..video.sources import open_source
 from ..video.views import crop_offsets
-from .common import (VideoErrors, add_model_args, add_run_args, device_and_dtype, entry,
+from .common import (VideoErrors, add_model_args, add_run_args, check_output, device_and_dtype, entry,
                      load_model_from_args, make_parser, say, write_png)
 
 PROG = "vmae-visualize"
@@ -234,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
     if args.out is not None and not args.out.lower().endswith(".png"):
         raise UsageError(f"--out must name a .png file, got {args.out!r}")
+    out = args.out or f"{Path(args.video).name.split('.')[0]}_recon.png"
+    check_output("--out", out)
     device, amp, device_line = device_and_dtype(args.device, args.dtype)
     model = load_model_from_args(args, "pretrain").to(device)
     cfg = model.cfg
@@ -249,7 +251,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                               args.start, args.decoder)
     if not ok:
         return errors.exit_status
-    out = args.out or f"{Path(args.video).name.split('.')[0]}_recon.png"
     decoding = ("decoder: every masked cube (encoder-only)" if args.decoder_ratio == 0
                 else f"decoder: {1 - args.decoder_ratio:.0%} of the masked cubes (dual masking "
                      f"{args.decoder_ratio:g})")

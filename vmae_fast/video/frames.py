@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from .decoders import VideoReader
+from .decoders import UnreadableVideo, VideoReader
 
 FRAME_PATTERN = "img_{:05}.jpg"  # the official rawframes name (``--filename_tmpl``)
 
@@ -21,6 +21,8 @@ class FrameFolder(VideoReader):
         self.path, self.tmpl, self.start = path, tmpl, start_idx
         self.n = total_frames if total_frames > 0 else len(
             [f for f in os.listdir(path) if f.lower().endswith((".jpg", ".jpeg", ".png"))])
+        if self.n == 0:
+            raise UnreadableVideo(path, "a folder without frames: no .jpg or .png files")
 
     def get(self, indices):
         from PIL import Image
