@@ -58,7 +58,12 @@ def one_error_line(capsys, main, prog, argv) -> str:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--img-size", "36"], "img_size=36 is not divisible by patch_size=8"),
+    (["--img-size", "36"], "error: --img-size 36: img_size=36 is not divisible by patch_size=8"),
+    (["--num-frames", "3"], "error: --num-frames 3: num_frames=3 is not divisible by tubelet_size=2"),
+    (["--drop-path", "1.5"], "error: --drop-path 1.5: drop_path_rate must be in [0, 1), got 1.5"),
+    (["--model-overrides", "depth=2,embed_dim=64,num_heads=3,patch_size=8"],
+     "error: --model-overrides 'depth=2,embed_dim=64,num_heads=3,patch_size=8': embed_dim=64 is not divisible "
+     "by its number of heads 3"),
     (["--img-size", "24"], "needs an even token grid, got H/p=3, W/p=3 (--img-size 24 / patch 8 gives 3x3"),
     (["--decoder-ratio", "0.3"], "decoder_ratio must be 0.25, 0.5 or 0.75 (or 0 for encoder-only masking), got 0.3"),
     (["--encoder-ratio", "1.5"], "--encoder-ratio must be in [0, 1), got 1.5"),
@@ -154,6 +159,17 @@ def test_resume_refuses_another_model_config_naming_the_fields(lists, tmp_path, 
     (["--eval"], "--eval needs --val-list"),
     (["--finetune", "/nonexistent.pth"], "--finetune /nonexistent.pth: no such file"),
     (["--batch-size", "3", "--num-sample", "1"], "--batch-size x --num-sample must be even"),
+    # these trained without a word before
+    (["--smoothing", "1.5"], "error: --smoothing must be in [0, 1), got 1.5"),
+    (["--layer-decay", "0"], "error: --layer-decay must be in (0, 1], got 0.0"),
+    (["--mixup", "-1"], "error: --mixup must be >= 0, got -1.0"),
+    (["--cutmix", "-2"], "error: --cutmix must be >= 0, got -2.0"),
+    (["--mixup-prob", "3"], "error: --mixup-prob must be in [0, 1], got 3.0"),
+    (["--mixup-switch-prob", "-0.1"], "error: --mixup-switch-prob must be in [0, 1], got -0.1"),
+    (["--min-scale", "0"], "error: --min-scale must be in (0, 1], got 0.0"),
+    (["--head-drop", "1"], "error: --head-drop must be in [0, 1), got 1.0"),
+    (["--model-ema-decay", "2"], "error: --model-ema-decay must be in [0, 1], got 2.0"),
+    (["--eval-every", "-1"], "error: --eval-every must be >= 0, got -1"),
 ])
 def test_finetune_bad_input_is_one_line(lists, tmp_path, capsys, extra, message):
     out = tmp_path / "run"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 
 import vmae_fast
 from vmae_fast import envs
-from vmae_fast.errors import UsageError, check_at_least
+from vmae_fast.errors import OptionError, UsageError, check_at_least
 from vmae_fast.masking import num_decoder_tokens, num_encoder_masked
 
 from .augment import EraseSpec, parse_rand_augment
@@ -24,6 +24,21 @@ from .augment import EraseSpec, parse_rand_augment
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+# the model factory's keywords set by a flag of a task (``factory_options``): keyword -> field
+_FLAG_OF_OPTION = {"num_frames": "num_frames", "img_size": "img_size", "drop_path_rate": "drop_path"}
+
+
+def _check_within(cfg, intervals: dict[str, str]) -> None:
+    """The one-line usage error for the first field of ``cfg`` outside its interval of [0, 1]
+    (``"[0, 1]"``, ``"[0, 1)"`` or ``"(0, 1]"``, as the message writes it)."""
+    for name, interval in intervals.items():
+        v = getattr(cfg, name)
+        low_ok = v >= 0 if interval[0] == "[" else v > 0
+        high_ok = v <= 1 if interval[-1] == "]" else v < 1
+        if not (low_ok and high_ok):
+            raise UsageError(f"{_flag(name)} must be in {interval}, got {v}")
 
 
 @dataclass(frozen=True)
@@ -241,6 +256,11 @@ class TaskConfig:
         opts = {k: v for k, v in self.model_options().items() if k not in _FACTORY_ONLY}
         try:
             return vmae_fast.config_for(self.model, **opts)
+        except OptionError as exc:  # the flag that set the option, if one of ours did
+            field = _FLAG_OF_OPTION.get(exc.option)
+            if field is None or exc.option in parse_overrides(self.model_overrides):
+                raise UsageError(f"--model-overrides {self.model_overrides!r}: {exc}") from None
+            raise UsageError(f"{_flag(field)} {getattr(self, field)}: {exc}") from None
         except (ValueError, TypeError) as exc:
             raise UsageError(f"model options: {exc}") from None
 
@@ -348,7 +368,12 @@ class FinetuneConfig(TaskConfig):
         elif bool(self.train_list) == bool(self.shards):
             raise UsageError("give the training data as --train-list LIST or --shards SPEC, one of them "
                              "(or --eval to evaluate only)")
-        check_at_least(self, {"test_num_segment": 1, "test_num_crop": 1, "eval_batch_size": 1})
+        check_at_least(self, {"test_num_segment": 1, "test_num_crop": 1, "eval_batch_size": 1, "eval_every": 0,
+                              "mixup": 0, "cutmix": 0})
+        # (these ran unchecked: --smoothing 1.5, --layer-decay 0, --mixup-prob 3 trained without a word)
+        _check_within(self, {"layer_decay": "(0, 1]", "mixup_prob": "[0, 1]", "mixup_switch_prob": "[0, 1]",
+                             "smoothing": "[0, 1)", "min_scale": "(0, 1]", "head_drop": "[0, 1)",
+                             "model_ema_decay": "[0, 1]"})
         try:
             parse_rand_augment(self.aa)
             self.erase_spec()

@@ -92,7 +92,7 @@ class VideoMAEConfig:
             if dim % heads:
                 raise OptionError(f"{what}={dim} is not divisible by its number of heads {heads}", option=option)
         if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+            raise OptionError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}", option="drop_path_rate")
 
     @property
     def grid(self) -> tuple[int, int, int]:
