@@ -72,6 +72,11 @@ def one_error_line(capsys, main, prog, argv) -> str:
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--divergence-factor", "0.5"], "--divergence-factor must be > 1"),
+    # these were tracebacks (torch's ValueError, numpy's on a negative seed) before
+    (["--betas", "1.5", "0.9"], "error: --betas takes two numbers in [0, 1), got 1.5 0.9"),
+    (["--eps", "-1"], "error: --eps must be >= 0, got -1.0"),
+    (["--seed", "-5"], "error: --seed must be >= 0, got -5"),
+    (["--decoder-depth", "-1"], "error: --decoder-depth -1: decoder_depth must be >= 0, got -1"),
 ])
 def test_pretrain_bad_input_is_one_line_and_creates_nothing(lists, tmp_path, capsys, extra, message):
     out = tmp_path / "run"

@@ -27,7 +27,8 @@ def _flag(name: str) -> str:
 
 
 # the model factory's keywords set by a flag of a task (``factory_options``): keyword -> field
-_FLAG_OF_OPTION = {"num_frames": "num_frames", "img_size": "img_size", "drop_path_rate": "drop_path"}
+_FLAG_OF_OPTION = {"num_frames": "num_frames", "img_size": "img_size", "drop_path_rate": "drop_path",
+                   "decoder_depth": "decoder_depth"}
 
 
 def _check_within(cfg, intervals: dict[str, str]) -> None:
@@ -130,7 +131,9 @@ class RunConfig:
         if self.steps is not None and self.steps < 1 and not self.eval_only:
             raise UsageError(f"--steps must be >= 1, got {self.steps}"
                              + (" (to evaluate without training use --eval)" if self.task == "finetune" else ""))
-        check_at_least(self, {"warmup_epochs": 0})
+        check_at_least(self, {"warmup_epochs": 0, "seed": 0, "eps": 0})
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UsageError(f"--betas takes two numbers in [0, 1), got {' '.join(map(str, self.betas))}")
         for name in ("base_lr", "lr"):
             v = getattr(self, name)
             if v is not None and not v > 0:
@@ -258,7 +261,7 @@ class TaskConfig:
             return vmae_fast.config_for(self.model, **opts)
         except OptionError as exc:  # the flag that set the option, if one of ours did
             field = _FLAG_OF_OPTION.get(exc.option)
-            if field is None or exc.option in parse_overrides(self.model_overrides):
+            if field is None or not hasattr(self, field) or exc.option in parse_overrides(self.model_overrides):
                 raise UsageError(f"--model-overrides {self.model_overrides!r}: {exc}") from None
             raise UsageError(f"{_flag(field)} {getattr(self, field)}: {exc}") from None
         except (ValueError, TypeError) as exc:

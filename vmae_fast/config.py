@@ -80,7 +80,7 @@ class VideoMAEConfig:
                                "num_frames", "img_size", "in_chans", "decoder_embed_dim",
                                "decoder_num_heads"))
         if self.decoder_depth < 0:
-            raise ValueError(f"decoder_depth must be >= 0, got {self.decoder_depth}")
+            raise OptionError(f"decoder_depth must be >= 0, got {self.decoder_depth}", option="decoder_depth")
         for what, size, unit in (("num_frames", self.num_frames, self.tubelet_size),
                                  ("img_size", self.img_size, self.patch_size)):
             if size % unit:
