@@ -88,7 +88,7 @@ CASES = [  # (command, argv, words the line must hold)
     (E, [FT, "--output-dir={d}/o"], ["no videos given"]),
     (E, [FT, "--output-dir={d}/o", "--video-dir={d}/nodir"], ["--video-dir", "nodir", "no such folder"]),
     (E, [FT, "--output-dir={d}/o", "--video-dir={d}/afile"], ["--video-dir ", "afile: not a folder"]),
-    (E, [VIDEO, FT, "--output-dir={d}/afile/sub"], ["--output-dir ", "afile/sub: ", "afile is a file, not a folder"]),
+    (E, [VIDEO, FT, "--output-dir={d}/afile/sub"], ["--output-dir ", "afile/sub: ", "afile is not a folder"]),
     (E, [VIDEO, FT, "--output-dir={d}/o", "--input-norm", "raw"], ["--input-norm", "invalid choice: 'raw'"]),
     (E, [VIDEO, "--checkpoint={d}/text.txt", "--output-dir={d}/o"], ["--checkpoint", "not a PyTorch checkpoint"]),
     (V, [VIDEO, PT, "--encoder-ratio", "1.5"], ["--encoder-ratio must be in [0, 1), got 1.5"]),
@@ -96,14 +96,14 @@ CASES = [  # (command, argv, words the line must hold)
     (V, [VIDEO, PT, "--mask-type", "cube"], ["--mask-type", "invalid choice: 'cube'"]),
     (V, [VIDEO, PT, "--start", "-1"], ["--start must be >= 0, got -1"]),
     (V, [VIDEO, PT, "--out", "{d}/r.jpg"], ["--out must name a .png file"]),
-    (V, [VIDEO, PT, "--out", "{d}/afile/r.png"], ["--out ", "afile/r.png: ", "afile is a file, not a folder"]),
+    (V, [VIDEO, PT, "--out", "{d}/afile/r.png"], ["--out ", "afile/r.png: ", "afile is not a folder"]),
     (V, [VIDEO, PT, "--out", "{d}/dir.png"], ["--out ", "dir.png: is a folder, expected a file name"]),
     (V, [VIDEO, FT], ["--checkpoint", "pretraining checkpoint"]),
     (V, [VIDEO, PT, "--decoder-num-heads", "5"],
      ["error: --decoder-num-heads 5: decoder_embed_dim=192 is not divisible by its number of heads 5"]),
     (X, [FT, "--out={d}/m.onnx", "--input", "int8"], ["--input", "invalid choice: 'int8'"]),
     (X, [FT, "--out={d}/m.pt"], ["--out must name a .onnx file"]),
-    (X, [FT, "--out={d}/afile/m.onnx"], ["--out ", "afile/m.onnx: ", "afile is a file, not a folder"]),
+    (X, [FT, "--out={d}/afile/m.onnx"], ["--out ", "afile/m.onnx: ", "afile is not a folder"]),
     (X, [FT, "--out={d}/m.onnx", "--no-pool"], ["--no-pool applies to --encoder"]),
     (X, ["--checkpoint={d}/text.txt", "--out={d}/m.onnx"], ["--checkpoint", "not a PyTorch checkpoint"]),
     (X, ["--checkpoint={d}/hf_no_weights", "--out={d}/m.onnx"], ["--checkpoint: ", "is a folder without"]),
@@ -129,16 +129,24 @@ def test_one_line_for_each_mistake(prog, argv, words, files, capsys, monkeypatch
 
 
 def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
-    """(Root writes anywhere, so the permission is faked: the check asks os.access.)"""
-    from vmae_fast.errors import UsageError
-    from vmae_fast.tools.common import check_output
+    """(Root writes anywhere, so the refusal is faked where the check probes: a temporary file.)"""
+    import tempfile
+
+    from vmae_fast.errors import UsageError, check_output
 
     check_output("--out", tmp_path / "new" / "deeper" / "x.png")  # folders to make: fine
-    monkeypatch.setattr("os.access", lambda path, mode: str(path) != str(tmp_path))
+    real = tempfile.TemporaryFile
+
+    def refuse(*a, dir=None, **kw):
+        if str(dir) == str(tmp_path):
+            raise PermissionError(13, "Permission denied")
+        return real(*a, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
     with pytest.raises(UsageError) as err:
         check_output("--output-dir", tmp_path / "new" / "deeper", folder=True)
     assert str(err.value) == (f"--output-dir {tmp_path}/new/deeper: cannot write in {tmp_path} "
-                              "(permission denied)")
+                              "(Permission denied)")
 
 
 def test_a_bad_video_is_one_line_and_the_good_one_keeps_its_output(files, capsys):
@@ -176,6 +184,10 @@ TRAIN = [  # parse-time mistakes of the training CLIs, and vmae-bench's
      ["argument --workers: invalid int value: 'x'"]),
     ("vmae-shards", ["--data-list", "{d}/three.txt", "--kind", "pretrain", "--out", "{d}/sh", "--short-side", "1"],
      ["error: --short-side must be >= 2, got 1"]),
+    ("python -m train.make_synthetic", ["--out", "{d}/run", "--n", "1"], ["error: --n must be >= 2, got 1"]),
+    ("python -m train.make_synthetic", ["--out", "{d}/afile/run"], ["error: --out ", "afile/run: ", "afile is not a folder"]),
+    ("python -m train.make_synthetic", ["--out", "{d}/run", "--width", "33"],
+     ["error: --height and --width must be even (H.264 4:2:0), got 48x33"]),
     ("vmae-pretrain", ["--data-list", "{d}/three.txt", "--output-dir", "{d}/run", "--num-workers", "-1"],
      ["error: --num-workers must be >= 0, got -1"]),
     ("vmae-finetune", ["--train-list", "{d}/three.txt", "--num-classes", "3", "--output-dir", "{d}/run",
@@ -200,9 +212,10 @@ def test_training_and_bench_commands_too(prog, argv, words, files, capsys, monke
             bench_main(argv)
         code, line_prog = stop.value.code, f"vmae-bench {argv[0]}"
     else:
-        from train import finetune, pretrain, write_shards
+        from train import finetune, make_synthetic, pretrain, write_shards
 
-        main = {"vmae-pretrain": pretrain.main, "vmae-finetune": finetune.main, "vmae-shards": write_shards.main}
+        main = {"vmae-pretrain": pretrain.main, "vmae-finetune": finetune.main, "vmae-shards": write_shards.main,
+                "python -m train.make_synthetic": make_synthetic.main}
         code = run_cli(main[prog], prog, argv)
         line_prog = prog
     err = capsys.readouterr().err

@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import sys
-import tempfile
 import traceback
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ from vmae_fast.video.decoders import add_decoder_arg
 from vmae_fast.video.lists import read_list
 from vmae_fast import envs
 from vmae_fast import cli as _cli
-from vmae_fast.errors import EXIT_STOPPED_BY_SIGNAL, UsageError
+from vmae_fast.errors import EXIT_STOPPED_BY_SIGNAL, UsageError, check_output
 from vmae_fast.cli import ArgumentParser
 
 from . import distributed as dist_
@@ -218,21 +217,8 @@ def check_file(flag: str, path: str | None) -> None:
 
 
 def check_output_dir(path: str) -> None:
-    """The nearest existing folder on the way to ``path`` must take a new file (a probe file is
-    made and removed: permission bits alone say nothing for root or read-only mounts)."""
-    out = Path(path)
-    p = out
-    while not p.exists():
-        if p.parent == p:
-            break
-        p = p.parent
-    if not p.is_dir():
-        raise UsageError(f"--output-dir {out}: {p} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=p):
-            pass
-    except OSError as exc:
-        raise UsageError(f"--output-dir {out}: cannot write in {p} ({exc.strerror or exc})") from None
+    """``--output-dir`` must be a folder that can be made and written (``check_output``)."""
+    check_output("--output-dir", path, folder=True)
 
 
 def check_common(cfg: RunConfig) -> None:

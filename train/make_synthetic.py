@@ -21,9 +21,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
+
+from vmae_fast.cli import ArgumentParser, run_cli
+from vmae_fast.errors import UsageError, check_at_least, check_output
+
+PROG = "python -m train.make_synthetic"
 
 SHAPES = ("circle", "square", "triangle", "cross")
 CLASS_COLORS = ((230, 30, 30), (30, 200, 30), (40, 40, 230), (240, 240, 40))
@@ -179,7 +185,7 @@ def make_dataset(out: str | os.PathLike, n: int = 64, frames: int = 24, height: 
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--frames", type=int, default=24)
@@ -189,6 +195,12 @@ def main(argv=None) -> None:
     ap.add_argument("--style", choices=("shapes", "kinetics"), default="shapes")
     ap.add_argument("--seconds", type=float, default=10, help="kinetics style: clip length")
     a = ap.parse_args(argv)
+    check_at_least(a, {"n": 2, "frames": 1, "height": 2, "width": 2})
+    if a.height % 2 or a.width % 2:
+        raise UsageError(f"--height and --width must be even (H.264 4:2:0), got {a.height}x{a.width}")
+    if not a.seconds > 0:
+        raise UsageError(f"--seconds must be > 0, got {a.seconds}")
+    check_output("--out", a.out, folder=True)
     if a.style == "kinetics":
         paths = make_kinetics_like(a.out, a.n, a.seconds, a.seed)
         print(f"wrote {len(paths)} Kinetics-like videos to {a.out}/videos; list: {a.out}/pretrain.txt")
@@ -198,4 +210,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, PROG))

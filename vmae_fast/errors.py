@@ -20,6 +20,9 @@ Exit statuses (the same for every command):
 """
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Mapping
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_NONFINITE = 0, 1, 2, 3
@@ -54,5 +57,25 @@ def check_at_least(options: object, minimums: Mapping[str, float]) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
-__all__ = ["UsageError", "OptionError", "check_at_least", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "EXIT_NONFINITE",
+def check_output(flag: str, path: str | os.PathLike, *, folder: bool = False) -> None:
+    """``UsageError``, before any work, for an output that cannot be written: ``path`` (a folder
+    with ``folder``, else a file; the folders on the way are made later) where a folder is named
+    as the file, a file is in the way, or the nearest existing folder takes no new file (a probe
+    file is made and removed: permission bits alone say nothing for root or read-only mounts)."""
+    out = Path(path)
+    if not folder and out.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder, expected a file name")
+    p = Path(os.path.abspath(out if folder else out.parent))
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if not p.is_dir():
+        raise UsageError(f"{flag} {path}: {p} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write in {p} ({exc.strerror or exc})") from None
+
+
+__all__ = ["UsageError", "OptionError", "check_at_least", "check_output", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "EXIT_NONFINITE",
            "EXIT_STOPPED_BY_SIGNAL", "EXIT_CHECKPOINT_FAILED"]

@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import write_atomic
 from ..device import DTYPES
-from ..errors import EXIT_OK, EXIT_SOME_FAILED, OptionError, UsageError, check_at_least
+from ..errors import EXIT_OK, EXIT_SOME_FAILED, OptionError, UsageError, check_at_least, check_output
 from ..cli import ArgumentParser, run_cli
 from ..video.decoders import UnreadableVideo, add_decoder_arg
 
@@ -35,24 +35,6 @@ def make_parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring's layout kept, and ``(default: X)`` after every option that has one."""
-
-
-def check_output(flag: str, path: str | os.PathLike, *, folder: bool = False) -> None:
-    """``UsageError``, before any work, for an output that cannot be written: ``path`` (a folder
-    with ``folder``, else a file, its folder made as needed) where a file or a folder is in the
-    way, or whose nearest existing folder is not writable."""
-    p = Path(os.path.abspath(path))
-    if folder and p.exists() and not p.is_dir():
-        raise UsageError(f"{flag} {path}: exists and is not a folder")
-    if not folder and p.is_dir():
-        raise UsageError(f"{flag} {path}: is a folder, expected a file name")
-    near = p if folder else p.parent
-    while not near.exists():  # the folders still to make: the first one that exists decides
-        near = near.parent
-    if not near.is_dir():
-        raise UsageError(f"{flag} {path}: {near} is a file, not a folder")
-    if not os.access(near, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: cannot write in {near} (permission denied)")
 
 
 def add_model_args(p: argparse.ArgumentParser, checkpoint_help: str, *, decoder_heads: bool = False) -> None:
