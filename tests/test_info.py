@@ -20,3 +20,14 @@ def test_info_says_whether_the_extension_built(monkeypatch, capsys, state, reaso
     assert all(w in lines[1] for w in words), lines[1]
     assert lines[2].startswith("video decoders: torchcodec ") and lines[3].startswith("--dtype auto: ")
     assert lines[4].startswith("extras importable: train ")
+
+
+def test_a_stray_argument_is_one_usage_line(capsys):
+    """(It printed the report and ignored the word.)"""
+    from vmae_fast.cli import run_cli
+    from vmae_fast.errors import EXIT_USAGE
+
+    assert run_cli(info.main, info.PROG, ["--bogus"]) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        "python -m vmae_fast.info: error: unrecognized arguments: --bogus (see python -m vmae_fast.info --help)\n")

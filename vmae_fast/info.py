@@ -54,11 +54,20 @@ def report() -> tuple[list[str], int]:
     return lines, 1 if st.state == "broken" else 0
 
 
+PROG = "python -m vmae_fast.info"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import ArgumentParser
+
+    # no options: a stray word (a flag of another command) is a usage error, not ignored
+    ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0]).parse_args(argv)
     lines, status = report()
     print("\n".join(lines))
     return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_cli
+
+    sys.exit(run_cli(main, PROG))
