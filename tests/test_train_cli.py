@@ -215,3 +215,18 @@ def test_warnings_name_the_innermost_line_of_our_code():
     assert _our_frame(stack) == (os.path.join("train", "data.py"), 290)
     assert _our_frame(stack[:2]) == (os.path.join("train", "loop.py"), 250)
     assert _our_frame(stack[1:2]) is None
+
+
+def test_finetune_weights_of_another_width_say_so_in_flags(lists, tmp_path, capsys):
+    """(The library's message suggested its exclude= keyword, which no flag sets.)"""
+    other = vmae_fast.create_model("vit_small_patch16_224", 4, depth=2, embed_dim=32, num_heads=2, patch_size=8,
+                                   num_frames=4, img_size=32)
+    f = tmp_path / "narrow.pth"
+    torch.save({"model": other.official_state_dict()}, f)
+    line = one_error_line(capsys, finetune.main, "vmae-finetune",
+                          ["--train-list", lists["train"], "--num-classes", "4", "--output-dir", str(tmp_path / "run"),
+                           *TINY_CLF, "--finetune", str(f)])
+    assert line.startswith(f"vmae-finetune: error: --finetune {f}: its tensors do not fit this model (another "
+                           "--model, --model-overrides, --num-frames or --img-size?): patch_embed.proj.weight: file "
+                           "(32, 3, 2, 8, 8) vs model (64, 3, 2, 8, 8); "), line
+    assert line.endswith(" more") and "exclude=" not in line

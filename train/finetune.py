@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import vmae_fast
 from vmae_fast import envs
+from vmae_fast.errors import ShapeMismatch
 from vmae_fast.flops import encoder_macs
 from vmae_fast.ops import normalize_uint8
 from vmae_fast.video.decoders import resolve_decoder as decoder_name
@@ -140,6 +141,11 @@ def load_start_weights(model, cfg: FinetuneConfig, d: dist_.Dist) -> None:
         raise UsageError(f"--eval --finetune {weights}: the file has {has}, --num-classes is {cfg.num_classes}")
     try:
         report = model.load_official_state_dict(sd, exclude=() if keep_head else ("head.",))
+    except ShapeMismatch as exc:  # (a head of another class count is left out above: the backbone differs)
+        more = f" and {len(exc.mismatched) - 3} more" if len(exc.mismatched) > 3 else ""
+        raise UsageError(f"--finetune {weights}: its tensors do not fit this model (another --model, "
+                         f"--model-overrides, --num-frames or --img-size?): {'; '.join(exc.mismatched[:3])}{more}"
+                         ) from None
     except ValueError as exc:
         raise UsageError(f"--finetune {weights}: {exc}") from None
     if d.main:

@@ -47,6 +47,16 @@ class OptionError(ValueError):
         self.option, self.reason, self.missing = option, reason or message, missing
 
 
+class ShapeMismatch(ValueError):
+    """Weights whose tensors have other shapes than the model's (another width, depth, frame
+    count or crop size): ``mismatched`` holds ``"key: file (...) vs model (...)"`` for each, so a
+    command line can say it in its own words (the message suggests the library's ``exclude=``)."""
+
+    def __init__(self, message: str, mismatched: list[str]):
+        super().__init__(message)
+        self.mismatched = list(mismatched)
+
+
 def check_at_least(options: object, minimums: Mapping[str, float]) -> None:
     """``UsageError`` for the first attribute of ``options`` (a parsed command line, a config
     dataclass) below its minimum, in the flag's own name: ``--batch-size must be >= 1, got -1``;
@@ -77,5 +87,5 @@ def check_output(flag: str, path: str | os.PathLike, *, folder: bool = False) ->
         raise UsageError(f"{flag} {path}: cannot write in {p} ({exc.strerror or exc})") from None
 
 
-__all__ = ["UsageError", "OptionError", "check_at_least", "check_output", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "EXIT_NONFINITE",
+__all__ = ["UsageError", "OptionError", "ShapeMismatch", "check_at_least", "check_output", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "EXIT_NONFINITE",
            "EXIT_STOPPED_BY_SIGNAL", "EXIT_CHECKPOINT_FAILED"]

@@ -11,6 +11,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from ..checkpoint import FORMATS, describe_keys, guess_format, unwrap_state_dict
 from ..config import VideoMAEConfig
+from ..errors import ShapeMismatch
 from ..hf_keys import convert_hf_state_dict
 from ..pos_embed import sincos_table
 
@@ -170,9 +171,9 @@ class OfficialCheckpointMixin:
             else:
                 to_load[k] = v
         if mismatched:
-            raise ValueError("checkpoint shapes do not match the model (wrong arch, num_frames, img_size "
-                             "or num_classes? pass exclude=('head.',) to keep a fresh head): "
-                             + "; ".join(mismatched))
+            raise ShapeMismatch("checkpoint shapes do not match the model (wrong arch, num_frames, img_size "
+                                "or num_classes? pass exclude=('head.',) to keep a fresh head): "
+                                + "; ".join(mismatched), mismatched)
         backbone = [k for k in own if k.startswith(self.backbone_prefixes) and not k.startswith(exclude)]
         got = sum(k in to_load for k in backbone)
         if backbone and got < self.min_backbone_fraction * len(backbone):
