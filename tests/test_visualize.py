@@ -93,6 +93,11 @@ def test_grid_png_of_a_model_on_a_video(tmp_path):
     for f in range(4):
         x = f * (32 + V.GAP)
         assert (torch.from_numpy(img[:32, x:x + 32]) == clip[0, :, f].permute(1, 2, 0)).all()
+    # a --start past the video (120 frames) is its one line, not a clip of the last frame repeated
+    assert torch.equal(V.read_clip(VIDEO, 4, 32, start=119)[0, :, 0], V.read_clip(VIDEO, 4, 32, start=119)[0, :, 3])
+    with pytest.raises(ValueError) as err:
+        V.read_clip(VIDEO, 4, 32, start=120)
+    assert str(err.value) == "--start 120 is past the video's last frame, 119"
 
 
 @pytest.mark.parametrize("tile, scale", [(32, 4), (112, 1), (224, 1), (56, 2), (16, 7), (100, 2)])

@@ -199,6 +199,8 @@ def read_clip(path: str, num_frames: int, img_size: int, sampling_rate: int = 4,
         span = (num_frames - 1) * sampling_rate + 1
         if start is None:
             start = max(n - span, 0) // 2
+        elif start >= n:  # (every frame would be the last one repeated)
+            raise ValueError(f"--start {start} is past the video's last frame, {n - 1}")
         frames = src.get([min(start + i * sampling_rate, n - 1) for i in range(num_frames)])
     x = resize_frames(frames, img_size)  # (T, 3, h, w)
     (top, left), = crop_offsets(x.shape[-2], x.shape[-1], img_size, 1)
