@@ -26,9 +26,9 @@ with ``curl``: its CPU time, a child's, is counted with the worker's). The shard
 samples in list order, unshuffled, so that they decode the clips of the files rows (a clip's cost
 depends on where it starts).
 
-``--breakdown``: also a video's CPU time stage by stage (open and index, decode, RGB, crops,
-batch copy; ``bench/loader_breakdown.py``), from files and from shards, in this process, and the
-most clips per CPU-second the decoder alone would allow.
+``--breakdown``: also a video's CPU time stage by stage (open and index, decode, RGB, crops, the
+batch in shared memory as a worker makes it; ``bench/loader_breakdown.py``), from files and from
+shards, in this process, and the most clips per CPU-second the decoder alone would allow.
 
 A clip is one view: with ``num_sample 4`` one decoded video gives 4 clips, in both pipelines.
 "ours" is ``train.data.VideoDataset`` + ``collate`` (uint8 out); "official" is

@@ -5,8 +5,10 @@ Stages: ``read`` (shards: the tar member through webdataset's reader; files: non
 the file inside the next two), ``open+index`` (the PyAV reader: open, probe, the packet index),
 ``decode`` (seek, demux and the H.264 decoder, needed frames and the reference frames before
 them), ``rgb`` (YUV -> RGB of the needed frames), ``gather`` (the rest of ``reader.get``: the frames
-into one array), ``crop+resize`` (every view), ``collate`` (the views into a batch, plain memory:
-a worker's shared memory costs a little more), ``other`` (the rest: sampling, crop boxes, JSON).
+into one array), ``crop+resize`` (every view), ``collate`` (the views into a batch in shared
+memory, as a DataLoader worker makes it, ``train/worker_batch.py``; the batch is freed off the
+clock, as a worker's batches are freed by the main process), ``other`` (the rest: sampling, crop
+boxes, JSON).
 
 ``decode`` is the floor of any reader that returns these frames bit for bit: the decoder must
 decode every reference frame from the keyframe before the clip up to its last frame (the reader
@@ -73,6 +75,17 @@ def _timed(acc: dict):
         data.crop_resize = orig_crop
 
 
+@contextlib.contextmanager
+def _as_worker():
+    """``Collate`` takes a DataLoader worker's path (its batch in shared memory) in this process."""
+    real = torch.utils.data.get_worker_info
+    torch.utils.data.get_worker_info = lambda: object()
+    try:
+        yield
+    finally:
+        torch.utils.data.get_worker_info = real
+
+
 def breakdown(paths: list[Path], shard_spec: str | None, num_sample: int, frames: int, rate: int, size: int,
               reps: int = 4) -> list[dict]:
     """Rows ``{"source", "num_sample", "videos", <stage>: ms per video, "total_ms",
@@ -95,19 +108,23 @@ def breakdown(paths: list[Path], shard_spec: str | None, num_sample: int, frames
     try:
         for source in ["files"] + (["shards"] if shard_spec else []):
             acc = dict.fromkeys(STAGES, 0.0)
-            n = 0
+            n, freed = 0, 0.0
             with _timed(acc):
                 for rep in range(reps + 1):  # rep 0 warms up, left out
                     if rep == 1:
                         acc.update(dict.fromkeys(STAGES, 0.0))
-                        t_all = time.process_time()
+                        t_all, freed = time.process_time(), 0.0
                     for j in range(len(paths)):
                         out = ds[(rep, j)] if source == "files" else load_sample(ds, samples[j], rep)
+                        with _as_worker():
+                            t = time.process_time()
+                            batch = collate([out])
+                            acc["collate"] += time.process_time() - t
                         t = time.process_time()
-                        collate([out])
-                        acc["collate"] += time.process_time() - t
+                        del batch
+                        freed += time.process_time() - t
                         n += rep > 0
-                total = time.process_time() - t_all
+                total = time.process_time() - t_all - freed
             if source == "shards":  # the tar reading, timed apart: webdataset's reader, every shard
                 t = time.process_time()
                 for _ in range(reps):

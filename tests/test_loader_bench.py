@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 av = pytest.importorskip("av", reason="PyAV (the `test` extra) writes and reads the clips")
 
@@ -92,15 +93,26 @@ def test_bench_loader_finetune_rows_price_the_augmentation(tmp_path, capsys):
     assert "| ours-finetune+aug |" in out and "baseline: official (decord)" in out
 
 
-def test_bench_loader_breakdown_splits_a_video_s_cpu_time_by_stage(tmp_path):
+def test_bench_loader_breakdown_splits_a_video_s_cpu_time_by_stage(tmp_path, monkeypatch):
     pytest.importorskip("webdataset", reason="the shards extra")
     from bench import loader_breakdown as bd
+    from train import data as D
     from vmae_fast.video.decoders import PyAVReader
 
     video = DATA / "carphone_distorted.mp4"
     spec = str(loader.write_bench_shards([video, video], tmp_path))
     before = {k: getattr(PyAVReader, k) for k in ("__init__", "_frames", "_rgb", "get")}
+    shared, real = [], D.shared_batch
+
+    def recorded(views):  # every batch made as a worker makes it: in shared memory
+        out = real(views)
+        shared.append((len(views), out.is_shared()))
+        return out
+
+    monkeypatch.setattr(D, "shared_batch", recorded)
     rows = bd.breakdown([video, video], spec, num_sample=2, frames=4, rate=4, size=32, reps=1)
+    assert shared == [(2, True)] * 8  # (warm-up + 1 rep) x 2 videos x (files, shards), 2 views each
+    assert torch.utils.data.get_worker_info() is None
     assert [r["source"] for r in rows] == ["files", "shards"]
     for r in rows:
         assert r["videos"] == 2
