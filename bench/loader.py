@@ -50,6 +50,8 @@ from pathlib import Path
 
 import torch
 
+from vmae_fast.video.decoders import UnreadableVideo, failure_reason, open_video
+
 from .common import device as devmod
 from .common.cli import add_output_args, make_parser
 from .common.output import result_header, save_result
@@ -88,6 +90,13 @@ def video_files(spec: list[str]) -> list[Path]:
             if p.is_dir() else [p]
     if not out:
         raise SystemExit(f"no video files in {spec}")
+    for p in out:  # a bad file is its line now, not a DataLoader worker's traceback minutes later
+        try:
+            with open_video(p, "pyav") as r:
+                if len(r) == 0:
+                    raise UnreadableVideo(str(p), "no frames")
+        except Exception as exc:
+            raise SystemExit(f"--videos: {p}: {failure_reason(exc)}") from None
     return out
 
 

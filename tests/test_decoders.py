@@ -232,3 +232,27 @@ def test_pyav_reads_a_raw_stream_without_timestamps(tmp_path):
     with decode.PyAVReader(str(path)) as r:
         assert r.pts is None and len(r) == len(ref) == 20
         assert np.array_equal(r.get([19, 0, 5, 5]).numpy(), ref[[19, 0, 5, 5]])
+
+
+def test_opening_a_good_video_logs_no_ffmpeg_error():
+    """PyAV pins FFmpeg's last error log on its next exception, whatever raised it: an open that
+    logs one (an invalid probe option did, per stream) would make a later corrupt file's reason
+    "Error setting option skip_frame ..." instead of its own."""
+    import av.logging
+
+    from vmae_fast.video.shards import open_video_bytes
+
+    decode.quiet_pyav()
+    before = av.logging.get_last_error()[0]
+    for name in ("bikes.mp4", "bigbuckbunny.mp4", "carphone_distorted.mp4"):
+        with decode.open_video(DATA / name, "pyav") as r:
+            assert r.get([0, len(r) - 1]).shape[0] == 2
+        r = open_video_bytes((DATA / name).read_bytes(), "pyav")
+        assert r.get([1]).shape[0] == 1
+        r.close()
+    assert av.logging.get_last_error()[0] == before
+    with pytest.raises(decode.UnreadableVideo) as err:
+        open_video_bytes(b"\x00garbage" * 100, "pyav")
+    assert str(err.value) == "not a readable video (FFmpeg: Invalid data found when processing input)"
+    with pytest.raises(decode.UnreadableVideo, match=r"^not a readable video \(empty member\)$"):
+        open_video_bytes(b"", "pyav")

@@ -124,3 +124,15 @@ def test_bench_loader_breakdown_splits_a_video_s_cpu_time_by_stage(tmp_path, mon
     assert rows[0]["read"] == 0 and rows[1]["read"] > 0
     assert {k: getattr(PyAVReader, k) for k in before} == before  # the timers are taken off again
     assert "| shards | 2 |" in bd.table(rows, {2: 10.0})
+
+
+def test_a_bad_video_named_by_videos_is_one_line_before_any_measurement(tmp_path):
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "text.mp4").write_text("not a video\n" * 20)
+    for name, why in (("empty.mp4", "not a readable video (empty file)"),
+                      ("text.mp4", "not a readable video (FFmpeg: moov atom not found)")):
+        with pytest.raises(SystemExit) as err:
+            loader.main(["--videos", str(DATA / "bikes.mp4"), str(tmp_path / name), "--clips", "2",
+                         "--workers", "1", "--out", str(tmp_path / "out")])
+        assert str(err.value) == f"--videos: {tmp_path / name}: {why}"
+    assert not (tmp_path / "out").exists()  # nothing measured, nothing written

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from vmae_fast.video.decoders import resolve_decoder
+from vmae_fast.video.decoders import failure_reason, resolve_decoder
 from vmae_fast.video.frames import FRAME_PATTERN
 from vmae_fast.video.lists import Entry
 from vmae_fast.video.resize import crop_resize
@@ -182,7 +182,7 @@ class VideoDataset(torch.utils.data.Dataset):
                         out["erase"] = erase
                     return out
                 except Exception as exc:  # corrupt, missing or too short: skip, say which, go on
-                    warnings.warn(f"skipping video {entry.path}: {type(exc).__name__}: {exc}", stacklevel=2)
+                    warnings.warn(f"skipping video {entry.path}: {failure_reason(exc)}", stacklevel=2)
                     self.failed[j] = True
                     skipped.append(entry.path)
             if not self.substitute:

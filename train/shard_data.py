@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from vmae_fast.video import shards as fmt
+from vmae_fast.video.decoders import failure_reason
 from vmae_fast.video.lists import Entry
 
 from .data import Collate, VideoDataset
@@ -97,7 +98,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             return load_sample(self.dataset, sample, epoch)
         except Exception as exc:  # corrupt member: skip, say which, go on
             warnings.warn(f"skipping shard sample {sample.get('__key__')} of {sample.get('__url__')}: "
-                          f"{type(exc).__name__}: {exc}", stacklevel=2)
+                          f"{failure_reason(exc)}", stacklevel=2)
             return None
 
 

@@ -32,6 +32,7 @@ from vmae_fast.errors import EXIT_OK, EXIT_SOME_FAILED, UsageError, check_at_lea
 from vmae_fast.cli import ArgumentParser, run_cli
 from vmae_fast.video import FRAME_PATTERN, Entry, FrameFolder, read_list
 from vmae_fast.video import shards as fmt
+from vmae_fast.video.decoders import failure_reason
 
 from .data import HYBRID_RULES
 
@@ -166,8 +167,8 @@ def make_sample(job: tuple) -> tuple[int, dict | None, str]:
         meta.update(path=rel, index=index, label=entry.label)
         return index, {"__key__": fmt.sample_key(index), **members, "json": json.dumps(meta).encode()}, ""
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        return index, None, f"{type(exc).__name__}: {msg}"
+        why = failure_reason(exc).strip()
+        return index, None, (why.splitlines() or [""])[0][:200]
 
 
 # ----------------------------------------------------------------------------- the shards

@@ -23,7 +23,7 @@ from ..checkpoint import write_atomic
 from ..device import DTYPES
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, OptionError, UsageError, check_at_least, check_output
 from ..cli import ArgumentParser, run_cli
-from ..video.decoders import UnreadableVideo, add_decoder_arg
+from ..video.decoders import add_decoder_arg, failure_reason
 
 
 # ----------------------------------------------------------------------------- options
@@ -153,20 +153,12 @@ class VideoErrors:
             self.failed.append(video)
             if self.debug:
                 traceback.print_exc()
-            print(f"{self.prog}: skipping {video}: {_why(exc)}", file=sys.stderr, flush=True)
+            print(f"{self.prog}: skipping {video}: {failure_reason(exc)}", file=sys.stderr, flush=True)
             return False, None
 
     @property
     def exit_status(self) -> int:
         return EXIT_SOME_FAILED if self.failed else EXIT_OK
-
-
-def _why(exc: Exception) -> str:
-    """A video's failure after its path: in words for the expected ones (a file that is missing or
-    not a readable video), with the exception type for anything else (a bug to report)."""
-    if isinstance(exc, (UnreadableVideo, FileNotFoundError)):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -49,7 +49,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .decoders import DecordReader, PyAVReader, TorchCodecReader, VideoReader, quiet_pyav, resolve_decoder
+from .decoders import (DecordReader, PyAVReader, TorchCodecReader, UnreadableVideo, VideoReader, _short_reason, quiet_pyav,
+                       resolve_decoder)
 from .frames import FrameFolder
 from .sources import FrameWindow
 
@@ -404,9 +405,14 @@ def open_video_bytes(data: bytes, decoder: str = "auto", threads: int = 1,
     """``open_video`` for a video held in memory (the same frames as from its file). ``index``:
     PyAV's packet index of these bytes (``stored_index``), used by the pyav reader."""
     name = resolve_decoder(decoder)
-    if name == "pyav":
-        return _PyAVBytes(data, threads=threads, index=index)
-    return _BYTES_READERS[name](data, threads=threads)
+    if not data:
+        raise UnreadableVideo("<bytes>", "empty member")
+    try:
+        if name == "pyav":
+            return _PyAVBytes(data, threads=threads, index=index)
+        return _BYTES_READERS[name](data, threads=threads)
+    except Exception as exc:  # every decoder's own type and text for "cannot open these bytes"
+        raise UnreadableVideo("<bytes>", _short_reason(exc)) from exc
 
 
 class _FramesInMemory(FrameFolder):
