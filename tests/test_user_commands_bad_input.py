@@ -194,6 +194,8 @@ TRAIN = [  # parse-time mistakes of the training CLIs, and vmae-bench's
                        "--min-lr", "-0.5"], ["error: --min-lr must be >= 0, got -0.5"]),
     ("vmae-shards", ["--data-list", "{d}/three.txt", "--kind", "pretrain", "--out", "{d}/sh"],
      ["--data-list: ", "three.txt:1: expected '<path> <start_idx> <total_frames>"]),
+    ("vmae-pretrain", ["--data-list", "{d}/three.txt", "--output-dir", "{d}/run", "--lr", "1e-3", "--base-lr", "5e-4"],
+     ["error: --lr 0.001 and --base-lr 0.0005: give one"]),
     ("vmae-pretrain", ["--data-list", "{d}/three.txt", "--output-dir", "{d}/run"],
      ["--data-list: ", "three.txt:1: expected '<path> <start_idx> <total_frames>"]),
     ("vmae-finetune", ["--train-list", "{d}/three.txt", "--num-classes", "3", "--output-dir", "{d}/run"],

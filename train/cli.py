@@ -117,6 +117,10 @@ def parse(ap: argparse.ArgumentParser, argv, kind: str, config: type[TaskConfig]
     of files and environment. The namespace goes no further."""
     add_common_args(ap, kind)
     args = ap.parse_args(argv)
+    if getattr(args, "lr", None) is not None and getattr(args, "base_lr", None) is not None:
+        # two answers to one question: one would be dropped without a word
+        raise UsageError(f"--lr {args.lr} and --base-lr {args.base_lr}: give one (--lr is the peak lr as it is, "
+                         "--base-lr is scaled by the global batch)")
     recipe.fill_defaults(args, kind)
     cfg = config.from_args(args, RunConfig.from_args(args, kind, tuple(sys.argv[1:] if argv is None else argv)))
     validate(cfg)
