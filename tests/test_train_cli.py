@@ -230,3 +230,28 @@ def test_finetune_weights_of_another_width_say_so_in_flags(lists, tmp_path, caps
                            "--model, --model-overrides, --num-frames or --img-size?): patch_embed.proj.weight: file "
                            "(32, 3, 2, 8, 8) vs model (64, 3, 2, 8, 8); "), line
     assert line.endswith(" more") and "exclude=" not in line
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_rank_of_a_torchrun_group_ends_with_os_exit_and_its_status(world, monkeypatch):
+    """Under torchrun the process ends with ``os._exit`` once the run is over (the gloo group an
+    FSDP model holds would otherwise abort a rank in the interpreter's teardown now and then);
+    a single process exits as usual."""
+    from train import cli
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(status):
+        raise Exited(status)
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    if world > 1:
+        with pytest.raises(Exited) as err:
+            cli.exit_process(5)
+        assert err.value.args == (5,)
+    else:
+        with pytest.raises(SystemExit) as stop:
+            cli.exit_process(5)
+        assert stop.value.code == 5

@@ -13,7 +13,6 @@ recipe of --model (the table below).
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 
 import torch
@@ -288,9 +287,9 @@ def main(argv=None, on_step=None) -> dict:
 
 def cli() -> None:
     """The ``vmae-finetune`` console script."""
-    from .cli import run_cli
+    from .cli import exit_process, run_cli
 
-    sys.exit(run_cli(main, "vmae-finetune"))
+    exit_process(run_cli(main, "vmae-finetune"))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ global batch as the official code does (see --lr-scaling).
 """
 from __future__ import annotations
 
-import sys
 
 import torch
 
@@ -87,9 +86,9 @@ def main(argv=None, on_step=None) -> dict:
 
 def cli() -> None:
     """The ``vmae-pretrain`` console script."""
-    from .cli import run_cli
+    from .cli import exit_process, run_cli
 
-    sys.exit(run_cli(main, "vmae-pretrain"))
+    exit_process(run_cli(main, "vmae-pretrain"))
 
 
 if __name__ == "__main__":
