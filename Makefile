@@ -75,6 +75,8 @@ mutate: $(VENV)/bin/mutmut
 MUTATE_INTERPRET := build/mutate-interpret
 mutate-interpret: $(VENV)/bin/mutmut
 	mkdir -p $(MUTATE_INTERPRET)
+	@# a fresh copy each run (a file deleted here must not linger there); mutmut's ./mutants stays
+	cd $(MUTATE_INTERPRET) && rm -rf vmae_fast train tests bench docs README.md setup.py
 	cp -a vmae_fast train tests bench docs README.md setup.py $(MUTATE_INTERPRET)/
 	cp tests/mutmut_interpret.cfg $(MUTATE_INTERPRET)/setup.cfg
 	cd $(MUTATE_INTERPRET) && TRITON_INTERPRET=1 $(abspath $(VENV))/bin/mutmut run --max-children 2 $(MUTANTS); \

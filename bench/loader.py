@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from vmae_fast.video.decoders import UnreadableVideo, failure_reason, open_video
+from vmae_fast.video.decoders import failure_reason, open_video
 
 from .common import device as devmod
 from .common.cli import add_output_args, make_parser
@@ -93,10 +93,11 @@ def video_files(spec: list[str]) -> list[Path]:
     for p in out:  # a bad file is its line now, not a DataLoader worker's traceback minutes later
         try:
             with open_video(p, "pyav") as r:
-                if len(r) == 0:
-                    raise UnreadableVideo(str(p), "no frames")
+                frames = len(r)
         except Exception as exc:
             raise SystemExit(f"--videos: {p}: {failure_reason(exc)}") from None
+        if frames == 0:
+            raise SystemExit(f"--videos: {p}: no frames")
     return out
 
 

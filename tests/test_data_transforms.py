@@ -189,8 +189,6 @@ def test_collate_in_a_worker_writes_into_shared_memory(monkeypatch, path, pin):
     # is the main process's business: a worker on a machine without CUDA ignores it
     import os
 
-    from train import worker_batch as W
-
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
     if path == "memfd":
         monkeypatch.setattr(torch.UntypedStorage, "_new_shared", staticmethod(_refused))
@@ -238,10 +236,19 @@ def test_worker_batch_stages_privately_and_writes_each_batch_anew():
 
 
 @pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(), reason="needs fork")
-def test_collate_in_a_worker_allocates_the_shared_batch_directly(monkeypatch):
+@pytest.mark.parametrize("memfd", [True, False])
+def test_collate_in_a_worker_allocates_the_shared_batch_directly(monkeypatch, memfd):
     # share_memory_ is the last fallback (an allocation and then a copy); a forked worker sees it
-    # refused, so only a batch made in shared memory passes
+    # refused, so only a batch made in shared memory passes: through a memfd, or (memfd_create
+    # refused in the worker) allocated by UntypedStorage._new_shared
+    import os
+
     monkeypatch.setattr(torch.Tensor, "share_memory_", _refused)
+    if not memfd:
+        def enosys(*args):
+            raise OSError(38, "Function not implemented")
+
+        monkeypatch.setattr(os, "memfd_create", enosys)
     loader = torch.utils.data.DataLoader(_Views(), batch_size=2, num_workers=1, collate_fn=D.collate,
                                          multiprocessing_context="fork")
     batches = list(loader)

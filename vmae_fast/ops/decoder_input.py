@@ -108,7 +108,6 @@ if HAS_TRITON:
 
 
 def _validate(z, pos, mask_token, visible_idx, decoder_idx):
-    check_tensors(z=z, pos=pos, mask_token=mask_token, visible_idx=visible_idx, decoder_idx=decoder_idx)
     for name, t in (("z", z), ("pos", pos), ("mask_token", mask_token)):
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")

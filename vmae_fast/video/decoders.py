@@ -27,9 +27,10 @@ stderr, saying why and which decoder is used instead (``strict=True`` raises ins
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -365,11 +366,13 @@ class PyAVReader(VideoReader):
         if self._reformatter is None:
             from av.video.reformatter import VideoReformatter
 
-            self._reformatter = VideoReformatter()
-        try:
-            return self._reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
-        except TypeError:  # a PyAV before the threads keyword (< 13)
-            return self._reformatter.reformat(frame, format="rgb24").to_ndarray()
+            reformat = VideoReformatter().reformat
+            self._reformatter = functools.partial(reformat, format="rgb24", threads=1)
+            try:
+                return self._reformatter(frame).to_ndarray()
+            except TypeError:  # a PyAV before the threads keyword (< 13): decided once, not per frame
+                self._reformatter = functools.partial(reformat, format="rgb24")
+        return self._reformatter(frame).to_ndarray()
 
     def _frames(self, packets, want: set | None, unsent: set | None = None):
         """Decoded frames of ``packets``; the packets of frames not in ``want`` are decoded with
@@ -449,12 +452,19 @@ def open_video(path: str | os.PathLike, decoder: str = "auto", threads: int = 1)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such video: {path}")
     name = resolve_decoder(decoder)  # (a named one that fails to load: see there)
+    return open_reader(_READERS[name], path, name, path, os.path.getsize(path) == 0, threads=threads)
+
+
+def open_reader(reader: Callable[..., VideoReader], source, name: str, label: str, empty: bool,
+                empty_reason: str = "empty file", **kw) -> VideoReader:
+    """``reader(source, **kw)`` (decoder ``name``'s reader of a file or of bytes), with every
+    decoder's own type and text for "cannot open this" as one ``UnreadableVideo(label, ...)``; an
+    ``empty`` source is refused before the decoder sees it."""
     if name == "pyav":
         quiet_pyav()  # FFmpeg's reason comes back in the error (PyAV keeps it once logging is set), not on stderr
-    reader = _READERS[name]
-    if os.path.getsize(path) == 0:
-        raise UnreadableVideo(path, "empty file")
+    if empty:
+        raise UnreadableVideo(label, empty_reason)
     try:
-        return reader(path, threads=threads)
-    except Exception as exc:  # every decoder's own type and text for "cannot open this file"
-        raise UnreadableVideo(path, _short_reason(exc)) from exc
+        return reader(source, **kw)
+    except Exception as exc:
+        raise UnreadableVideo(label, _short_reason(exc)) from exc

@@ -37,6 +37,7 @@ drops the samples already given and releases the rest in the same order.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -49,8 +50,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .decoders import (DecordReader, PyAVReader, TorchCodecReader, UnreadableVideo, VideoReader, _short_reason, quiet_pyav,
-                       resolve_decoder)
+from .decoders import DecordReader, PyAVReader, TorchCodecReader, VideoReader, open_reader, resolve_decoder
 from .frames import FrameFolder
 from .sources import FrameWindow
 
@@ -342,6 +342,7 @@ def unpack_pts(runs: Sequence[Sequence[int]]) -> list[int]:
     return [int(a) + int(d) * k for a, d, c in runs for k in range(int(c))]
 
 
+@functools.lru_cache(maxsize=None)
 def demuxer_version() -> str:
     """The libavformat version PyAV runs on (``index_by`` of a stored index)."""
     import av
@@ -380,7 +381,7 @@ class _PyAVBytes(PyAVReader):
 
 
 class _DecordBytes(DecordReader):
-    def __init__(self, data: bytes, threads: int = 1):
+    def __init__(self, data: bytes, threads: int = 1, index=None):  # index: PyAV's only
         import decord
 
         decord.bridge.set_bridge("native")
@@ -389,7 +390,7 @@ class _DecordBytes(DecordReader):
 
 
 class _TorchCodecBytes(TorchCodecReader):
-    def __init__(self, data: bytes, threads: int = 1):
+    def __init__(self, data: bytes, threads: int = 1, index=None):  # index: PyAV's only
         from torchcodec.decoders import VideoDecoder
 
         self.dec = VideoDecoder(data, seek_mode="exact", num_ffmpeg_threads=threads, dimension_order="NHWC",
@@ -405,14 +406,8 @@ def open_video_bytes(data: bytes, decoder: str = "auto", threads: int = 1,
     """``open_video`` for a video held in memory (the same frames as from its file). ``index``:
     PyAV's packet index of these bytes (``stored_index``), used by the pyav reader."""
     name = resolve_decoder(decoder)
-    if not data:
-        raise UnreadableVideo("<bytes>", "empty member")
-    try:
-        if name == "pyav":
-            return _PyAVBytes(data, threads=threads, index=index)
-        return _BYTES_READERS[name](data, threads=threads)
-    except Exception as exc:  # every decoder's own type and text for "cannot open these bytes"
-        raise UnreadableVideo("<bytes>", _short_reason(exc)) from exc
+    return open_reader(_BYTES_READERS[name], data, name, "<bytes>", not data, "empty member", threads=threads,
+                       index=index)
 
 
 class _FramesInMemory(FrameFolder):
@@ -442,8 +437,9 @@ class SampleSource(FrameWindow):
         ext = video_member(sample)
         if ext is None:
             raise ValueError("no video member")
-        quiet_pyav()
-        reader = open_video_bytes(sample[ext], decoder, threads, index=stored_index(meta))
+        name = resolve_decoder(decoder)
+        index = stored_index(meta) if name == "pyav" else None  # only PyAV's reader takes one
+        reader = open_video_bytes(sample[ext], name, threads, index=index)
         self._open(reader, reader.name, int(meta.get("start_idx", 0)), int(meta.get("total_frames", -1)))
 
 
