@@ -18,6 +18,7 @@ COMMANDS = {
     "kernels": ("bench.kernels:main", "fused ops vs eager / compiled references; --compile-only for sm_80/sm_90"),
     "attention": ("bench.attention:main", "attention backends at the encoder and decoder shapes"),
     "loader": ("bench.loader:main", "data loading, ours vs the restated official pipeline, per decoder"),
+    "worker-batch": ("bench.worker_batch:main", "a DataLoader worker's batch hand-over: /dev/shm vs memfd"),
     "gpu-check": ("bench.gpu_check.cli:cli", "every GPU goal met or missed in under 8 minutes (make gpu-check; "
                                              "--dry-run: toy sizes on CPU)"),
 }

@@ -112,3 +112,17 @@ def test_the_memory_planner_does_not_print_its_cap_as_a_batch():
 
     assert _batch_cell(37) == "37" and _batch_cell(1536) == "1,536" and _batch_cell(0) == "none fits"
     assert _batch_cell(MAX_BATCH_CAP) == ">= 65,536 (search cap; limit not reached)"
+
+
+def test_worker_batch_times_both_ways_inside_a_worker(tmp_path, capsys):
+    from bench import worker_batch
+
+    res = worker_batch.main(["--batches", "3", "--views", "2", "--frames", "2", "--size", "8", "--out", str(tmp_path)])
+    # 3 of each way, the first of each left out as warm-up
+    assert set(res["cpu_ms_per_batch"]) == set(worker_batch.WAYS)
+    assert all(r["n"] == 2 and 0 <= r["min"] <= r["median"] <= r["max"] for r in res["cpu_ms_per_batch"].values())
+    assert res["config"]["batch_mb"] == pytest.approx(2 * 3 * 2 * 8 * 8 / 1e6)
+    assert len(list(tmp_path.glob("worker-batch-*.json"))) == 1
+    with pytest.raises(SystemExit) as exc:
+        vmae_bench(["worker-batch", "--batches", "1"])
+    assert exc.value.code == 2 and "--batches must be >= 2, got 1" in capsys.readouterr().err

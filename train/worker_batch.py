@@ -4,12 +4,13 @@ torch hands a worker's tensor to the main process through shared memory passed a
 descriptor (sharing strategy ``file_descriptor``, Linux's default). Allocating the batch there
 (``UntypedStorage._new_shared``: a ``/dev/shm`` file, allocated in full, then mapped) and
 copying the views into it costs the worker a page fault for each 4 KiB page it writes, on top of
-the allocation and the copy: ~18 CPU-ms for the 19 MB batch of 2 pretraining videos at
-``num_sample 4`` against ~5 for the copy alone. Here the worker copies each view into a private
-staging buffer that it keeps from batch to batch (warm memory, no fault) and writes it with
-``pwrite`` into a fresh ``memfd`` (the kernel allocates the pages as it copies; the worker never
-maps them): ~11.5 CPU-ms a batch (~12 staging the whole batch before one write; a DataLoader
-worker, batches of 8 views of ``(3, 16, 224, 224)``, 2-vCPU AMD EPYC, torch 2.14.1). The main
+the allocation and the copy. Here the worker copies each view into a private staging buffer that
+it keeps from batch to batch (warm memory, no fault) and writes it with ``pwrite`` into a fresh
+``memfd`` (the kernel allocates the pages as it copies; the worker never maps them). Worker CPU-ms
+a 19.3 MB batch (8 views of ``(3, 16, 224, 224)``: 2 videos at ``num_sample 4``), median of 39,
+3 runs: 11.8-12.2 the old way against 8.4-9.2 (``python -m bench.worker_batch``, inside one
+DataLoader worker, each batch sent to the main process; 2-vCPU AMD EPYC, torch 2.14.1, idle;
+``bench/results/worker-batch-amd-epyc-2t-2026-12-07-r*.json``). The main
 process maps the memfd as it maps any shared tensor. Every batch has its own memfd, so a batch
 the main process keeps is never written again; only the staging buffer, which never leaves the
 worker, is reused.
@@ -43,8 +44,8 @@ def _staging_for(shape: torch.Size) -> torch.Tensor:
 
 
 def _memfd_batch(views: Sequence[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    # A view at a time: each is still in the cache when the kernel copies it out (10.7 against
-    # 11.6 CPU-ms a 19 MB batch staged whole, one process, the EPYC above)
+    # A view at a time: each is still in the cache when the kernel copies it out, and the staging
+    # buffer is one view (2.4 MB), not the batch
     staged = _staging_for(views[0].shape)
     data = memoryview(staged.numpy()).cast("B")
     m = len(data)
