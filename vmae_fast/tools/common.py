@@ -104,24 +104,28 @@ def read_hf_config(checkpoint: str) -> dict | None:
     return None
 
 
+# the architecture options of ``add_model_args``: the library's keyword of each is its flag's name
+_MODEL_FLAGS = ("num_frames", "img_size", "num_heads", "decoder_num_heads")
+
+
 def load_model_from_args(args: argparse.Namespace, kind: str, **kw: Any) -> torch.nn.Module:
     """``vmae_fast.load_model`` of ``--checkpoint`` with the architecture options of
     ``add_model_args``; a missing or unreadable checkpoint is a ``UsageError``."""
     from ..models.load import load_model
 
-    check_at_least(args, {"num_frames": 1, "img_size": 1, "num_heads": 1, "decoder_num_heads": 1})
+    check_at_least(args, dict.fromkeys(_MODEL_FLAGS, 1))
     if not os.path.exists(args.checkpoint):
         raise UsageError(f"--checkpoint {args.checkpoint}: no such file or folder")
     extra = {k: getattr(args, k) for k in ("num_heads", "decoder_num_heads") if getattr(args, k, None)}
     try:
         return load_model(args.checkpoint, kind, num_frames=args.num_frames, img_size=args.img_size, **extra, **kw)
     except OptionError as exc:  # a keyword of the library that is one of our flags: say the flag
-        flag = f"--{exc.option.replace('_', '-')}"
-        value = getattr(args, exc.option, None) if exc.option in _MODEL_FLAGS else None
-        if exc.option in _MODEL_FLAGS and exc.missing:
-            raise UsageError(f"--checkpoint {args.checkpoint}: {exc.reason}: pass {flag}") from None
-        if value is not None:
-            raise UsageError(f"{flag} {value}: {exc.reason}") from None
+        if exc.option in _MODEL_FLAGS:
+            flag, value = f"--{exc.option.replace('_', '-')}", getattr(args, exc.option, None)
+            if exc.missing:
+                raise UsageError(f"--checkpoint {args.checkpoint}: {exc.reason}: pass {flag}") from None
+            if value is not None:
+                raise UsageError(f"{flag} {value}: {exc.reason}") from None
         raise UsageError(f"--checkpoint {args.checkpoint}: {exc}") from None
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         # (a RuntimeError here is a strict load's key / shape report: its first line says what; an
@@ -129,10 +133,6 @@ def load_model_from_args(args: argparse.Namespace, kind: str, **kw: Any) -> torc
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(f"--checkpoint: {first}" if str(args.checkpoint) in first
                          else f"--checkpoint {args.checkpoint}: {first}") from None
-
-
-# the architecture options of ``add_model_args``: the library's keyword of each is its flag's name
-_MODEL_FLAGS = ("num_frames", "img_size", "num_heads", "decoder_num_heads")
 
 
 # ----------------------------------------------------------------------------- per-video errors

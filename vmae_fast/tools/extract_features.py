@@ -163,14 +163,12 @@ class _Forward:
             torch.set_num_threads(self.intra)  # the reading too: the workers hold the cores
 
     def submit(self, clips: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
-        """Starts the pass; the returned function waits for its ``(len(clips), ...)`` rows."""
+        """Starts the pass of ``clips`` (at most ``step`` windows: one part, or with one worker the
+        whole batch on all cores); the returned function waits for its ``(len(clips), ...)`` rows."""
         if self.executor is None:
             feats = forward_windows(self.model, clips, self.pool, self.amp)
             return lambda: feats
-        size = CPU_PART if self.workers > 1 else len(clips)  # one worker: the whole batch, all cores
-        futures = [self.executor.submit(forward_windows, self.model, clips[i:i + size], self.pool, self.amp)
-                   for i in range(0, len(clips), size)]
-        return lambda: torch.cat([f.result() for f in futures])
+        return self.executor.submit(forward_windows, self.model, clips, self.pool, self.amp).result
 
     def close(self) -> None:
         if self.executor is not None:
