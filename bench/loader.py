@@ -249,19 +249,14 @@ def measure(pipeline: str, decoder: str, num_sample: int, workers: int, paths: l
     keys = [(k // len(paths), k % len(paths)) for k in range(n_batches * batch)]
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=keys, num_workers=workers,
                                          collate_fn=fn, prefetch_factor=2, persistent_workers=False)
-    seen: dict[int, list[tuple[float, int]]] = {}
-    t_start, counted, wall_clips = None, 0, 0
-    t0 = time.perf_counter()
-    for b, (out, n, wid, cpu, nbytes) in enumerate(loader):
-        assert _video_of(out).dtype == (torch.float32 if pipeline == "official" else torch.uint8)
-        seen.setdefault(wid, []).append((cpu, n, nbytes))
-        if t_start is None and len(seen) == workers:
-            t_start = time.perf_counter()  # every worker has delivered its first batch
-        elif t_start is not None:
-            wall_clips += n
-        counted += 1
-        t_end = time.perf_counter()
-    return _row(pipeline, decoder, num_sample, workers, batch, seen, t0, t_start, t_end, wall_clips, counted, "files")
+    dtype = torch.float32 if pipeline == "official" else torch.uint8
+
+    def timings():
+        for out, n, wid, cpu, nbytes in loader:
+            assert _video_of(out).dtype == dtype
+            yield n, wid, cpu, nbytes
+
+    return _row(pipeline, decoder, num_sample, workers, batch, source="files", **_drain(timings(), workers))
 
 
 def measure_shards(source: str, spec: str, decoder: str, num_sample: int, workers: int, clips: int, batch: int,
@@ -277,21 +272,29 @@ def measure_shards(source: str, spec: str, decoder: str, num_sample: int, worker
     stream = ShardStream(resolve(spec), ds, world=1, rank=0, workers=workers, seed=seed, buffer=1, shuffle=False)
     fn = _ShardCollate(Collate(pin_memory=False), lambda b: b["video"].shape[0])
     n_batches = math.ceil(clips / (batch * num_sample)) + workers
+    loader = make_loader(stream, batch, fn, workers, False, seed)
+    drained = _drain((out["_timing"] for out in loader), workers, limit=n_batches)
+    return _row("ours", decoder, num_sample, workers, batch, source=source, **drained)
+
+
+def _drain(timings, workers: int, limit: int | None = None) -> dict:
+    """Takes ``(clips, worker id, its CPU s, bytes read)`` per batch until ``timings`` ends (or
+    ``limit`` batches): ``_row``'s timing fields. The wall clock counts from every worker's first
+    batch on (``t_start``) and stops at the last batch taken (``t_end``)."""
     seen: dict[int, list[tuple[float, int, int | None]]] = {}
     t_start, counted, wall_clips = None, 0, 0
-    t0 = time.perf_counter()
-    for out in make_loader(stream, batch, fn, workers, False, seed):
-        n, wid, cpu, nbytes = out["_timing"]
+    t0 = t_end = time.perf_counter()
+    for n, wid, cpu, nbytes in timings:
         seen.setdefault(wid, []).append((cpu, n, nbytes))
         if t_start is None and len(seen) == workers:
-            t_start = time.perf_counter()
+            t_start = time.perf_counter()  # every worker has delivered its first batch
         elif t_start is not None:
             wall_clips += n
         counted += 1
         t_end = time.perf_counter()
-        if counted == n_batches:
+        if counted == limit:
             break
-    return _row("ours", decoder, num_sample, workers, batch, seen, t0, t_start, t_end, wall_clips, counted, source)
+    return {"seen": seen, "t0": t0, "t_start": t_start, "t_end": t_end, "wall_clips": wall_clips, "counted": counted}
 
 
 def _row(pipeline, decoder, num_sample, workers, batch, seen, t0, t_start, t_end, wall_clips, counted,
