@@ -75,17 +75,6 @@ def _timed(acc: dict):
         data.crop_resize = orig_crop
 
 
-@contextlib.contextmanager
-def _as_worker():
-    """``Collate`` takes a DataLoader worker's path (its batch in shared memory) in this process."""
-    real = torch.utils.data.get_worker_info
-    torch.utils.data.get_worker_info = lambda: object()
-    try:
-        yield
-    finally:
-        torch.utils.data.get_worker_info = real
-
-
 def breakdown(paths: list[Path], shard_spec: str | None, num_sample: int, frames: int, rate: int, size: int,
               reps: int = 4) -> list[dict]:
     """Rows ``{"source", "num_sample", "videos", <stage>: ms per video, "total_ms",
@@ -97,7 +86,7 @@ def breakdown(paths: list[Path], shard_spec: str | None, num_sample: int, frames
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a loader worker
-    collate = Collate(pin_memory=False)
+    collate = Collate(pin_memory=False, shared=True)  # the batch as a worker makes it
     ds = VideoDataset([Entry(str(p)) for p in paths], "pretrain", frames, rate, size, num_sample=num_sample,
                       decoder="pyav")
     samples = []
@@ -116,10 +105,9 @@ def breakdown(paths: list[Path], shard_spec: str | None, num_sample: int, frames
                         t_all, freed = time.process_time(), 0.0
                     for j in range(len(paths)):
                         out = ds[(rep, j)] if source == "files" else load_sample(ds, samples[j], rep)
-                        with _as_worker():
-                            t = time.process_time()
-                            batch = collate([out])
-                            acc["collate"] += time.process_time() - t
+                        t = time.process_time()
+                        batch = collate([out])
+                        acc["collate"] += time.process_time() - t
                         t = time.process_time()
                         del batch
                         freed += time.process_time() - t

@@ -175,6 +175,15 @@ def test_collate_in_the_main_process_allocates_plain_memory():
     assert torch.equal(out["video"][1], _views(0, 2)[1])
 
 
+def test_collate_shared_is_asked_not_guessed(monkeypatch):
+    sample = {"video": _views(0, 2), "label": 0, "index": 0, "skipped": []}
+    out = D.Collate(pin_memory=False, shared=True)([sample])  # the main process, asked for a worker's batch
+    assert out["video"].is_shared() and torch.equal(out["video"], torch.stack(_views(0, 2)))
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    out = D.Collate(pin_memory=False, shared=False)([sample])  # in a worker, asked for plain memory
+    assert not out["video"].is_shared() and torch.equal(out["video"], torch.stack(_views(0, 2)))
+
+
 def _refused(*args, **kwargs):
     raise AssertionError("this path was not to be taken")
 

@@ -205,15 +205,16 @@ class Collate:
     ``label`` ``(B*V,)``. Each view is copied once into its slot of a preallocated batch (no
     stack, permute or contiguous copies); in a DataLoader worker that batch is a staging buffer
     then written into shared memory in one call (``train/worker_batch.py``). ``pin_memory``:
-    ``None`` pins in a process with CUDA (the main process's batches only).
+    ``None`` pins in a process with CUDA (the main process's batches only). ``shared``: the batch
+    goes to shared memory, as for the main process; ``None``: inside a DataLoader worker.
 
     Samples with ``video=None`` (not loaded, ``VideoDataset(substitute=False)``) are left out of
     ``video``, ``label`` and ``index``; ``loaded`` ``(B,)`` bool marks the samples kept (``video``
     is ``None`` when none was). Erase boxes (fine-tuning with random erasing) are concatenated
     like the views: ``erase`` ``(B*V, max_count, 5)`` int64, kept on the CPU."""
 
-    def __init__(self, pin_memory: bool | None = None):
-        self.pin_memory = pin_memory
+    def __init__(self, pin_memory: bool | None = None, shared: bool | None = None):
+        self.pin_memory, self.shared = pin_memory, shared
 
     def __call__(self, samples: list[dict]) -> dict:
         loaded = torch.tensor([s["video"] is not None for s in samples], dtype=torch.bool)
@@ -227,7 +228,8 @@ class Collate:
         if any(len(x) != v for x in views):
             raise ValueError("every sample of a batch must have the same number of views")
         flat = [x for vs in views for x in vs]
-        if torch.utils.data.get_worker_info() is not None:  # shared memory, for the main process
+        shared = torch.utils.data.get_worker_info() is not None if self.shared is None else self.shared
+        if shared:  # shared memory, for the main process
             out = shared_batch(flat)
         else:
             pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
