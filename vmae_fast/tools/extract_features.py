@@ -291,6 +291,7 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
     done: dict[str, list[str]] = {"written": [], "skipped": [], "failed": []}
     todo: list[tuple[str, Path, _Pending | None]] = []  # (video, file, its open reader or None)
     total = 0
+    bar = forward = None
     try:
         for video in videos:
             dest = output_path(out_dir, video)
@@ -306,34 +307,28 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
                 item.close()
                 item = None
             todo.append((video, dest, item))
-    except BaseException:
-        for _, _, item in todo:
-            if item is not None:
-                item.close()
-        raise
-    bar = _Progress(total, progress)
-    queue: list[tuple[_Pending, torch.Tensor]] = []  # windows read, not yet through the model
-    forward = _Forward(model, pool, amp_dtype, workers, batch_size)
-    running: deque = deque()  # (batch, wait for its rows), oldest first: in the model while more is read
+        bar = _Progress(total, progress)
+        queue: list[tuple[_Pending, torch.Tensor]] = []  # windows read, not yet through the model
+        forward = _Forward(model, pool, amp_dtype, workers, batch_size)
+        running: deque = deque()  # (batch, wait for its rows), oldest first: in the model while more is read
 
-    def finish() -> None:
-        batch, wait = running.popleft()
-        feats = wait()
-        for (item, _), row in zip(batch, feats):
-            item.rows.append(row)
-        for item in dict.fromkeys(item for item, _ in batch):
-            if len(item.rows) == len(item.reader) and not item.failed:
-                write_npy(item.dest, torch.stack(item.rows).numpy())
-                done["written"].append(item.video)
-                item.rows = []
-        bar.update(len(batch), batch[-1][0].video)
+        def finish() -> None:
+            batch, wait = running.popleft()
+            feats = wait()
+            for (item, _), row in zip(batch, feats):
+                item.rows.append(row)
+            for item in dict.fromkeys(item for item, _ in batch):
+                if len(item.rows) == len(item.reader) and not item.failed:
+                    write_npy(item.dest, torch.stack(item.rows).numpy())
+                    done["written"].append(item.video)
+                    item.rows = []
+            bar.update(len(batch), batch[-1][0].video)
 
-    def run(batch: list[tuple[_Pending, torch.Tensor]]) -> None:
-        while len(running) >= forward.depth:
-            finish()
-        running.append((batch, forward.submit([clip for _, clip in batch])))
+        def run(batch: list[tuple[_Pending, torch.Tensor]]) -> None:
+            while len(running) >= forward.depth:
+                finish()
+            running.append((batch, forward.submit([clip for _, clip in batch])))
 
-    try:
         for k, (video, dest, item) in enumerate(todo):
             if item is None:
                 ok, item = errors.attempt(video, _open, video, decoder, dest, cfg, stride, sampling_rate, input_norm)
@@ -363,8 +358,10 @@ def extract(model: torch.nn.Module, videos: Sequence[str], out_dir: str | os.Pat
         for _, _, item in todo:  # held readers of videos not reached (an error or an interrupt)
             if item is not None:
                 item.close()
-        forward.close()
-        bar.close()
+        if forward is not None:
+            forward.close()
+        if bar is not None:
+            bar.close()
     return done
 
 
