@@ -73,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     res = measure(ns.batches, ns.views, ns.frames, ns.size)
     mb = ns.views * 3 * ns.frames * ns.size * ns.size / 1e6
     for way, r in res.items():
-        print(f"{way:24s} {r['median']:6.1f} worker CPU-ms a {mb:.1f} MB batch ({r['min']:.1f}-{r['max']:.1f}, {r['n']} batches)")
+        print(f"{way:24s} {r['median']:6.1f} worker CPU-ms a {mb:.1f} MB batch "
+              f"({r['min']:.1f}-{r['max']:.1f}, {r['n']} batches)")
     result = {**result_header("worker_batch", argv, device=devmod.device_info(torch.device("cpu"))),
               "config": {"batches": ns.batches, "views": ns.views, "frames": ns.frames, "size": ns.size,
                          "batch_mb": mb}, "cpu_ms_per_batch": res}

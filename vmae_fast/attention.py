@@ -11,7 +11,8 @@
 - ``cpu_bf16``: bf16 inference on a CPU (no gradients, no dropout): the math path one
   ``(batch, head)`` at a time in bf16 matmuls (``cpu_bf16_attention``). On CPUs with bf16 dot
   products but no AMX (e.g. AMD EPYC with ``avx512_bf16``), SDPA's CPU flash kernel runs bf16 no
-  faster than fp32 while a bf16 matmul is several times faster than fp32. ViT-B 16x224
+  faster than fp32 while a bf16 matmul is ~5x faster than fp32 (ViT-B's MLP matmul, one thread:
+  236-242 against 47-49 GMAC per CPU-s; the command: README, "Feature extraction speed"). ViT-B 16x224
   ``forward_features`` of one clip under bf16 autocast, one thread, 2-vCPU AMD EPYC (Zen 5): 1.80
   CPU s with SDPA, 1.27 with ``cpu_bf16`` (median of 5; the command: README, "Feature extraction
   speed"). The inference tools pick it on CPU under bf16
