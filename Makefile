@@ -36,9 +36,9 @@ endef
 define run_suite
 	@rc=0; \
 	echo "== $(1): pytest -m 'not interpret'"; \
-	$(1)/bin/python -m pytest -q -m "not interpret" $(PYTEST_ARGS) || [ $$? -eq 5 ] || rc=1; \
+	$(1)/bin/python -m pytest -q -m "not interpret" --durations=15 $(PYTEST_ARGS) || [ $$? -eq 5 ] || rc=1; \
 	echo "== $(1): TRITON_INTERPRET=1 pytest -m interpret"; \
-	TRITON_INTERPRET=1 $(1)/bin/python -m pytest -q -m interpret $(PYTEST_ARGS) || [ $$? -eq 5 ] || rc=1; \
+	TRITON_INTERPRET=1 $(1)/bin/python -m pytest -q -m interpret --durations=5 $(PYTEST_ARGS) || [ $$? -eq 5 ] || rc=1; \
 	exit $$rc
 endef
 

@@ -117,6 +117,15 @@ def test_short_side_reencodes_keeping_frames_and_rate(tmp_path):
                                                                                 (114, 64, 132, 25.0)]
 
 
+def test_a_video_that_kills_its_worker_is_skipped_and_the_others_are_written():
+    import crashing_job
+
+    jobs = [(i, i in (2, 5)) for i in range(9)]
+    got = list(write_shards.ordered_samples(crashing_job.run, jobs, workers=2))
+    assert got == [(i, None, write_shards.WORKER_DIED) if crash else (i, {"index": i}, "") for i, crash in jobs]
+    assert list(write_shards.ordered_samples(crashing_job.run, [], workers=2)) == []
+
+
 # ----------------------------------------------------------------------------- reading
 @pytest.mark.parametrize("mode", ["pretrain", "finetune", "test"])
 def test_a_shard_sample_is_the_file_sample_bit_for_bit(real, mode):

@@ -15,21 +15,27 @@ Resumable: a shard is written as ``shard-NNNNNN.tar.tmp`` and renamed when whole
 ``manifest.json`` (rewritten atomically after each shard) lists the shards done; a rerun with the
 same options skips those. An input that fails (missing, corrupt, no video stream) is skipped: one
 line on stderr, and a line ``path<TAB>reason`` in ``OUT/skipped.txt``; the exit status is then 1.
+An input that kills its worker process (a crash inside FFmpeg) is found by running the inputs that
+were in flight one by one, and is skipped the same way; the others are written.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import json
 import multiprocessing as mp
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
 from pathlib import Path
 
 from vmae_fast.checkpoint import write_atomic
 from vmae_fast.errors import EXIT_OK, EXIT_SOME_FAILED, UsageError, check_at_least
 from vmae_fast.cli import ArgumentParser, run_cli
+from vmae_fast.device import available_cpus
 from vmae_fast.video import FRAME_PATTERN, Entry, FrameFolder, read_list
 from vmae_fast.video import shards as fmt
 from vmae_fast.video.decoders import failure_reason
@@ -50,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--out", required=True, help="folder for shard-NNNNNN.tar, manifest.json, skipped.txt")
     a("--samples-per-shard", type=int, default=500, help="samples a shard (default: %(default)s)")
     a("--short-side", type=int, default=None, help="re-encode every video to this short side (default: keep)")
-    a("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes (default: %(default)s)")
+    a("--workers", type=int, default=available_cpus(), help="processes reading and re-encoding (default: the CPUs this process may use, %(default)s); "
+                                            "1 works in this process, where a crash in the decoder ends the run")
     a("--fname-tmpl", default=FRAME_PATTERN, help="frame file names in folders (default: %(default)s)")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--debug", action="store_true", help="tracebacks for errors")
@@ -171,6 +178,57 @@ def make_sample(job: tuple) -> tuple[int, dict | None, str]:
         return index, None, (why.splitlines() or [""])[0][:200]
 
 
+# ----------------------------------------------------------------------------- the worker processes
+WORKER_DIED = "its worker process died reading it (a crash in the decoder?)"
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # spawn, not fork: a forked child inherits the parent's threads' locks (tqdm's monitor, OpenMP's
+    # pool, FFmpeg's) and can hang on one; a spawned one starts clean, for ~1 s of imports
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+
+
+def ordered_samples(fn, jobs, workers: int):
+    """``fn(job)`` for each job, in order, over ``workers`` processes (at most ``2 * workers``
+    jobs in flight). ``job[0]`` is its index; ``fn`` returns ``(index, sample or None, why)`` and
+    catches its own errors;
+    a job whose process dies (a segfault in a decoder) is ``(index, None, WORKER_DIED)``: when the
+    pool breaks, the jobs that were in flight run again one at a time, each in its own process,
+    and only the one that kills it again is reported."""
+    jobs = iter(jobs)
+    pool, window = _pool(workers), collections.deque()
+    try:
+        while True:
+            for job in jobs:
+                window.append((job, pool.submit(fn, job)))
+                if len(window) >= 2 * workers:
+                    break
+            if not window:
+                return
+            job, fut = window[0]
+            try:
+                res = fut.result()
+            except BrokenProcessPool:
+                pool.shutdown(wait=True, cancel_futures=True)
+                for job, _ in window:
+                    yield _alone(fn, job)
+                window.clear()
+                pool = _pool(workers)
+                continue
+            window.popleft()
+            yield res
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _alone(fn, job):
+    with _pool(1) as one:
+        try:
+            return one.submit(fn, job).result()
+        except BrokenProcessPool:
+            return job[0], None, WORKER_DIED
+
+
 # ----------------------------------------------------------------------------- the shards
 def _relative(list_path: str, kind: str) -> list[str]:
     """The list's own paths (``read_list`` joins the root in)."""
@@ -240,16 +298,14 @@ def main(argv=None) -> int:
     jobs = ((i, entries[i], rel[i], args.kind, args.fname_tmpl, args.short_side)
             for k in todo for i in range(k * per, min((k + 1) * per, len(entries))))
     bar = _progress(len(entries), sum(r["count"] + len(r["skipped"]) for r in records.values()), args.no_progress)
-    ctx = mp.get_context("spawn" if sys.platform != "linux" else "fork")
-    pool = ctx.Pool(args.workers) if args.workers > 1 else None
-    results = pool.imap(make_sample, jobs, chunksize=1) if pool else map(make_sample, jobs)
+    results = ordered_samples(make_sample, jobs, args.workers) if args.workers > 1 else map(make_sample, jobs)
     try:
         for k in todo:
             records[k] = _write_shard(out, k, min(per, len(entries) - k * per), results, rel, bar)
             _write_manifest(out, settings, records, n_shards)
     finally:
-        if pool:
-            pool.terminate()
+        if hasattr(results, "close"):
+            results.close()
         if bar is not None:
             bar.close()
     skipped = [s for k in sorted(records) for s in records[k]["skipped"]]
