@@ -44,6 +44,21 @@ def test_window_starts_as_official():
     assert E.window_starts(20, 4, 2, sampling_rate=3) == list(range(0, 20 - 9, 2))
 
 
+@pytest.mark.parametrize("norm", ["imagenet", "none"])
+def test_preprocess_in_groups_of_frames_equals_all_at_once(monkeypatch, norm):
+    frames = torch.randint(0, 256, (7, 37, 53, 3), dtype=torch.uint8)
+    whole = E.preprocess(frames, 24, norm)
+    x = frames.permute(0, 3, 1, 2).float() / 255  # the definition, on all frames at once
+    x = torch.nn.functional.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False)
+    if norm == "imagenet":
+        x = (x - torch.tensor(vmae_fast.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(vmae_fast.IMAGENET_STD).view(1, 3, 1, 1)
+    assert whole.shape == (7, 3, 24, 24) and torch.equal(whole, x)
+    for frames_a_group in (1, 3):  # 3 does not divide 7: a short last group
+        monkeypatch.setattr(E, "PREPROCESS_BYTES", 37 * 53 * 3 * 4 * frames_a_group)
+        assert torch.equal(E.preprocess(frames, 24, norm), whole)
+    assert E.preprocess(frames[:0], 24, norm).shape == (0, 3, 24, 24)
+
+
 def _ckpt(tmp_path):
     torch.manual_seed(0)
     m = vmae_fast.create_model("vit_small_patch16_224", num_classes=10, **KW).eval()

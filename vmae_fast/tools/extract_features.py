@@ -64,10 +64,21 @@ def window_frames(start: int, n_frames: int, num_frames: int, sampling_rate: int
     return [min(start + i * sampling_rate, n_frames - 1) for i in range(num_frames)]
 
 
+# Frames are made float a group of at most this many bytes at a time: the 32 frames of two 720p
+# windows are 354 MB of float32 at full size (4K: 3.2 GB), memory mapped and faulted in afresh at
+# every read; the resized clip is what is kept.
+PREPROCESS_BYTES = 16 << 20
+
+
 def preprocess(frames: torch.Tensor, img_size: int, input_norm: str = "imagenet") -> torch.Tensor:
     """``(T, H, W, 3)`` uint8 -> ``(T, 3, img_size, img_size)`` float32: ``/255``, bilinear resize
     to a square (no antialiasing, as the official ``F.interpolate``), then the ImageNet
-    normalization (``input_norm="imagenet"``) or none (``"none"``, the official extractor's)."""
+    normalization (``input_norm="imagenet"``) or none (``"none"``, the official extractor's).
+    Frame by frame the same values as the whole batch at once (each frame is resized alone)."""
+    T, H, W, _ = frames.shape
+    group = max(1, PREPROCESS_BYTES // (H * W * 3 * 4))
+    if T > group:
+        return torch.cat([preprocess(frames[i:i + group], img_size, input_norm) for i in range(0, T, group)])
     x = frames.permute(0, 3, 1, 2).float().div_(255)
     if tuple(x.shape[-2:]) != (img_size, img_size):
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
