@@ -126,6 +126,41 @@ def test_a_video_that_kills_its_worker_is_skipped_and_the_others_are_written():
     assert list(write_shards.ordered_samples(crashing_job.run, [], workers=2)) == []
 
 
+def test_ctrl_c_stops_the_workers_in_one_line_and_the_same_command_continues(tmp_path):
+    """The real thing: SIGINT to the process group (Ctrl-C reaches the spawned workers too), once
+    the first shard is whole and in the manifest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    lst = write_list(tmp_path / "l.txt", ["carphone_distorted.mp4 0 -1"] * 12)
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-c", "from train.write_shards import cli; cli()", "--data-list", str(lst), "--data-root",
+           str(DATA), "--kind", "pretrain", "--out", str(out), "--short-side", "32", "--samples-per-shard", "1",
+           "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / fmt.MANIFEST).exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert err == ("vmae-shards: stopped: interrupted (SIGINT); the shards written are whole and listed in the "
+                   "manifest; the same command continues from them\n")
+    done = json.loads((out / fmt.MANIFEST).read_text())
+    assert not done["complete"] and 1 <= len(done["shards"]) < 12
+    assert write_shards.main(cmd[3:-3] + ["--workers", "1", "--no-progress"]) == 0
+    assert json.loads((out / fmt.MANIFEST).read_text())["complete"] and len(fmt.resolve(str(out)).urls) == 12
+
+
 # ----------------------------------------------------------------------------- reading
 @pytest.mark.parametrize("mode", ["pretrain", "finetune", "test"])
 def test_a_shard_sample_is_the_file_sample_bit_for_bit(real, mode):

@@ -12,7 +12,7 @@ import torch
 
 import vmae_fast
 from vmae_fast.errors import EXIT_SOME_FAILED, EXIT_USAGE
-from vmae_fast.cli import run_cli
+from vmae_fast.cli import EXIT_INTERRUPTED, run_cli
 from vmae_fast.tools import export, extract_features, predict, visualize
 
 VIDEO = str(Path(__file__).resolve().parent / "data" / "carphone_distorted.mp4")
@@ -167,6 +167,24 @@ def test_a_bad_video_is_one_line_and_the_good_one_keeps_its_output(files, capsys
     captured = capsys.readouterr()
     assert code == EXIT_SOME_FAILED and sorted(p.name for p in out.iterdir()) == ["carphone_distorted.npy"]
     assert sum("skipping" in x for x in captured.err.splitlines()) == 1 and "Traceback" not in captured.err
+
+
+def test_ctrl_c_is_one_line_saying_what_is_kept_and_status_130(files, capsys, monkeypatch):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    code = run_cli(interrupted, E, [], kept="what stays")
+    err = capsys.readouterr().err
+    assert code == EXIT_INTERRUPTED == 130 and err == f"{E}: stopped: interrupted (SIGINT); what stays\n"
+    # the tool's own words: Ctrl-C while a video's windows run (its workers are told to stop)
+    monkeypatch.setattr(extract_features, "forward_windows", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as stop:
+        extract_features.cli([VIDEO, f"--checkpoint={files}/ft.pth", f"--output-dir={files}/ctrl-c", "--stride", "16",
+                              "--no-progress"] + SMALL)
+    err = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 130 and err[-1] == (f"{E}: stopped: interrupted (SIGINT); the feature files written are "
+                                                 "whole and kept; the same command goes on with the videos that have none")
+    assert not any("Traceback" in x for x in err) and not (files / "ctrl-c" / "carphone_distorted.npy").exists()
 
 
 TRAIN = [  # parse-time mistakes of the training CLIs, and vmae-bench's

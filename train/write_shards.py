@@ -26,6 +26,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from vmae_fast.checkpoint import write_atomic
 from vmae_fast.errors import EXIT_OK, EXIT_SOME_FAILED, UsageError, check_at_least
-from vmae_fast.cli import ArgumentParser, run_cli
+from vmae_fast.cli import EXIT_INTERRUPTED, ArgumentParser, run_cli
 from vmae_fast.device import available_cpus
 from vmae_fast.video import FRAME_PATTERN, Entry, FrameFolder, read_list
 from vmae_fast.video import shards as fmt
@@ -185,7 +186,24 @@ WORKER_DIED = "its worker process died reading it (a crash in the decoder?)"
 def _pool(workers: int) -> ProcessPoolExecutor:
     # spawn, not fork: a forked child inherits the parent's threads' locks (tqdm's monitor, OpenMP's
     # pool, FFmpeg's) and can hang on one; a spawned one starts clean, for ~1 s of imports
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_quiet_on_ctrl_c)
+
+
+# Ctrl-C reaches the workers too: they leave at once and silently (a starting or idle one would
+# print a traceback) and the main process says the one line. A worker is started with SIGINT
+# blocked (a signal mask outlives exec), so that one interrupted while it imports stays quiet
+# too: its handler is set before the signal is let through.
+def _submit(pool: ProcessPoolExecutor, fn, job):
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # submit may start a worker
+    try:
+        return pool.submit(fn, job)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a Ctrl-C meanwhile is delivered now
+
+
+def _quiet_on_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def ordered_samples(fn, jobs, workers: int):
@@ -200,7 +218,7 @@ def ordered_samples(fn, jobs, workers: int):
     try:
         while True:
             for job in jobs:
-                window.append((job, pool.submit(fn, job)))
+                window.append((job, _submit(pool, fn, job)))
                 if len(window) >= 2 * workers:
                     break
             if not window:
@@ -224,7 +242,7 @@ def ordered_samples(fn, jobs, workers: int):
 def _alone(fn, job):
     with _pool(1) as one:
         try:
-            return one.submit(fn, job).result()
+            return _submit(one, fn, job).result()
         except BrokenProcessPool:
             return job[0], None, WORKER_DIED
 
@@ -354,7 +372,8 @@ def _progress(total: int, initial: int, off: bool):
 
 def cli() -> None:
     """The ``vmae-shards`` console script."""
-    sys.exit(run_cli(main, "vmae-shards"))
+    sys.exit(run_cli(main, "vmae-shards", kept="the shards written are whole and listed in the manifest; the same "
+                                               "command continues from them"))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ on the command line or ``VMAE_FAST_DEBUG=1``."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 from typing import Callable, Mapping, Sequence
@@ -33,14 +34,19 @@ def debug_requested(argv: Sequence[str] | None) -> bool:
         return False
 
 
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # the shell's status for a command Ctrl-C ended
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], prog: str,
             argv: Sequence[str] | None = None,
-            exit_codes: Mapping[type[BaseException], int] | None = None) -> int:
+            exit_codes: Mapping[type[BaseException], int] | None = None, kept: str = "") -> int:
     """Run ``main(argv)`` and return the exit status.
 
     ``UsageError`` -> one line ``prog: error: ...`` and 2; an exception type in ``exit_codes`` ->
-    one line ``prog: stopped: ...`` and its code. With ``--debug`` (or ``VMAE_FAST_DEBUG=1``) the
-    traceback is printed too. ``main`` may return an int exit status (``EXIT_SOME_FAILED``)."""
+    one line ``prog: stopped: ...`` and its code; Ctrl-C -> one line ``prog: stopped: interrupted
+    (SIGINT)``, followed by ``kept`` (what the command had finished, and how to go on), and 130.
+    With ``--debug`` (or ``VMAE_FAST_DEBUG=1``) the traceback is printed too. ``main`` may return
+    an int exit status (``EXIT_SOME_FAILED``)."""
     codes = dict(exit_codes or {})
     try:
         result = main(argv)
@@ -49,14 +55,17 @@ def run_cli(main: Callable[[Sequence[str] | None], object], prog: str,
     except tuple(codes) as exc:
         code = next(c for t, c in codes.items() if isinstance(exc, t))
         return _report(prog, "stopped", exc, code, argv)
+    except KeyboardInterrupt:
+        return _report(prog, "stopped", "interrupted (SIGINT)" + (f"; {kept}" if kept else ""), EXIT_INTERRUPTED,
+                       argv)
     return result if isinstance(result, int) and not isinstance(result, bool) else EXIT_OK
 
 
-def _report(prog: str, kind: str, exc: BaseException, code: int, argv) -> int:
+def _report(prog: str, kind: str, exc: BaseException | str, code: int, argv) -> int:
     if debug_requested(argv):
         traceback.print_exc()
     print(f"{prog}: {kind}: {exc}", file=sys.stderr, flush=True)
     return code
 
 
-__all__ = ["ArgumentParser", "run_cli", "debug_requested"]
+__all__ = ["ArgumentParser", "run_cli", "debug_requested", "EXIT_INTERRUPTED"]

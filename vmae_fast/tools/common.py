@@ -179,10 +179,11 @@ def write_png(path: str | os.PathLike, img: np.ndarray) -> Path:
 
 
 # ----------------------------------------------------------------------------- entry
-def entry(main: Callable[[Sequence[str] | None], int], prog: str) -> Callable[[], None]:
+def entry(main: Callable[[Sequence[str] | None], int], prog: str, kept: str = "") -> Callable[[], None]:
     """The console script of a tool: ``main`` through ``run_cli`` (one line per usage error,
-    exit status 2; ``--debug`` for the traceback), exiting with its status."""
+    exit status 2; Ctrl-C one line, ``kept`` saying what stays; ``--debug`` for the traceback),
+    exiting with its status."""
     def cli(argv: Sequence[str] | None = None) -> None:
-        sys.exit(run_cli(main, prog, argv))
+        sys.exit(run_cli(main, prog, argv, kept=kept))
     cli.__doc__ = f"``{prog}``: ``{main.__module__}.main`` as a console script."
     return cli

@@ -417,7 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return errors.exit_status
 
 
-cli = entry(main, PROG)
+cli = entry(main, PROG, kept="the feature files written are whole and kept; the same command goes on "
+                               "with the videos that have none")
 
 if __name__ == "__main__":
     cli()
