@@ -6,7 +6,11 @@ import signal
 
 
 def run(job):
-    index, crash = job
+    """``job``: ``(index, crash, log)``: a line ``index pid`` is appended to the file ``log``
+    (which process ran it), then the process dies if ``crash``."""
+    index, crash, log = job
+    with open(log, "a") as f:
+        f.write(f"{index} {os.getpid()}\n")
     if crash:
         os.kill(os.getpid(), signal.SIGSEGV)
     return index, {"index": index}, ""

@@ -209,10 +209,9 @@ def _quiet_on_ctrl_c() -> None:
 def ordered_samples(fn, jobs, workers: int):
     """``fn(job)`` for each job, in order, over ``workers`` processes (at most ``2 * workers``
     jobs in flight). ``job[0]`` is its index; ``fn`` returns ``(index, sample or None, why)`` and
-    catches its own errors;
-    a job whose process dies (a segfault in a decoder) is ``(index, None, WORKER_DIED)``: when the
-    pool breaks, the jobs that were in flight run again one at a time, each in its own process,
-    and only the one that kills it again is reported."""
+    catches its own errors. A job whose process dies (a segfault in a decoder) is ``(index, None,
+    WORKER_DIED)``: when the pool breaks, the jobs of the window that had not finished run again
+    one at a time, each in a process of its own, and only one that kills that too is reported."""
     jobs = iter(jobs)
     pool, window = _pool(workers), collections.deque()
     try:
@@ -228,8 +227,9 @@ def ordered_samples(fn, jobs, workers: int):
                 res = fut.result()
             except BrokenProcessPool:
                 pool.shutdown(wait=True, cancel_futures=True)
-                for job, _ in window:
-                    yield _alone(fn, job)
+                for job, f in window:  # a job finished before the break keeps its result
+                    finished = f.done() and not f.cancelled() and f.exception() is None
+                    yield f.result() if finished else _alone(fn, job)
                 window.clear()
                 pool = _pool(workers)
                 continue
