@@ -105,11 +105,15 @@ def test_an_interrupted_write_continues_and_ends_as_an_uninterrupted_one(real, t
         write_shards.main(argv[:-5] + ["--samples-per-shard", "3", "--workers", "1", "--no-progress"])
 
 
-def test_short_side_reencodes_keeping_frames_and_rate(tmp_path):
-    lst = write_list(tmp_path / "l.txt", ["bikes.mp4 0 -1", "bigbuckbunny.mp4 0 -1"])
+def test_short_side_reencodes_keeping_frames_and_rate(real, tmp_path):
+    root = real[0]
+    lst = write_list(tmp_path / "l.txt", ["bikes.mp4 0 -1", "corrupt.mp4 0 -1", "bigbuckbunny.mp4 0 -1"])
     out = tmp_path / "s"
-    assert write_shards.main(["--data-list", str(lst), "--data-root", str(DATA), "--kind", "pretrain", "--out",
-                              str(out), "--short-side", "64", "--workers", "2", "--no-progress"]) == 0
+    assert write_shards.main(["--data-list", str(lst), "--data-root", str(root), "--kind", "pretrain", "--out",
+                              str(out), "--short-side", "64", "--workers", "2", "--no-progress"]) == EXIT_SOME_FAILED
+    # a corrupt input is named in the reader's words, as when it is stored unresized
+    assert (out / write_shards.SKIPPED).read_text() == \
+        "corrupt.mp4\tnot a readable video (FFmpeg: Invalid data found when processing input)\n"
     with tarfile.open(out / "shard-000000.tar") as t:
         metas = [json.loads(t.extractfile(n).read()) for n in t.getnames() if n.endswith(".json")]
     # 640x272 -> 150x64, 1280x720 -> 114x64 (even sides); the frame counts and 25 fps of the files

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import io
 import json
 import multiprocessing as mp
@@ -75,12 +76,12 @@ def _scaled(h: int, w: int, short: int) -> tuple[int, int]:
     return max(2, round(h * short / w / 2) * 2), short - short % 2
 
 
-def _reencode(path: str, short: int) -> bytes:
-    """The video at short side ``short``: H.264 in MP4, every frame with its timestamp."""
+def _reencode(data: bytes, short: int) -> bytes:
+    """The video ``data`` at short side ``short``: H.264 in MP4, every frame with its timestamp."""
     import av
 
     buf = io.BytesIO()
-    with av.open(path) as src:
+    with av.open(io.BytesIO(data)) as src:
         ist = src.streams.video[0]
         h, w = _scaled(ist.codec_context.height, ist.codec_context.width, short)
         with av.open(buf, "w", format="mp4") as dst:
@@ -107,11 +108,12 @@ def _fps(data: bytes) -> float | None:
 
 
 def _video_sample(entry: Entry, short: int | None) -> tuple[dict, dict]:
+    with open(entry.path, "rb") as f:
+        data = f.read()
     if short is not None:
-        data = _reencode(entry.path, short)
-    else:
-        with open(entry.path, "rb") as f:
-            data = f.read()
+        with fmt.open_video_bytes(data, "pyav"):  # an unreadable input: the reader's words, as unresized
+            pass
+        data = _reencode(data, short)
     ext = Path(entry.path).suffix.lower().lstrip(".")
     ext = "mp4" if short is not None or ext not in fmt.VIDEO_EXTS else ext
     with fmt.open_video_bytes(data, "pyav") as r:  # the probe: what the reader will see
@@ -248,11 +250,6 @@ def _alone(fn, job):
 
 
 # ----------------------------------------------------------------------------- the shards
-def _relative(list_path: str, kind: str) -> list[str]:
-    """The list's own paths (``read_list`` joins the root in)."""
-    return [e.path for e in read_list(list_path, "", kind)]
-
-
 def _settings(args) -> dict:
     return {"list": os.path.abspath(args.data_list), "data_root": os.path.abspath(args.data_root or "."),
             "kind": args.kind, "samples_per_shard": args.samples_per_shard, "short_side": args.short_side}
@@ -292,10 +289,12 @@ def _write_manifest(out: Path, settings: dict, records: dict, n_shards: int) -> 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        entries = read_list(args.data_list, args.data_root, args.kind)
-        rel = _relative(args.data_list, args.kind)
+        listed = read_list(args.data_list, "", args.kind)  # the list's own paths name the samples
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(f"--data-list: {exc}") from None
+    rel = [e.path for e in listed]
+    entries = [dataclasses.replace(e, path=os.path.join(args.data_root, e.path)) for e in listed] \
+        if args.data_root else listed
     if args.short_side is not None or any(not os.path.isdir(e.path) for e in entries):
         try:
             import av  # noqa: F401
