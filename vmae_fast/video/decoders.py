@@ -246,29 +246,31 @@ class PyAVReader(VideoReader):
         self._reformatter = None
         self._open()
         self.skip_nonref = skip_nonref and self._can_skip()
-        if index is not None:
-            self.pts = list(index[0])
-            self.index_of = {p: i for i, p in enumerate(self.pts)}
-            self.keys, self.n = list(index[1]), len(self.pts)
-            return
-        pts, keys = [], []
-        for pkt in self.container.demux(self.stream):
-            if pkt.size == 0:  # the flush packet at the end
-                continue
-            if pkt.pts is None:  # no timestamps (raw streams): decode in order, no seeking
-                pts = None
-                break
-            pts.append(pkt.pts)
-            if pkt.is_keyframe:
-                keys.append(pkt.pts)
+        pts, keys = index if index is not None else self._demux_index()
         if pts is None:
             self.pts = None
             self.n = sum(1 for p in self._packets_from_start() if p.size)
         else:
-            self.pts = sorted(pts)
+            self.pts = list(pts)
             self.index_of = {p: i for i, p in enumerate(self.pts)}
-            self.keys = sorted(self.index_of[k] for k in keys) or [0]
-            self.n = len(self.pts)
+            self.keys, self.n = list(keys), len(self.pts)
+
+    def _demux_index(self) -> tuple[list[int] | None, list[int] | None]:
+        """``(pts, keys)`` from one pass over the packets: every frame's pts in order, and the
+        indices of the keyframes; ``(None, None)`` for a stream without timestamps (raw streams:
+        decoded in order, no seeking)."""
+        pts, key_pts = [], []
+        for pkt in self.container.demux(self.stream):
+            if pkt.size == 0:  # the flush packet at the end
+                continue
+            if pkt.pts is None:
+                return None, None
+            pts.append(pkt.pts)
+            if pkt.is_keyframe:
+                key_pts.append(pkt.pts)
+        pts.sort()
+        at = {p: i for i, p in enumerate(pts)}
+        return pts, sorted(at[k] for k in key_pts) or [0]
 
     def _open(self) -> None:
         import av
