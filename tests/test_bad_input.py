@@ -140,6 +140,22 @@ def test_dual_mask_built_by_hand_is_checked():
         DualMask(good.encoder_masked, good.decoder_masked, good.visible_idx, good.decoder_idx.int())
 
 
+@pytest.mark.parametrize("interval,inside,outside", [("[0, 1]", (0.0, 0.5, 1.0), (-0.1, 1.01)),
+                                                     ("[0, 1)", (0.0, 0.999), (1.0, -1e-9)),
+                                                     ("(0, 1]", (1e-9, 1.0), (0.0, 1.5))])
+def test_check_within_each_end_open_or_closed(interval, inside, outside):
+    import argparse
+
+    from vmae_fast.errors import UsageError, check_within
+
+    for v in inside:
+        check_within(argparse.Namespace(mixup_prob=v), {"mixup_prob": interval})
+    for v in outside:
+        with pytest.raises(UsageError) as err:
+            check_within(argparse.Namespace(mixup_prob=v, other=9), {"mixup_prob": interval, "other": "[0, 1]"})
+        assert str(err.value) == f"--mixup-prob must be in {interval}, got {v}"  # the first in the order given
+
+
 def test_check_at_least_word_for_word():
     """The one minimum check of every command line (tools, training configs, bench)."""
     import argparse

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 
 import vmae_fast
 from vmae_fast import envs
-from vmae_fast.errors import OptionError, UsageError, check_at_least
+from vmae_fast.errors import OptionError, UsageError, check_at_least, check_within
 from vmae_fast.masking import num_decoder_tokens, num_encoder_masked
 
 from .augment import EraseSpec, parse_rand_augment
@@ -29,17 +29,6 @@ def _flag(name: str) -> str:
 # the model factory's keywords set by a flag of a task (``factory_options``): keyword -> field
 _FLAG_OF_OPTION = {"num_frames": "num_frames", "img_size": "img_size", "drop_path_rate": "drop_path",
                    "decoder_depth": "decoder_depth"}
-
-
-def _check_within(cfg, intervals: dict[str, str]) -> None:
-    """The one-line usage error for the first field of ``cfg`` outside its interval of [0, 1]
-    (``"[0, 1]"``, ``"[0, 1)"`` or ``"(0, 1]"``, as the message writes it)."""
-    for name, interval in intervals.items():
-        v = getattr(cfg, name)
-        low_ok = v >= 0 if interval[0] == "[" else v > 0
-        high_ok = v <= 1 if interval[-1] == "]" else v < 1
-        if not (low_ok and high_ok):
-            raise UsageError(f"{_flag(name)} must be in {interval}, got {v}")
 
 
 @dataclass(frozen=True)
@@ -374,7 +363,7 @@ class FinetuneConfig(TaskConfig):
         check_at_least(self, {"test_num_segment": 1, "test_num_crop": 1, "eval_batch_size": 1, "eval_every": 0,
                               "mixup": 0, "cutmix": 0})
         # (these ran unchecked: --smoothing 1.5, --layer-decay 0, --mixup-prob 3 trained without a word)
-        _check_within(self, {"layer_decay": "(0, 1]", "mixup_prob": "[0, 1]", "mixup_switch_prob": "[0, 1]",
+        check_within(self, {"layer_decay": "(0, 1]", "mixup_prob": "[0, 1]", "mixup_switch_prob": "[0, 1]",
                              "smoothing": "[0, 1)", "min_scale": "(0, 1]", "head_drop": "[0, 1)",
                              "model_ema_decay": "[0, 1]"})
         try:

@@ -67,6 +67,18 @@ def check_at_least(options: object, minimums: Mapping[str, float]) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
+def check_within(options: object, intervals: Mapping[str, str]) -> None:
+    """``UsageError`` for the first attribute of ``options`` outside its interval of [0, 1]
+    (``"[0, 1]"``, ``"[0, 1)"`` or ``"(0, 1]"``, as the message writes it), in the flag's own
+    name: ``--mixup-prob must be in [0, 1], got 2.0``."""
+    for name, interval in intervals.items():
+        value = getattr(options, name)
+        low_ok = value >= 0 if interval[0] == "[" else value > 0
+        high_ok = value <= 1 if interval[-1] == "]" else value < 1
+        if not (low_ok and high_ok):
+            raise UsageError(f"--{name.replace('_', '-')} must be in {interval}, got {value}")
+
+
 def check_output(flag: str, path: str | os.PathLike, *, folder: bool = False) -> None:
     """``UsageError``, before any work, for an output that cannot be written: ``path`` (a folder
     with ``folder``, else a file; the folders on the way are made later) where a folder is named
@@ -87,5 +99,5 @@ def check_output(flag: str, path: str | os.PathLike, *, folder: bool = False) ->
         raise UsageError(f"{flag} {path}: cannot write in {p} ({exc.strerror or exc})") from None
 
 
-__all__ = ["UsageError", "OptionError", "ShapeMismatch", "check_at_least", "check_output", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "EXIT_NONFINITE",
+__all__ = ["UsageError", "OptionError", "ShapeMismatch", "check_at_least", "check_within", "check_output", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "EXIT_NONFINITE",
            "EXIT_STOPPED_BY_SIGNAL", "EXIT_CHECKPOINT_FAILED"]

@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import UsageError, check_at_least
+from ..errors import UsageError, check_at_least, check_within
 from ..masking import DualMask
 from ..models.pretrain import VideoMAEv2Pretrain
 from ..ops._common import imagenet_stats
@@ -230,10 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError("the PNG is written with Pillow, which is not installed: pip install pillow "
                          "(or the train extra)") from None
     check_at_least(args, {"sampling_rate": 1, "start": 0})
-    for flag in ("encoder_ratio", "decoder_ratio"):
-        value = getattr(args, flag)
-        if not 0 <= value < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
+    check_within(args, {"encoder_ratio": "[0, 1)", "decoder_ratio": "[0, 1)"})
     if args.out is not None and not args.out.lower().endswith(".png"):
         raise UsageError(f"--out must name a .png file, got {args.out!r}")
     out = args.out or f"{Path(args.video).name.split('.')[0]}_recon.png"
