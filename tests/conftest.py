@@ -57,6 +57,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+def pytest_configure(config):
+    # tqdm's monitor thread would live from the first progress bar to the end of the run, and a
+    # forked child (DataLoader workers) inherits whatever lock a live thread held
+    with contextlib.suppress(ImportError):
+        import tqdm
+
+        tqdm.tqdm.monitor_interval = 0
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -3,9 +3,11 @@ process group (torchrun's workers are killed with the group on a timeout, which 
 ``subprocess.run`` timeout would leave running)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -31,12 +33,67 @@ def start_group(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def children(pid: int) -> list[int]:
+    """The pids of ``pid``'s child processes (from ``/proc``)."""
+    kids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(p.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return kids
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to ``proc``'s process group and to the sessions of its children: torchrun starts
+    each worker in a session of its own, so the group alone would leave them running, holding
+    the output pipe open (and ``communicate`` waiting for them)."""
+    for pid in [proc.pid, *children(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
-    """``(returncode, output)`` of ``proc``; past ``timeout`` its whole group is killed and the test fails."""
+    """``(returncode, output)`` of ``proc``; past ``timeout`` it is killed with its workers and
+    the test fails."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        kill_group(proc)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out = "(no output: a process outside the group still holds the pipe)"
         pytest.fail(f"the command did not finish in {timeout} s:\n{out[-6000:]}")
     return proc.returncode, out
+
+
+@contextlib.contextmanager
+def killed_after(*procs: subprocess.Popen):
+    """Inside, ``procs`` run; after (the test done or failed), any still running is killed with
+    its workers, so that a failed assertion leaves no run behind loading the machine."""
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                kill_group(proc)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.communicate(timeout=30)
+
+
+def fail_if_ended_or_late(proc: subprocess.Popen, deadline: float, what: str) -> None:
+    """While polling a process for a file it should write: the test fails (the process killed
+    with its workers) when it ended first or ``deadline`` (``time.monotonic()``) has passed."""
+    if proc.poll() is None and time.monotonic() < deadline:
+        return
+    ended = proc.poll() is not None
+    kill_group(proc)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        out, err = "", "(no output)"
+    log = "".join(x for x in (out, err) if x)
+    pytest.fail(f"the command {'ended' if ended else 'was still running'} before {what}:\n{log[-6000:]}")

@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("av", reason="PyAV writes the synthetic videos")
 
-from run_helpers import REPO, finish, start_group  # noqa: E402
+from run_helpers import REPO, children, fail_if_ended_or_late, finish, killed_after, start_group  # noqa: E402
 from train import finetune, pretrain  # noqa: E402
 from train.checkpointing import CHECKPOINT, PENDING  # noqa: E402
 from train.cli import run_cli  # noqa: E402
@@ -169,7 +169,7 @@ def test_the_process_stops_with_one_line_and_status_4(data, unbroken, tmp_path):
     try:
         deadline = time.monotonic() + 120
         while not ((out / "metrics.jsonl").is_file() and any("loss" in r for r in read_metrics(out))):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            fail_if_ended_or_late(proc, deadline, "its first logged loss")
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
@@ -317,16 +317,13 @@ def torchrun(data, out, *extra, restarts=0, steps=16):
 
 def worker(proc, rank: int) -> int:
     """The pid of torchrun's worker of global rank ``rank`` (its child with that RANK)."""
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
+    for pid in children(proc.pid):
         try:
-            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            env = (p / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
+            env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+        except OSError:
             continue
-        if ppid == proc.pid and f"RANK={rank}".encode() in env:
-            return int(p.name)
+        if f"RANK={rank}".encode() in env:
+            return pid
     raise AssertionError(f"no worker of rank {rank} under torchrun {proc.pid}")
 
 
@@ -335,8 +332,7 @@ def when_logged(proc, out: Path, step: int, timeout=180) -> None:
     deadline = time.monotonic() + timeout
     while not ((out / "metrics.jsonl").is_file()
                and any(r.get("step", 0) >= step and "loss" in r for r in read_metrics(out))):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"the run ended or stalled before step {step}:\n{finish(proc)[1][-6000:]}")
+        fail_if_ended_or_late(proc, deadline, f"logging step {step}")
         time.sleep(0.02)
 
 
@@ -344,19 +340,18 @@ def when_logged(proc, out: Path, step: int, timeout=180) -> None:
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_torchrun_one_ranks_signal_stops_every_rank_and_the_resume_is_bit_exact(data, tmp_path, engine):
     full, out = tmp_path / "full", tmp_path / "run"
-    ref = torchrun(data, full, "--dist", engine)
-    proc = torchrun(data, out, "--dist", engine)
-    when_logged(proc, out, 2)
-    os.kill(worker(proc, 1), signal.SIGTERM)  # rank 1 only: rank 0 learns it at the step boundary
-    rc, log = finish(proc)
-    assert rc != 0 and log.count("vmae-pretrain[rank 0]: stopped: SIGTERM at step ") == 1 and "[rank 1]: stopped" not in log, log[-6000:]
-    stop = int(log.split("stopped: SIGTERM at step ")[1].split(":")[0])
-    assert 2 <= stop < 16, log[-6000:]
-    assert [r for r in read_metrics(out) if r.get("event") == "stopped"][0]["step"] == stop
-    rc, log = finish(torchrun(data, out, "--dist", engine, "--resume", "auto"))
-    assert rc == 0, log[-6000:]
-    rc, log = finish(ref)
-    assert rc == 0, log[-6000:]
+    with killed_after(torchrun(data, full, "--dist", engine), torchrun(data, out, "--dist", engine)) as (ref, proc):
+        when_logged(proc, out, 2)
+        os.kill(worker(proc, 1), signal.SIGTERM)  # rank 1 only: rank 0 learns it at the step boundary
+        rc, log = finish(proc)
+        assert rc != 0 and log.count("vmae-pretrain[rank 0]: stopped: SIGTERM at step ") == 1 and "[rank 1]: stopped" not in log, log[-6000:]
+        stop = int(log.split("stopped: SIGTERM at step ")[1].split(":")[0])
+        assert 2 <= stop < 16, log[-6000:]
+        assert [r for r in read_metrics(out) if r.get("event") == "stopped"][0]["step"] == stop
+        rc, log = finish(torchrun(data, out, "--dist", engine, "--resume", "auto"))
+        assert rc == 0, log[-6000:]
+        rc, log = finish(ref)
+        assert rc == 0, log[-6000:]
     assert rows(out) == rows(full) and [r["step"] for r in rows(out)] == list(range(1, 17))
     wa, wb = (torch.load(p / "pretrain_official.pth", weights_only=True)["model"] for p in (full, out))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -385,16 +380,16 @@ def tensors(obj, prefix="") -> dict:
 @pytest.mark.slow
 def test_torchrun_restarts_a_group_whose_rank_was_killed_and_resumes_by_itself(data, tmp_path):
     full, out = tmp_path / "full", tmp_path / "run"
-    ref = torchrun(data, full, "--save-every", "3")
-    proc = torchrun(data, out, "--save-every", "3", restarts=1)
-    when_logged(proc, out, 4)  # the checkpoint of step 3 is committed once step 4's loss vouched for it
-    os.kill(worker(proc, 1), signal.SIGKILL)
-    rc, log = finish(proc)
-    assert rc == 0, "\n".join(ln for ln in log.splitlines() if "vmae-pretrain[" in ln or "Error" in ln)
-    resumed = [r for r in read_metrics(out) if r.get("event") == "resume"]
-    assert len(resumed) == 1 and resumed[0]["step"] % 3 == 0 and resumed[0]["step"] >= 3, log[-6000:]
-    rc, log = finish(ref)
-    assert rc == 0, log[-6000:]
+    with killed_after(torchrun(data, full, "--save-every", "3"),
+                      torchrun(data, out, "--save-every", "3", restarts=1)) as (ref, proc):
+        when_logged(proc, out, 4)  # the checkpoint of step 3 is committed once step 4's loss vouched for it
+        os.kill(worker(proc, 1), signal.SIGKILL)
+        rc, log = finish(proc)
+        assert rc == 0, "\n".join(ln for ln in log.splitlines() if "vmae-pretrain[" in ln or "Error" in ln)
+        resumed = [r for r in read_metrics(out) if r.get("event") == "resume"]
+        assert len(resumed) == 1 and resumed[0]["step"] % 3 == 0 and resumed[0]["step"] >= 3, log[-6000:]
+        rc, log = finish(ref)
+        assert rc == 0, log[-6000:]
     assert rows(out) == rows(full) and [r["step"] for r in rows(out)] == list(range(1, 17))
     wa, wb = (torch.load(p / "pretrain_official.pth", weights_only=True)["model"] for p in (full, out))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
