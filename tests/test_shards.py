@@ -122,24 +122,6 @@ def test_short_side_reencodes_keeping_frames_and_rate(real, tmp_path):
                                                                                 (114, 64, 132, 25.0)]
 
 
-def test_a_video_that_kills_its_worker_is_skipped_and_the_others_are_written(tmp_path):
-    import crashing_job
-
-    log = tmp_path / "ran.txt"
-    jobs = [(i, i in (2, 5), str(log)) for i in range(9)]
-    got = list(write_shards.ordered_samples(crashing_job.run, jobs, workers=2))
-    assert got == [(i, None, write_shards.WORKER_DIED) if crash else (i, {"index": i}, "") for i, crash, _ in jobs]
-    runs = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
-    assert {i for i, _ in runs} == set(range(9))
-    # a crashing job is reported once it killed a process of its own (its first run may have been
-    # that, if the pool broke before it started); nothing runs more than twice
-    for bad in (2, 5):
-        last = [p for i, p in runs if i == bad][-1]
-        assert [i for i, p in runs if p == last] == [bad]
-    assert all(sum(i == j for i, _ in runs) <= 2 for j in range(9))
-    assert list(write_shards.ordered_samples(crashing_job.run, [], workers=2)) == []
-
-
 def test_ctrl_c_stops_the_workers_in_one_line_and_the_same_command_continues(tmp_path):
     """The real thing: SIGINT to the process group (Ctrl-C reaches the spawned workers too), once
     the first shard is whole and in the manifest."""

@@ -15,34 +15,31 @@ Resumable: a shard is written as ``shard-NNNNNN.tar.tmp`` and renamed when whole
 ``manifest.json`` (rewritten atomically after each shard) lists the shards done; a rerun with the
 same options skips those. An input that fails (missing, corrupt, no video stream) is skipped: one
 line on stderr, and a line ``path<TAB>reason`` in ``OUT/skipped.txt``; the exit status is then 1.
-An input that kills its worker process (a crash inside FFmpeg) is found by running the inputs that
-were in flight one by one, and is skipped the same way; the others are written.
+An input that kills its worker process (a crash inside FFmpeg) runs once more in another worker,
+and if it kills that one too it is skipped the same way; the others are written
+(``train/process_pool.py``).
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import io
 import json
-import multiprocessing as mp
 import os
-import signal
 import sys
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
 from pathlib import Path
 
 from vmae_fast.checkpoint import write_atomic
 from vmae_fast.errors import EXIT_OK, EXIT_SOME_FAILED, UsageError, check_at_least
-from vmae_fast.cli import EXIT_INTERRUPTED, ArgumentParser, run_cli
+from vmae_fast.cli import ArgumentParser, run_cli
 from vmae_fast.device import available_cpus
 from vmae_fast.video import FRAME_PATTERN, Entry, FrameFolder, read_list
 from vmae_fast.video import shards as fmt
 from vmae_fast.video.decoders import failure_reason
 
 from .data import HYBRID_RULES
+from .process_pool import ordered_results
 
 SKIPPED = "skipped.txt"
 
@@ -181,72 +178,11 @@ def make_sample(job: tuple) -> tuple[int, dict | None, str]:
         return index, None, (why.splitlines() or [""])[0][:200]
 
 
-# ----------------------------------------------------------------------------- the worker processes
-WORKER_DIED = "its worker process died reading it (a crash in the decoder?)"
+WORKER_DIED = "it killed its worker process twice (a crash in the decoder?)"
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    # spawn, not fork: a forked child inherits the parent's threads' locks (tqdm's monitor, OpenMP's
-    # pool, FFmpeg's) and can hang on one; a spawned one starts clean, for ~1 s of imports
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_quiet_on_ctrl_c)
-
-
-# Ctrl-C reaches the workers too: they leave at once and silently (a starting or idle one would
-# print a traceback) and the main process says the one line. A worker is started with SIGINT
-# blocked (a signal mask outlives exec), so that one interrupted while it imports stays quiet
-# too: its handler is set before the signal is let through.
-def _submit(pool: ProcessPoolExecutor, fn, job):
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # submit may start a worker
-    try:
-        return pool.submit(fn, job)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a Ctrl-C meanwhile is delivered now
-
-
-def _quiet_on_ctrl_c() -> None:
-    signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
-def ordered_samples(fn, jobs, workers: int):
-    """``fn(job)`` for each job, in order, over ``workers`` processes (at most ``2 * workers``
-    jobs in flight). ``job[0]`` is its index; ``fn`` returns ``(index, sample or None, why)`` and
-    catches its own errors. A job whose process dies (a segfault in a decoder) is ``(index, None,
-    WORKER_DIED)``: when the pool breaks, the jobs of the window that had not finished run again
-    one at a time, each in a process of its own, and only one that kills that too is reported."""
-    jobs = iter(jobs)
-    pool, window = _pool(workers), collections.deque()
-    try:
-        while True:
-            for job in jobs:
-                window.append((job, _submit(pool, fn, job)))
-                if len(window) >= 2 * workers:
-                    break
-            if not window:
-                return
-            job, fut = window[0]
-            try:
-                res = fut.result()
-            except BrokenProcessPool:
-                pool.shutdown(wait=True, cancel_futures=True)
-                for job, f in window:  # a job finished before the break keeps its result
-                    finished = f.done() and not f.cancelled() and f.exception() is None
-                    yield f.result() if finished else _alone(fn, job)
-                window.clear()
-                pool = _pool(workers)
-                continue
-            window.popleft()
-            yield res
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _alone(fn, job):
-    with _pool(1) as one:
-        try:
-            return _submit(one, fn, job).result()
-        except BrokenProcessPool:
-            return job[0], None, WORKER_DIED
+def _died(job: tuple) -> tuple[int, None, str]:
+    return job[0], None, WORKER_DIED
 
 
 # ----------------------------------------------------------------------------- the shards
@@ -315,7 +251,7 @@ def main(argv=None) -> int:
     jobs = ((i, entries[i], rel[i], args.kind, args.fname_tmpl, args.short_side)
             for k in todo for i in range(k * per, min((k + 1) * per, len(entries))))
     bar = _progress(len(entries), sum(r["count"] + len(r["skipped"]) for r in records.values()), args.no_progress)
-    results = ordered_samples(make_sample, jobs, args.workers) if args.workers > 1 else map(make_sample, jobs)
+    results = ordered_results(make_sample, jobs, args.workers, _died) if args.workers > 1 else map(make_sample, jobs)
     try:
         for k in todo:
             records[k] = _write_shard(out, k, min(per, len(entries) - k * per), results, rel, bar)
