@@ -144,6 +144,23 @@ def test_finetune_resume_is_exact_with_the_recipe_defaults(data, tmp_path):
 
 
 # ----------------------------------------------------------------------------- divergence
+def test_the_progress_bar_starts_no_thread(tmp_path, monkeypatch):
+    """The loader's workers are forked from the training process: no thread of ours is alive
+    there to hold a lock a child would inherit (tqdm's own default starts a monitor thread)."""
+    import threading
+
+    import tqdm
+
+    from train.metrics import Logger
+
+    monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 10)  # tqdm's default (the suite turns it off)
+    before = {t.ident for t in threading.enumerate()}
+    log = Logger(tmp_path, main=True, total=3, start=0, progress=True)
+    log.tick()
+    assert [t.name for t in threading.enumerate() if t.ident not in before] == []
+    log.close()
+
+
 def test_loss_watch_keeps_the_lowest_and_names_the_factor():
     w = LossWatch(d=types.SimpleNamespace(enabled=False), factor=10.0)
     for s, v in enumerate([1.0, 0.5, 6.0], 1):

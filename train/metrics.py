@@ -71,7 +71,12 @@ class Logger:
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, dynamic_ncols=True)
+            class Bar(tqdm):
+                # no monitor thread: the loader's workers are forked from this process, and a
+                # child inherits any lock a live thread holds (the bar is updated every step anyway)
+                monitor_interval = 0
+
+            self.bar = Bar(total=total, initial=start, dynamic_ncols=True)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
