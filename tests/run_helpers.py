@@ -97,3 +97,20 @@ def fail_if_ended_or_late(proc: subprocess.Popen, deadline: float, what: str) ->
         out, err = "", "(no output)"
     log = "".join(x for x in (out, err) if x)
     pytest.fail(f"the command {'ended' if ended else 'was still running'} before {what}:\n{log[-6000:]}")
+
+
+def interrupted_when(cmd: list[str], ready, what: str, env: dict | None = None,
+                     timeout: float = 120) -> tuple[int, str]:
+    """Ctrl-C, for real: ``cmd`` from the repository root in a session of its own, SIGINT to its
+    whole group once ``ready()`` (``what`` names it), ``(returncode, stderr)`` once it stopped.
+    It fails the test, killed with its workers, if it ends first or misses ``timeout``."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    with killed_after(proc):
+        deadline = time.monotonic() + timeout
+        while not ready():
+            fail_if_ended_or_late(proc, deadline, what)
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err

@@ -11,7 +11,6 @@ import math
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,8 @@ import torch
 
 pytest.importorskip("av", reason="PyAV writes the synthetic videos")
 
-from run_helpers import REPO, children, fail_if_ended_or_late, finish, killed_after, start_group  # noqa: E402
+from run_helpers import (REPO, children, fail_if_ended_or_late, finish, interrupted_when, killed_after,  # noqa: E402
+                         start_group)
 from train import finetune, pretrain  # noqa: E402
 from train.checkpointing import CHECKPOINT, PENDING  # noqa: E402
 from train.cli import run_cli  # noqa: E402
@@ -163,20 +163,10 @@ def test_the_process_stops_with_one_line_and_status_4(data, unbroken, tmp_path):
     one line naming the checkpoint and the command, status 4; that command finishes the run."""
     out = tmp_path / "run"
     argv = args(data, out, "--steps", "200", "--num-workers", "1")
-    proc = subprocess.Popen([sys.executable, "-m", "train.pretrain", *argv], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
-    try:
-        deadline = time.monotonic() + 120
-        while not ((out / "metrics.jsonl").is_file() and any("loss" in r for r in read_metrics(out))):
-            fail_if_ended_or_late(proc, deadline, "its first logged loss")
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 4, err
+    rc, err = interrupted_when([sys.executable, "-m", "train.pretrain", *argv],
+                               lambda: (out / "metrics.jsonl").is_file() and any("loss" in r for r in read_metrics(out)),
+                               "its first logged loss", env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert rc == 4, err
     line = err.strip().splitlines()
     assert len(line) == 1 and line[0].startswith("vmae-pretrain: stopped: SIGINT at step "), err
     stop = torch.load(out / CHECKPOINT, weights_only=True)["step"]

@@ -16,14 +16,10 @@ from dataclasses import dataclass, fields
 
 import vmae_fast
 from vmae_fast import envs
-from vmae_fast.errors import OptionError, UsageError, check_at_least, check_within
+from vmae_fast.errors import OptionError, UsageError, check_at_least, check_within, flag_of
 from vmae_fast.masking import num_decoder_tokens, num_encoder_masked
 
 from .augment import EraseSpec, parse_rand_augment
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 # the model factory's keywords set by a flag of a task (``factory_options``): keyword -> field
@@ -126,7 +122,7 @@ class RunConfig:
         for name in ("base_lr", "lr"):
             v = getattr(self, name)
             if v is not None and not v > 0:
-                raise UsageError(f"{_flag(name)} must be > 0, got {v}")
+                raise UsageError(f"{flag_of(name)} must be > 0, got {v}")
         check_at_least(self, {"min_lr": 0, "warmup_lr": 0, "weight_decay": 0, "save_every_minutes": 0})
         if self.clip_grad is not None and self.clip_grad < 0:
             raise UsageError(f"--clip-grad must be >= 0 (0: no clipping), got {self.clip_grad}")
@@ -252,7 +248,7 @@ class TaskConfig:
             field = _FLAG_OF_OPTION.get(exc.option)
             if field is None or not hasattr(self, field) or exc.option in parse_overrides(self.model_overrides):
                 raise UsageError(f"--model-overrides {self.model_overrides!r}: {exc}") from None
-            raise UsageError(f"{_flag(field)} {getattr(self, field)}: {exc}") from None
+            raise UsageError(f"{flag_of(field)} {getattr(self, field)}: {exc}") from None
         except (ValueError, TypeError) as exc:
             raise UsageError(f"model options: {exc}") from None
 

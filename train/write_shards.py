@@ -36,7 +36,7 @@ from vmae_fast.cli import ArgumentParser, run_cli
 from vmae_fast.device import available_cpus
 from vmae_fast.video import FRAME_PATTERN, Entry, FrameFolder, read_list
 from vmae_fast.video import shards as fmt
-from vmae_fast.video.decoders import failure_reason
+from vmae_fast.video.decoders import UnreadableVideo, failure_reason, open_reader
 
 from .data import HYBRID_RULES
 from .process_pool import ordered_results
@@ -73,12 +73,16 @@ def _scaled(h: int, w: int, short: int) -> tuple[int, int]:
     return max(2, round(h * short / w / 2) * 2), short - short % 2
 
 
-def _reencode(data: bytes, short: int) -> bytes:
-    """The video ``data`` at short side ``short``: H.264 in MP4, every frame with its timestamp."""
+def _reencode(path: str, data: bytes, short: int) -> bytes:
+    """The video ``data`` (the file ``path``'s bytes) at short side ``short``: H.264 in MP4, every
+    frame with its timestamp. An input FFmpeg cannot open is an ``UnreadableVideo`` in the
+    reader's words (``open_reader``), as when it is stored unresized."""
     import av
 
     buf = io.BytesIO()
-    with av.open(io.BytesIO(data)) as src:
+    with open_reader(lambda d: av.open(io.BytesIO(d)), data, "pyav", path, not data) as src:
+        if not src.streams.video:
+            raise UnreadableVideo(path, "no video stream")
         ist = src.streams.video[0]
         h, w = _scaled(ist.codec_context.height, ist.codec_context.width, short)
         with av.open(buf, "w", format="mp4") as dst:
@@ -108,9 +112,7 @@ def _video_sample(entry: Entry, short: int | None) -> tuple[dict, dict]:
     with open(entry.path, "rb") as f:
         data = f.read()
     if short is not None:
-        with fmt.open_video_bytes(data, "pyav"):  # an unreadable input: the reader's words, as unresized
-            pass
-        data = _reencode(data, short)
+        data = _reencode(entry.path, data, short)
     ext = Path(entry.path).suffix.lower().lstrip(".")
     ext = "mp4" if short is not None or ext not in fmt.VIDEO_EXTS else ext
     with fmt.open_video_bytes(data, "pyav") as r:  # the probe: what the reader will see

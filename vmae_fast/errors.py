@@ -57,6 +57,11 @@ class ShapeMismatch(ValueError):
         self.mismatched = list(mismatched)
 
 
+def flag_of(name: str) -> str:
+    """The command-line flag of an option or config field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
 def check_at_least(options: object, minimums: Mapping[str, float]) -> None:
     """``UsageError`` for the first attribute of ``options`` (a parsed command line, a config
     dataclass) below its minimum, in the flag's own name: ``--batch-size must be >= 1, got -1``;
@@ -64,7 +69,7 @@ def check_at_least(options: object, minimums: Mapping[str, float]) -> None:
     for name, low in minimums.items():
         value = getattr(options, name, None)
         if value is not None and value < low:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+            raise UsageError(f"{flag_of(name)} must be >= {low}, got {value}")
 
 
 def check_within(options: object, intervals: Mapping[str, str]) -> None:
@@ -76,7 +81,7 @@ def check_within(options: object, intervals: Mapping[str, str]) -> None:
         low_ok = value >= 0 if interval[0] == "[" else value > 0
         high_ok = value <= 1 if interval[-1] == "]" else value < 1
         if not (low_ok and high_ok):
-            raise UsageError(f"--{name.replace('_', '-')} must be in {interval}, got {value}")
+            raise UsageError(f"{flag_of(name)} must be in {interval}, got {value}")
 
 
 def check_output(flag: str, path: str | os.PathLike, *, folder: bool = False) -> None:
@@ -99,5 +104,5 @@ def check_output(flag: str, path: str | os.PathLike, *, folder: bool = False) ->
         raise UsageError(f"{flag} {path}: cannot write in {p} ({exc.strerror or exc})") from None
 
 
-__all__ = ["UsageError", "OptionError", "ShapeMismatch", "check_at_least", "check_within", "check_output", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "EXIT_NONFINITE",
+__all__ = ["UsageError", "OptionError", "ShapeMismatch", "flag_of", "check_at_least", "check_within", "check_output", "EXIT_OK", "EXIT_SOME_FAILED", "EXIT_USAGE", "EXIT_NONFINITE",
            "EXIT_STOPPED_BY_SIGNAL", "EXIT_CHECKPOINT_FAILED"]

@@ -10,6 +10,7 @@ import torch
 import vmae_fast
 from vmae_fast.config import arch_spec
 from vmae_fast.device import select_device
+from vmae_fast.errors import flag_of
 from vmae_fast.masking import running_cell_patterns
 
 from ..runner import DTYPES, IMPLS, Setup
@@ -109,7 +110,7 @@ def _check_ranges(ns: argparse.Namespace) -> None:
         v = getattr(ns, name)
         lo = 0 if name in ("warmup", "decoder_depth") else 1
         if v is not None and v < lo:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+            raise ValueError(f"{flag_of(name)} must be >= {lo}, got {v}")
     if not 0.0 <= ns.encoder_ratio < 1.0:
         raise ValueError(f"--encoder-ratio must be in [0, 1), got {ns.encoder_ratio}")
 

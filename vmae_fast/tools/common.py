@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import write_atomic
 from ..device import DTYPES
-from ..errors import EXIT_OK, EXIT_SOME_FAILED, OptionError, UsageError, check_at_least, check_output
+from ..errors import EXIT_OK, EXIT_SOME_FAILED, OptionError, UsageError, check_at_least, check_output, flag_of
 from ..cli import ArgumentParser, run_cli
 from ..video.decoders import add_decoder_arg, failure_reason
 
@@ -121,7 +121,7 @@ def load_model_from_args(args: argparse.Namespace, kind: str, **kw: Any) -> torc
         return load_model(args.checkpoint, kind, num_frames=args.num_frames, img_size=args.img_size, **extra, **kw)
     except OptionError as exc:  # a keyword of the library that is one of our flags: say the flag
         if exc.option in _MODEL_FLAGS:
-            flag, value = f"--{exc.option.replace('_', '-')}", getattr(args, exc.option, None)
+            flag, value = flag_of(exc.option), getattr(args, exc.option, None)
             if exc.missing:
                 raise UsageError(f"--checkpoint {args.checkpoint}: {exc.reason}: pass {flag}") from None
             if value is not None:
